@@ -1,0 +1,149 @@
+"""The rules of the credit ledger (SPEC §5.1), pure: no database, no clock.
+
+An organization's extras are a set of credit **lots** and a **debt**. Every positive entry opens a
+lot, which first repays debt; every negative entry takes units from lots and, where no lot can
+cover it, adds to the debt. At all times
+
+    balance == sum(entries) == sum(lot.remaining) - debt.usage - debt.other
+
+`debt.usage` is the part owed because usage was debited without cover; it is the only part the
+weekly settlement may forgive (SPEC §5.3). Everything else (refunds, disputes, admin debits) is
+`debt.other`. A positive entry repays `other` before `usage`, so the settlement can still cover
+the usage part. The store (`billing.store.ledger`) applies these plans in one transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from billing.money import round_half_up_div
+
+
+class EntryKind(StrEnum):
+    TOPUP = "topup"
+    GRANT = "grant"
+    ADJUSTMENT = "adjustment"
+    REINSTATEMENT = "reinstatement"
+    SETTLEMENT = "settlement"
+    DEBIT = "debit"
+    REFUND = "refund"
+    DISPUTE = "dispute"
+    EXPIRATION = "expiration"
+
+
+POSITIVE_KINDS = frozenset(
+    {EntryKind.TOPUP, EntryKind.GRANT, EntryKind.REINSTATEMENT, EntryKind.SETTLEMENT}
+)
+NEGATIVE_KINDS = frozenset(
+    {EntryKind.DEBIT, EntryKind.REFUND, EntryKind.DISPUTE, EntryKind.EXPIRATION}
+)
+
+
+def check_sign(kind: EntryKind, amount: int) -> None:
+    """Entries are signed by kind and never zero; `adjustment` may be either sign."""
+    if amount == 0:
+        raise ValueError("zero-amount entries are never written")
+    if kind in POSITIVE_KINDS and amount < 0:
+        raise ValueError(f"a {kind} entry must be positive")
+    if kind in NEGATIVE_KINDS and amount > 0:
+        raise ValueError(f"a {kind} entry must be negative")
+
+
+@dataclass(frozen=True)
+class Debt:
+    usage: int = 0
+    other: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.usage + self.other
+
+
+@dataclass(frozen=True)
+class OpenLot:
+    """What a draw needs to know about a lot."""
+
+    id: str
+    remaining: int
+    expires_at: datetime | None
+    seq: int
+
+
+@dataclass(frozen=True)
+class Repayment:
+    """How a new positive entry of `units` splits between debt and the new lot."""
+
+    other: int
+    usage: int
+    lot_remaining: int
+
+
+def plan_credit(debt: Debt, units: int, *, usage_debt_only: bool = False) -> Repayment:
+    """A new lot of `units` first repays debt (`other` first); the rest stays in the lot.
+
+    A settlement repays usage debt only (`usage_debt_only`): it is the week's quota covering
+    usage, never a refund or a dispute.
+    """
+    if units <= 0:
+        raise ValueError("a credit opens a lot of positive units")
+    other = 0 if usage_debt_only else min(debt.other, units)
+    usage = min(debt.usage, units - other)
+    return Repayment(other=other, usage=usage, lot_remaining=units - other - usage)
+
+
+def drawable(lots: list[OpenLot], now: datetime) -> list[OpenLot]:
+    """Lots a debit may draw from, in draw order: earliest `expires_at` first, lots without
+    expiry last, ties oldest first. Expired lots are left for the expiry sweep."""
+    live = [lot for lot in lots if lot.remaining > 0 and (lot.expires_at is None or lot.expires_at > now)]
+    return sorted(
+        live,
+        key=lambda lot: (lot.expires_at is None, lot.expires_at or now, lot.seq),
+    )
+
+
+@dataclass(frozen=True)
+class Draw:
+    draws: tuple[tuple[str, int], ...]
+    shortfall: int
+
+
+def plan_draw(lots: list[OpenLot], units: int, now: datetime, *, first: str | None = None) -> Draw:
+    """Take `units` from lots in draw order.
+
+    `first`, when given, is the lot a refund or dispute claws back from: it is drained before the
+    others, even past its expiry (the clawback takes it before the expiry sweep would). Never fails
+    for lack of balance: what no lot covers is the `shortfall`, which becomes debt.
+    """
+    if units <= 0:
+        raise ValueError("a draw takes positive units")
+    ordered = drawable([lot for lot in lots if lot.id != first], now)
+    ordered[:0] = [lot for lot in lots if lot.id == first and lot.remaining > 0]
+    left = units
+    draws: list[tuple[str, int]] = []
+    for lot in ordered:
+        if left == 0:
+            break
+        take = min(lot.remaining, left)
+        draws.append((lot.id, take))
+        left -= take
+    return Draw(draws=tuple(draws), shortfall=left)
+
+
+def clawback_units(
+    *, lot_units: int, lot_price_cents: int, clawed_cents_total: int, already_clawed: int
+) -> int:
+    """Units a refund or dispute takes back from the lot bought with the charge.
+
+    Cumulative rounding: `clawed_total = round_half_up(cents_total * units / price_cents)`, capped
+    at what the lot bought, and this clawback is `clawed_total - already_clawed`. Partial refunds
+    therefore always add up exactly (1633 + 1633 + 1634 cents of a 4900-cent 500000-unit pack claw
+    back exactly 500000 units), and refunds never claw back more than was bought.
+    """
+    if lot_price_cents <= 0:
+        raise ValueError("a purchased lot has a positive price")
+    clawed_total = min(
+        lot_units, round_half_up_div(max(clawed_cents_total, 0) * lot_units, lot_price_cents)
+    )
+    return max(clawed_total - already_clawed, 0)

@@ -1,0 +1,116 @@
+"""The MongoDB connection, its collections and their indexes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import CollectionInvalid
+
+Doc = dict[str, Any]
+
+INDEXES: dict[str, list[IndexModel]] = {
+    "accounts": [IndexModel([("stripe_customer_id", ASCENDING)], name="stripe_customer")],
+    "ledger": [
+        IndexModel([("org_id", ASCENDING), ("key", ASCENDING)], unique=True, name="org_key"),
+        IndexModel([("org_id", ASCENDING), ("seq", DESCENDING)], name="org_seq"),
+        IndexModel([("org_id", ASCENDING), ("kind", ASCENDING), ("created_at", ASCENDING)],
+                   name="org_kind_time"),
+    ],
+    "lots": [
+        IndexModel([("org_id", ASCENDING), ("remaining", ASCENDING)], name="org_remaining"),
+        IndexModel([("expires_at", ASCENDING)], name="expires_at"),
+        IndexModel([("payment_intent", ASCENDING)], name="payment_intent"),
+        IndexModel([("charge", ASCENDING)], name="charge"),
+    ],
+    "meters": [
+        IndexModel([("org_id", ASCENDING), ("week", ASCENDING)], unique=True, name="org_week"),
+        IndexModel([("week", ASCENDING)], name="week"),
+    ],
+    "usage": [
+        IndexModel([("org_id", ASCENDING), ("run_id", ASCENDING), ("step", ASCENDING)],
+                   unique=True, name="org_run_step"),
+    ],
+    "subscriptions": [
+        IndexModel([("stripe_customer_id", ASCENDING)], name="stripe_customer"),
+        IndexModel([("stripe_subscription_id", ASCENDING)], name="stripe_subscription"),
+        IndexModel([("status", ASCENDING), ("past_due_since", ASCENDING)], name="dunning"),
+    ],
+    "notifications": [
+        IndexModel([("org_id", ASCENDING), ("key", ASCENDING)], unique=True, name="org_key"),
+        IndexModel([("org_id", ASCENDING), ("created_at", DESCENDING)], name="org_time"),
+    ],
+    "stripe_events": [
+        IndexModel([("org_id", ASCENDING)], name="org"),
+        IndexModel([("created", ASCENDING)], name="created"),
+    ],
+    "reports": [IndexModel([("created_at", DESCENDING)], name="time")],
+}
+
+
+class Database:
+    """One client and the engine's collections. Create once per process and share it."""
+
+    def __init__(self, uri: str, name: str, **client_options: Any) -> None:
+        self.client: AsyncMongoClient[Doc] = AsyncMongoClient(
+            uri, tz_aware=True, connect=False, **client_options
+        )
+        self.db: AsyncDatabase[Doc] = self.client[name]
+
+    def __getitem__(self, name: str) -> AsyncCollection[Doc]:
+        return self.db[name]
+
+    @property
+    def accounts(self) -> AsyncCollection[Doc]:
+        return self.db["accounts"]
+
+    @property
+    def ledger(self) -> AsyncCollection[Doc]:
+        return self.db["ledger"]
+
+    @property
+    def lots(self) -> AsyncCollection[Doc]:
+        return self.db["lots"]
+
+    @property
+    def meters(self) -> AsyncCollection[Doc]:
+        return self.db["meters"]
+
+    @property
+    def usage(self) -> AsyncCollection[Doc]:
+        return self.db["usage"]
+
+    @property
+    def subscriptions(self) -> AsyncCollection[Doc]:
+        return self.db["subscriptions"]
+
+    @property
+    def notifications(self) -> AsyncCollection[Doc]:
+        return self.db["notifications"]
+
+    @property
+    def stripe_events(self) -> AsyncCollection[Doc]:
+        return self.db["stripe_events"]
+
+    @property
+    def reports(self) -> AsyncCollection[Doc]:
+        return self.db["reports"]
+
+    async def ensure_indexes(self) -> None:
+        """Create every collection and index; safe to run at every start."""
+        existing = set(await self.db.list_collection_names())
+        for name, indexes in INDEXES.items():
+            if name not in existing:
+                try:
+                    await self.db.create_collection(name)
+                except CollectionInvalid:
+                    pass  # another process created it first
+            await self.db[name].create_indexes(indexes)
+
+    async def ping(self) -> None:
+        await self.client.admin.command("ping")
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,443 @@
+"""The credit ledger on MongoDB (SPEC §5.1): every change is one transaction.
+
+Each write follows the same steps inside `run_in_transaction`:
+
+1. look the idempotency key up: an existing `(org_id, key)` entry means `applied: false`;
+2. lock the account by bumping its `seq` (concurrent writers on one organization now conflict,
+   and MongoDB retries the loser with a fresh snapshot);
+3. plan the change with the pure rules of `billing.ledger`;
+4. write the lots, the entry and the account's balance and debt together.
+
+Methods whose name ends in `_in` take the caller's session, so another unit of work (recording
+usage, a Stripe event) can put a ledger change in its own transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from bson import ObjectId
+from pymongo import ReturnDocument
+from pymongo.asynchronous.client_session import AsyncClientSession
+
+from billing.errors import InvalidInput, NotFound, OrgNotFound
+from billing.ledger import (
+    Debt,
+    EntryKind,
+    OpenLot,
+    check_sign,
+    clawback_units,
+    plan_credit,
+    plan_draw,
+)
+from billing.store.database import Database, Doc
+from billing.store.transactions import run_in_transaction
+
+
+@dataclass(frozen=True)
+class LotTerms:
+    """What a positive entry records on the lot it opens."""
+
+    expires_at: datetime | None = None
+    payment_intent: str | None = None
+    charge: str | None = None
+    checkout_session: str | None = None
+    pack_id: str | None = None
+    price_cents: int | None = None
+    source_lot: str | None = None
+
+
+@dataclass(frozen=True)
+class LedgerResult:
+    applied: bool
+    entry: Doc | None
+    balance: int
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def amount(self) -> int:
+        return int(self.entry["amount"]) if self.entry else 0
+
+
+def _debt(account: Doc) -> Debt:
+    return Debt(usage=int(account.get("usage_debt", 0)), other=int(account.get("other_debt", 0)))
+
+
+class Ledger:
+    """Writes and reads of one organization's entries and lots."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # ---- the shared steps -------------------------------------------------------------------
+
+    async def existing_in(self, session: AsyncClientSession, org_id: str, key: str) -> Doc | None:
+        return await self.db.ledger.find_one({"org_id": org_id, "key": key}, session=session)
+
+    async def lock_in(self, session: AsyncClientSession, org_id: str) -> Doc:
+        """Bump the account's `seq`: the write that serializes every ledger change of one org."""
+        account = await self.db.accounts.find_one_and_update(
+            {"_id": org_id},
+            {"$inc": {"seq": 1}},
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+        if account is None:
+            raise OrgNotFound(org_id)
+        return account
+
+    async def _unapplied(self, session: AsyncClientSession, existing: Doc) -> LedgerResult:
+        account = await self.db.accounts.find_one({"_id": existing["org_id"]}, session=session)
+        return LedgerResult(False, existing, int(account["balance"]) if account else 0)
+
+    async def _open_lots(self, session: AsyncClientSession, org_id: str) -> list[OpenLot]:
+        cursor = self.db.lots.find(
+            {"org_id": org_id, "remaining": {"$gt": 0}},
+            {"remaining": 1, "expires_at": 1, "seq": 1},
+            session=session,
+        )
+        return [
+            OpenLot(id=d["_id"], remaining=d["remaining"], expires_at=d.get("expires_at"), seq=d["seq"])
+            async for d in cursor
+        ]
+
+    async def post_in(
+        self,
+        session: AsyncClientSession,
+        account: Doc,
+        *,
+        key: str,
+        kind: EntryKind,
+        amount: int,
+        now: datetime,
+        memo: str = "",
+        terms: LotTerms | None = None,
+        claw_lot: str | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> LedgerResult:
+        """Write one entry on a locked account (`lock_in` result): lots, debt, balance, entry."""
+        check_sign(kind, amount)
+        org_id = account["_id"]
+        seq = int(account["seq"])
+        debt = _debt(account)
+        entry_id = ObjectId()
+        entry: Doc = {
+            "_id": entry_id,
+            "org_id": org_id,
+            "seq": seq,
+            "key": key,
+            "kind": kind.value,
+            "amount": amount,
+            "lot_id": None,
+            "memo": memo,
+            "created_at": now,
+        }
+        if amount > 0:
+            repay = plan_credit(debt, amount, usage_debt_only=kind is EntryKind.SETTLEMENT)
+            lot_id = f"lot_{entry_id}"
+            lot_terms = terms or LotTerms()
+            await self.db.lots.insert_one(
+                {
+                    "_id": lot_id,
+                    "org_id": org_id,
+                    "kind": kind.value,
+                    "key": key,
+                    "seq": seq,
+                    "units": amount,
+                    "remaining": repay.lot_remaining,
+                    "repaid_debt": repay.other + repay.usage,
+                    "expires_at": lot_terms.expires_at,
+                    "payment_intent": lot_terms.payment_intent,
+                    "charge": lot_terms.charge,
+                    "checkout_session": lot_terms.checkout_session,
+                    "pack_id": lot_terms.pack_id,
+                    "price_cents": lot_terms.price_cents,
+                    "source_lot": lot_terms.source_lot,
+                    "clawbacks": [],
+                    "clawback_cents": 0,
+                    "clawed_units": 0,
+                    "created_at": now,
+                },
+                session=session,
+            )
+            entry["lot_id"] = lot_id
+            entry["repaid"] = {"other": repay.other, "usage": repay.usage}
+            debt = Debt(usage=debt.usage - repay.usage, other=debt.other - repay.other)
+        else:
+            if kind is EntryKind.EXPIRATION:
+                if claw_lot is None:
+                    raise ValueError("an expiration names its lot")
+                draws: tuple[tuple[str, int], ...] = ((claw_lot, -amount),)
+                shortfall = 0
+            else:
+                planned = plan_draw(
+                    await self._open_lots(session, org_id), -amount, now, first=claw_lot
+                )
+                draws, shortfall = planned.draws, planned.shortfall
+            for lot_id, units in draws:
+                updated = await self.db.lots.update_one(
+                    {"_id": lot_id, "remaining": {"$gte": units}},
+                    {"$inc": {"remaining": -units}},
+                    session=session,
+                )
+                if updated.matched_count != 1:
+                    raise RuntimeError(f"lot {lot_id} changed under a locked account")
+            entry["draws"] = [{"lot_id": lot_id, "units": units} for lot_id, units in draws]
+            entry["lot_id"] = claw_lot
+            if shortfall:
+                entry["debt_added"] = shortfall
+                if kind is EntryKind.DEBIT:
+                    debt = Debt(usage=debt.usage + shortfall, other=debt.other)
+                else:
+                    debt = Debt(usage=debt.usage, other=debt.other + shortfall)
+        balance = int(account["balance"]) + amount
+        entry["balance_after"] = balance
+        if meta:
+            entry["meta"] = meta
+        await self.db.ledger.insert_one(entry, session=session)
+        await self.db.accounts.update_one(
+            {"_id": org_id},
+            {
+                "$inc": {"balance": amount},
+                "$set": {"usage_debt": debt.usage, "other_debt": debt.other, "updated_at": now},
+            },
+            session=session,
+        )
+        return LedgerResult(True, entry, balance)
+
+    async def write_in(
+        self,
+        session: AsyncClientSession,
+        org_id: str,
+        *,
+        key: str,
+        kind: EntryKind,
+        amount: int,
+        now: datetime,
+        memo: str = "",
+        terms: LotTerms | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> LedgerResult:
+        """Idempotent entry of a known amount (credit, debit, grant, admin, settlement)."""
+        existing = await self.existing_in(session, org_id, key)
+        if existing is not None:
+            return await self._unapplied(session, existing)
+        account = await self.lock_in(session, org_id)
+        return await self.post_in(
+            session, account, key=key, kind=kind, amount=amount, now=now, memo=memo,
+            terms=terms, meta=meta,
+        )
+
+    # ---- operations, each in its own transaction -----------------------------------------------
+
+    async def write(
+        self,
+        org_id: str,
+        *,
+        key: str,
+        kind: EntryKind,
+        amount: int,
+        now: datetime,
+        memo: str = "",
+        terms: LotTerms | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> LedgerResult:
+        async def work(session: AsyncClientSession) -> LedgerResult:
+            return await self.write_in(
+                session, org_id, key=key, kind=kind, amount=amount, now=now, memo=memo,
+                terms=terms, meta=meta,
+            )
+
+        return await run_in_transaction(self.db.client, work)
+
+    async def clawback_in(
+        self,
+        session: AsyncClientSession,
+        org_id: str,
+        *,
+        key: str,
+        kind: EntryKind,
+        lot_id: str,
+        cents: int,
+        now: datetime,
+        memo: str = "",
+        meta: dict[str, Any] | None = None,
+    ) -> LedgerResult:
+        """Refund or dispute of `cents` against the lot bought with the charge (cumulative rounding).
+
+        The lot keeps each clawback `{key, cents, units}`, so the cumulative total is exact even
+        when a clawback rounds to zero units and writes no entry.
+        """
+        if kind not in (EntryKind.REFUND, EntryKind.DISPUTE):
+            raise ValueError("a clawback is a refund or a dispute")
+        if cents <= 0:
+            raise InvalidInput("a refunded or disputed amount is a positive number of cents")
+        existing = await self.existing_in(session, org_id, key)
+        if existing is not None:
+            return await self._unapplied(session, existing)
+        account = await self.lock_in(session, org_id)
+        lot = await self.db.lots.find_one({"_id": lot_id, "org_id": org_id}, session=session)
+        if lot is None or not lot.get("price_cents"):
+            raise NotFound(f"no purchased lot {lot_id!r} for organization {org_id!r}")
+        if any(c["key"] == key for c in lot["clawbacks"]):
+            return LedgerResult(False, None, int(account["balance"]))
+        units = clawback_units(
+            lot_units=lot["units"],
+            lot_price_cents=lot["price_cents"],
+            clawed_cents_total=lot["clawback_cents"] + cents,
+            already_clawed=lot["clawed_units"],
+        )
+        await self.db.lots.update_one(
+            {"_id": lot_id},
+            {
+                "$push": {"clawbacks": {"key": key, "cents": cents, "units": units}},
+                "$inc": {"clawback_cents": cents, "clawed_units": units},
+            },
+            session=session,
+        )
+        if units == 0:
+            return LedgerResult(False, None, int(account["balance"]), {"clawed_units": 0})
+        return await self.post_in(
+            session, account, key=key, kind=kind, amount=-units, now=now, memo=memo,
+            claw_lot=lot_id, meta={**(meta or {}), "cents": cents},
+        )
+
+    async def clawback(
+        self,
+        org_id: str,
+        *,
+        key: str,
+        kind: EntryKind,
+        lot_id: str,
+        cents: int,
+        now: datetime,
+        memo: str = "",
+        meta: dict[str, Any] | None = None,
+    ) -> LedgerResult:
+        async def work(session: AsyncClientSession) -> LedgerResult:
+            return await self.clawback_in(
+                session, org_id, key=key, kind=kind, lot_id=lot_id, cents=cents, now=now,
+                memo=memo, meta=meta,
+            )
+
+        return await run_in_transaction(self.db.client, work)
+
+    async def reinstate_in(
+        self,
+        session: AsyncClientSession,
+        org_id: str,
+        *,
+        key: str,
+        withdrawn_key: str,
+        now: datetime,
+        memo: str = "",
+    ) -> LedgerResult:
+        """Give back exactly what the clawback `withdrawn_key` took (a won dispute).
+
+        The units come back as a new `reinstatement` lot with the original lot's expiry, and the
+        original lot's cumulative clawback forgets the dispute's cents.
+        """
+        existing = await self.existing_in(session, org_id, key)
+        if existing is not None:
+            return await self._unapplied(session, existing)
+        account = await self.lock_in(session, org_id)
+        lot = await self.db.lots.find_one(
+            {"org_id": org_id, "clawbacks.key": withdrawn_key}, session=session
+        )
+        if lot is None:
+            return LedgerResult(False, None, int(account["balance"]), {"reason": "not_withdrawn"})
+        if any(c["key"] == key for c in lot["clawbacks"]):
+            return LedgerResult(False, None, int(account["balance"]))
+        taken = next(c for c in lot["clawbacks"] if c["key"] == withdrawn_key)
+        await self.db.lots.update_one(
+            {"_id": lot["_id"]},
+            {
+                "$push": {"clawbacks": {"key": key, "cents": -taken["cents"], "units": -taken["units"]}},
+                "$inc": {"clawback_cents": -taken["cents"], "clawed_units": -taken["units"]},
+            },
+            session=session,
+        )
+        if taken["units"] == 0:
+            return LedgerResult(False, None, int(account["balance"]), {"reinstated_units": 0})
+        return await self.post_in(
+            session, account, key=key, kind=EntryKind.REINSTATEMENT, amount=taken["units"],
+            now=now, memo=memo,
+            terms=LotTerms(expires_at=lot.get("expires_at"), source_lot=lot["_id"],
+                           charge=lot.get("charge"), payment_intent=lot.get("payment_intent")),
+            meta={"withdrawn_key": withdrawn_key},
+        )
+
+    async def reinstate(
+        self, org_id: str, *, key: str, withdrawn_key: str, now: datetime, memo: str = ""
+    ) -> LedgerResult:
+        async def work(session: AsyncClientSession) -> LedgerResult:
+            return await self.reinstate_in(
+                session, org_id, key=key, withdrawn_key=withdrawn_key, now=now, memo=memo
+            )
+
+        return await run_in_transaction(self.db.client, work)
+
+    async def expire(self, org_id: str, lot_id: str, now: datetime) -> LedgerResult:
+        """Remove what is left of an expired lot (`expire:<lot id>`); a used-up lot expires silently."""
+
+        async def work(session: AsyncClientSession) -> LedgerResult:
+            key = f"expire:{lot_id}"
+            existing = await self.existing_in(session, org_id, key)
+            if existing is not None:
+                return await self._unapplied(session, existing)
+            account = await self.lock_in(session, org_id)
+            lot = await self.db.lots.find_one({"_id": lot_id, "org_id": org_id}, session=session)
+            if lot is None:
+                raise NotFound(f"no lot {lot_id!r} for organization {org_id!r}")
+            expires_at = lot.get("expires_at")
+            if expires_at is None or expires_at > now or lot["remaining"] <= 0:
+                return LedgerResult(False, None, int(account["balance"]))
+            return await self.post_in(
+                session, account, key=key, kind=EntryKind.EXPIRATION, amount=-lot["remaining"],
+                now=now, memo="credit lot expired", claw_lot=lot_id,
+            )
+
+        return await run_in_transaction(self.db.client, work)
+
+    # ---- reads ----------------------------------------------------------------------------------
+
+    async def expired_lots(self, now: datetime, after: str | None, limit: int) -> list[Doc]:
+        """Expired lots with units left, paged by `_id` (the daily expiry sweep)."""
+        query: Doc = {"expires_at": {"$lte": now}, "remaining": {"$gt": 0}}
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        cursor = self.db.lots.find(query, {"org_id": 1}).sort("_id", 1).limit(limit)
+        return [doc async for doc in cursor]
+
+    async def lots(self, org_id: str, *, open_only: bool = True) -> list[Doc]:
+        query: Doc = {"org_id": org_id}
+        if open_only:
+            query["remaining"] = {"$gt": 0}
+        cursor = self.db.lots.find(query).sort("seq", 1)
+        return [doc async for doc in cursor]
+
+    async def entries(self, org_id: str, *, limit: int, before_seq: int | None = None) -> list[Doc]:
+        """Newest first, paged by the account's monotonic `seq`."""
+        query: Doc = {"org_id": org_id}
+        if before_seq is not None:
+            query["seq"] = {"$lt": before_seq}
+        cursor = self.db.ledger.find(query).sort("seq", -1).limit(limit)
+        return [doc async for doc in cursor]
+
+    async def find_purchase_lot(
+        self, org_id: str | None, *, payment_intent: str | None, charge: str | None
+    ) -> Doc | None:
+        """The lot bought with a payment intent or charge (what refunds and disputes claw from)."""
+        ors: list[Doc] = []
+        if payment_intent:
+            ors.append({"payment_intent": payment_intent})
+        if charge:
+            ors.append({"charge": charge})
+        if not ors:
+            return None
+        query: Doc = {"$or": ors, "price_cents": {"$gt": 0}, "kind": EntryKind.TOPUP.value}
+        if org_id:
+            query["org_id"] = org_id
+        return await self.db.lots.find_one(query)

@@ -1,0 +1,103 @@
+"""Run one unit of work in one MongoDB transaction, retrying what MongoDB says is transient."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from pymongo import AsyncMongoClient, ReadPreference, WriteConcern
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+from pymongo.read_concern import ReadConcern
+
+T = TypeVar("T")
+
+Work = Callable[[AsyncClientSession], Awaitable[T]]
+
+#: Give up after this long; the caller (an activity) then fails and Temporal retries it.
+TRANSACTION_DEADLINE_S = 30.0
+
+
+def _has_label(exc: PyMongoError, label: str) -> bool:
+    return exc.has_error_label(label)
+
+
+def _is_transient(exc: PyMongoError) -> bool:
+    if _has_label(exc, "TransientTransactionError"):
+        return True
+    # A write conflict outside the label (some servers omit it on the first statement).
+    return isinstance(exc, OperationFailure) and exc.code == 112
+
+
+async def run_in_transaction(
+    client: AsyncMongoClient[dict[str, Any]],
+    work: Work[T],
+    *,
+    deadline_s: float = TRANSACTION_DEADLINE_S,
+) -> T:
+    """Run `work(session)` inside a snapshot transaction with majority writes.
+
+    Write conflicts and other `TransientTransactionError`s restart the whole unit of work after a
+    short jittered backoff (so 50 writers on one account converge instead of thrashing); an
+    `UnknownTransactionCommitResult` retries the commit alone. Anything else propagates with the
+    transaction aborted, so nothing is half-written.
+    """
+    started = time.monotonic()
+    attempt = 0
+    async with client.start_session() as session:
+        while True:
+            attempt += 1
+            await session.start_transaction(
+                read_concern=ReadConcern("snapshot"),
+                write_concern=WriteConcern("majority"),
+                read_preference=ReadPreference.PRIMARY,
+            )
+            try:
+                result = await work(session)
+            except PyMongoError as exc:
+                await _abort(session)
+                if _is_transient(exc) and time.monotonic() - started < deadline_s:
+                    await _backoff(attempt)
+                    continue
+                raise
+            except BaseException:
+                await _abort(session)
+                raise
+            try:
+                await _commit(session, started, deadline_s)
+            except PyMongoError as exc:
+                if _is_transient(exc) and time.monotonic() - started < deadline_s:
+                    await _backoff(attempt)
+                    continue
+                raise
+            return result
+
+
+async def _commit(session: AsyncClientSession, started: float, deadline_s: float) -> None:
+    while True:
+        try:
+            await session.commit_transaction()
+            return
+        except (ConnectionFailure, OperationFailure) as exc:
+            if (
+                _has_label(exc, "UnknownTransactionCommitResult")
+                and time.monotonic() - started < deadline_s
+            ):
+                continue
+            raise
+
+
+async def _abort(session: AsyncClientSession) -> None:
+    if session.in_transaction:
+        try:
+            await session.abort_transaction()
+        except PyMongoError:
+            pass  # the server aborts on its own when the session goes away
+
+
+async def _backoff(attempt: int) -> None:
+    cap = min(0.002 * (2 ** min(attempt, 8)), 0.25)
+    await asyncio.sleep(random.uniform(0, cap))  # noqa: S311 - jitter, not cryptography

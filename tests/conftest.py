@@ -1,0 +1,85 @@
+"""Shared fixtures: a real SecantusDB server and a real Temporal dev server for the session.
+
+Set `MONGODB_URI` or `TEMPORAL_ADDRESS` to run against servers you started yourself.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+
+import pytest
+from temporalio.client import Client
+
+from billing.config import BillingConfig, load_config
+from billing.store.accounts import Accounts
+from billing.store.database import Database
+from billing.store.ledger import Ledger
+from starter.embedded import MongoServer, free_port, start_temporal
+
+
+@pytest.fixture(scope="session")
+def config() -> BillingConfig:
+    from billing.config import EXAMPLE_CONFIG
+
+    return load_config(EXAMPLE_CONFIG)
+
+
+@pytest.fixture(scope="session")
+async def mongo_server() -> AsyncIterator[MongoServer | None]:
+    """The SecantusDB process the suite started, or None when `MONGODB_URI` names a server."""
+    if os.environ.get("MONGODB_URI"):
+        yield None
+        return
+    server = MongoServer(port=free_port(), test_commands=True)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_uri(mongo_server: MongoServer | None) -> str:
+    return mongo_server.uri if mongo_server is not None else os.environ["MONGODB_URI"]
+
+
+@pytest.fixture(scope="session")
+async def db(mongo_uri: str) -> AsyncIterator[Database]:
+    database = Database(mongo_uri, f"billing_test_{uuid.uuid4().hex[:8]}")
+    await database.ensure_indexes()
+    yield database
+    await database.client.drop_database(database.db.name)
+    await database.close()
+
+
+@pytest.fixture(scope="session")
+async def temporal_client() -> AsyncIterator[Client]:
+    address = os.environ.get("TEMPORAL_ADDRESS")
+    if address:
+        yield await Client.connect(address, namespace=os.environ.get("TEMPORAL_NAMESPACE", "default"))
+        return
+    env = await start_temporal(port=free_port())
+    yield env.client
+    await env.shutdown()
+
+
+@pytest.fixture
+def org() -> str:
+    """A fresh organization id per test, so tests never share ledger state."""
+    return f"org-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def ledger(db: Database) -> Ledger:
+    return Ledger(db)
+
+
+@pytest.fixture
+def accounts(db: Database, config: BillingConfig) -> Accounts:
+    return Accounts(db, config)
+
+
+@pytest.fixture
+def now() -> Iterator[datetime]:
+    yield datetime(2026, 5, 6, 12, 0, tzinfo=UTC)
