@@ -13,11 +13,16 @@ from datetime import UTC, datetime
 import pytest
 from temporalio.client import Client
 
-from billing.config import BillingConfig, load_config
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Worker
+
+from billing.config import BillingConfig, Settings, load_config
+from billing.runtime import Runtime
 from billing.store.accounts import Accounts
 from billing.store.database import Database
 from billing.store.ledger import Ledger
 from starter.embedded import MongoServer, free_port, start_temporal
+from worker import build_worker
 
 
 @pytest.fixture(scope="session")
@@ -56,12 +61,41 @@ async def db(mongo_uri: str) -> AsyncIterator[Database]:
 @pytest.fixture(scope="session")
 async def temporal_client() -> AsyncIterator[Client]:
     address = os.environ.get("TEMPORAL_ADDRESS")
+    namespace = os.environ.get("TEMPORAL_NAMESPACE", "default")
     if address:
-        yield await Client.connect(address, namespace=os.environ.get("TEMPORAL_NAMESPACE", "default"))
+        yield await Client.connect(address, namespace=namespace,
+                                   data_converter=pydantic_data_converter)
         return
     env = await start_temporal(port=free_port())
-    yield env.client
+    yield Client(env.client.service_client, namespace=namespace,
+                 data_converter=pydantic_data_converter)
     await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def settings(mongo_uri: str, db: Database) -> Settings:
+    return Settings(
+        mongodb_uri=mongo_uri,
+        mongodb_db=db.db.name,
+        temporal_task_queue=f"billing-test-{uuid.uuid4().hex[:8]}",
+        stripe_webhook_secret="whsec_test_primary,whsec_test_rotated",
+        stripe_api_key="sk_test_billing",
+        billing_api_token="test-token",
+    )
+
+
+@pytest.fixture(scope="session")
+def runtime(settings: Settings, config: BillingConfig, db: Database) -> Runtime:
+    """The engine's runtime on the test database (shares the session's client)."""
+    return Runtime(settings=settings, config=config, db=db)
+
+
+@pytest.fixture(scope="session")
+async def worker(temporal_client: Client, runtime: Runtime) -> AsyncIterator[Worker]:
+    """The real worker, every workflow and activity registered, on the session's task queue."""
+    w = build_worker(temporal_client, runtime)
+    async with w:
+        yield w
 
 
 @pytest.fixture

@@ -1,0 +1,34 @@
+"""The process-wide objects every entry point builds once: settings, configuration, database."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from billing.config import BillingConfig, Settings, load_config
+from billing.store.accounts import Accounts
+from billing.store.database import Database
+from billing.store.ledger import Ledger
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    config: BillingConfig
+    db: Database
+
+    @classmethod
+    def from_settings(cls, settings: Settings, config: BillingConfig | None = None) -> Runtime:
+        return cls(
+            settings=settings,
+            config=config or load_config(settings.billing_config),
+            db=Database(settings.mongodb_uri, settings.mongodb_db),
+        )
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        return Ledger(self.db)
+
+    @cached_property
+    def accounts(self) -> Accounts:
+        return Accounts(self.db, self.config)

@@ -1,0 +1,1 @@
+"""The ASGI app: Stripe webhook receiver, the `/v1` API and health endpoints (SPEC §7)."""

@@ -1,0 +1,42 @@
+"""What every billing workflow shares: the activity retry policy and a typed activity call.
+
+Workflows call activities by name so that workflow modules never import an I/O library.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+T = TypeVar("T")
+
+#: SPEC §6: at most five attempts with exponential backoff, then the workflow fails and stays
+#: in Temporal as the dead letter. Invalid input is raised as a non-retryable ApplicationError.
+ACTIVITY_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=5,
+)
+
+ACTIVITY_TIMEOUT = timedelta(seconds=60)
+
+#: Workflow code that raises any exception fails the workflow instead of retrying the task
+#: forever (set on every workflow definition as `failure_exception_types`).
+FAIL_ON: list[type[BaseException]] = [Exception]
+
+
+async def call(name: str, arg: Any, result_type: type[T], *,
+               timeout: timedelta = ACTIVITY_TIMEOUT) -> T:
+    """Run the activity `name` with the shared retry policy and return its typed result."""
+    result: T = await workflow.execute_activity(
+        name,
+        arg,
+        result_type=result_type,
+        start_to_close_timeout=timeout,
+        retry_policy=ACTIVITY_RETRY,
+    )
+    return result
