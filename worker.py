@@ -10,18 +10,28 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
+from activities.admin import AdminActivities
 from activities.ledger import LedgerActivities
 from billing.config import Settings
 from billing.runtime import Runtime
 from starter.schedules import ensure_schedules
+from workflows.admin_adjustment import AdminAdjustmentWorkflow
 from workflows.expire_credits import ExpireCreditsWorkflow
 
-WORKFLOWS: Sequence[type] = (ExpireCreditsWorkflow,)
+WORKFLOWS: Sequence[type] = (
+    ExpireCreditsWorkflow,
+    AdminAdjustmentWorkflow,
+)
 
 
 def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
     ledger = LedgerActivities(runtime)
-    return [ledger.expire_credit_page]
+    admin = AdminActivities(runtime)
+    return [
+        ledger.expire_credit_page,
+        admin.admin_requires_approval,
+        admin.admin_post_adjustment,
+    ]
 
 
 async def connect(settings: Settings) -> Client:

@@ -29,14 +29,15 @@ ACTIVITY_TIMEOUT = timedelta(seconds=60)
 FAIL_ON: list[type[BaseException]] = [Exception]
 
 
-async def call(name: str, arg: Any, result_type: type[T], *,
-               timeout: timedelta = ACTIVITY_TIMEOUT) -> T:
+async def call(
+    name: str, arg: Any, result_type: type[T], *, start_to_close: timedelta = ACTIVITY_TIMEOUT
+) -> T:
     """Run the activity `name` with the shared retry policy and return its typed result."""
     result: T = await workflow.execute_activity(
         name,
         arg,
         result_type=result_type,
-        start_to_close_timeout=timeout,
+        start_to_close_timeout=start_to_close,
         retry_policy=ACTIVITY_RETRY,
     )
     return result
