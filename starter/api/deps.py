@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from temporalio.client import Client
+from temporalio.service import RPCError
 
+import worker
 from billing.errors import BillingError
 from billing.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+TEMPORAL_CONNECT_TIMEOUT_S = 5.0
 
 
 class Unauthorized(BillingError):
@@ -31,6 +39,27 @@ class AppState:
     runtime: Runtime
     temporal: Client | None = None
     extras: dict[str, object] = field(default_factory=dict)
+    temporal_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+
+async def temporal_client(state: AppState) -> Client:
+    """The app's Temporal client, connected on first use so the API serves reads while Temporal
+    is down. Raises `TemporalUnavailable` (503) when it cannot connect; the next call retries."""
+    if state.temporal is not None:
+        return state.temporal
+    async with state.temporal_lock:
+        if state.temporal is None:
+            settings = state.runtime.settings
+            try:
+                async with asyncio.timeout(TEMPORAL_CONNECT_TIMEOUT_S):
+                    state.temporal = await worker.connect(settings)
+            except (RuntimeError, RPCError, TimeoutError) as exc:
+                logger.warning("cannot connect to Temporal at %s: %s",
+                               settings.temporal_address, exc)
+                raise TemporalUnavailable(
+                    f"Temporal is unreachable at {settings.temporal_address}"
+                ) from exc
+        return state.temporal
 
 
 def app_state(request: Request) -> AppState:
@@ -59,6 +88,12 @@ def require_token(
         valid |= hmac.compare_digest(presented, token.encode())
     if not valid:
         raise Unauthorized("invalid bearer token")
+
+
+def v1_router(**options: Any) -> APIRouter:
+    """A router of the `/v1` API: under `/v1` and behind the bearer token. Routers carry their
+    own prefix so the matched route's `path_format` is the full template (metrics label)."""
+    return APIRouter(prefix="/v1", dependencies=[Depends(require_token)], **options)
 
 
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
