@@ -1,0 +1,309 @@
+"""`billing dev`: the whole engine in one process tree, for development.
+
+SecantusDB and the Temporal dev server (with its Web UI) run as child processes; the worker and
+the HTTP API run in this process's event loop. Everything is kept under the data directory
+(MongoDB storage, the Temporal database file, the generated dev token and webhook secret), so a
+restart finds the same organizations, ledgers and workflow history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvicorn
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from temporalio.worker import Worker
+
+from billing.config import Settings, load_config
+from billing.runtime import Runtime
+from starter.api.app import create_app
+from starter.embedded import EmbeddedError, MongoServer, ensure_port_free, start_temporal
+from starter.schedules import ensure_schedules
+from worker import build_worker, connect
+
+HOST = "127.0.0.1"
+READY_TIMEOUT_S = 60.0
+CREDENTIALS_FILE = "dev-credentials.json"
+
+
+@dataclass(frozen=True)
+class DevOptions:
+    data_dir: Path
+    http_port: int = 8000
+    temporal_port: int = 7233
+    ui_port: int = 8233
+    mongo_port: int = 27017
+
+    def ports(self) -> tuple[tuple[str, int, str], ...]:
+        """(option, port, what listens there) for every port the stack binds."""
+        return (
+            ("--http-port", self.http_port, "the HTTP API"),
+            ("--temporal-port", self.temporal_port, "Temporal"),
+            ("--ui-port", self.ui_port, "the Temporal Web UI"),
+            ("--mongo-port", self.mongo_port, "MongoDB"),
+        )
+
+
+def _port_taken(option: str, port: int, what: str) -> EmbeddedError:
+    return EmbeddedError(
+        f"port {port} ({what}) is already in use: stop what listens there "
+        f"or choose another port with {option}"
+    )
+
+
+def check_ports(options: DevOptions) -> None:
+    """Fail before starting anything when a port is taken or given twice."""
+    seen: dict[int, str] = {}
+    for option, port, what in options.ports():
+        if port in seen:
+            raise EmbeddedError(f"{option} and {seen[port]} are both {port}: use distinct ports")
+        seen[port] = option
+        try:
+            ensure_port_free(port, what)
+        except EmbeddedError as exc:
+            raise _port_taken(option, port, what) from exc
+
+
+def _bind_http(options: DevOptions) -> socket.socket:
+    """Bind the API port now, so it cannot be taken while the rest starts."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((HOST, options.http_port))
+    except OSError as exc:
+        sock.close()
+        raise _port_taken("--http-port", options.http_port, "the HTTP API") from exc
+    sock.listen(128)
+    return sock
+
+
+@dataclass(frozen=True)
+class DevCredentials:
+    api_token: str
+    webhook_secret: str
+
+
+def dev_credentials(data_dir: Path) -> DevCredentials:
+    """The dev API token and webhook secret: generated on the first start, then read back from
+    the data directory so API clients and `billing send-test-event` keep working across
+    restarts."""
+    path = data_dir / CREDENTIALS_FILE
+    stored: dict[str, str] = {}
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(stored, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            raise EmbeddedError(
+                f"{path} is unreadable ({exc}): delete it to generate new values"
+            ) from exc
+    wanted = {
+        "api_token": stored.get("api_token") or f"dev_{secrets.token_urlsafe(24)}",
+        "webhook_secret": stored.get("webhook_secret") or f"whsec_dev_{secrets.token_hex(16)}",
+    }
+    if wanted != stored:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(wanted, out, indent=2)
+    return DevCredentials(**wanted)
+
+
+def dev_settings(options: DevOptions, credentials: DevCredentials) -> Settings:
+    """The environment's settings, pointed at the embedded servers; `BILLING_API_TOKEN` and
+    `STRIPE_WEBHOOK_SECRET` win over the generated dev values when they are set."""
+    env = Settings()
+    return Settings(
+        mongodb_uri=MongoServer(port=options.mongo_port).uri,
+        temporal_address=f"{HOST}:{options.temporal_port}",
+        billing_api_token=env.billing_api_token or credentials.api_token,
+        stripe_webhook_secret=env.stripe_webhook_secret or credentials.webhook_secret,
+    )
+
+
+def _temporal_database(data_dir: Path) -> Path:
+    """The Temporal dev server creates its schema only in a new database file, so a first start
+    interrupted midway leaves a file it then refuses. A file without the marker written after a
+    completed start holds no history: remove it and start afresh."""
+    database = data_dir / "temporal.db"
+    if database.exists() and not _temporal_marker(database).exists():
+        for leftover in data_dir.glob(f"{database.name}*"):
+            leftover.unlink()
+    return database
+
+
+def _temporal_marker(database: Path) -> Path:
+    return database.with_name(f"{database.name}.started")
+
+
+class _EmbeddedHTTPServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: `billing dev` owns SIGINT and SIGTERM and stops
+    the server itself, in order with the other parts."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _stop_task(task: asyncio.Task[None]) -> None:
+    """Wait for a part's task to end; its failure, if any, was already reported."""
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()
+
+
+async def _stop_worker(worker: Worker, task: asyncio.Task[None]) -> None:
+    await worker.shutdown()
+    await _stop_task(task)
+
+
+async def _stop_server(server: uvicorn.Server, task: asyncio.Task[None]) -> None:
+    server.should_exit = True
+    await _stop_task(task)
+
+
+def _failure(name: str, task: asyncio.Task[None]) -> EmbeddedError:
+    error = None if task.cancelled() else task.exception()
+    return EmbeddedError(f"{name} stopped unexpectedly" + (f": {error!r}" if error else ""))
+
+
+async def _wait_ready(api: str, ui: str, parts: dict[str, asyncio.Task[None]]) -> None:
+    """Poll `/readyz` (MongoDB and Temporal answer the app) and the Web UI until both answer."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    pending = {f"{api}/readyz": "the HTTP API", ui: "the Temporal Web UI"}
+    async with httpx.AsyncClient(timeout=2.0) as http:
+        while True:
+            for name, task in parts.items():
+                if task.done():
+                    raise _failure(name, task)
+            for url in list(pending):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(url)).status_code < 300:
+                        del pending[url]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise EmbeddedError(
+                    f"{', '.join(pending.values())} not ready within {READY_TIMEOUT_S:.0f} s"
+                )
+            await asyncio.sleep(0.2)
+
+
+async def _until_a_part_stops(mongo: MongoServer, parts: dict[str, asyncio.Task[None]]) -> None:
+    """Run until cancelled; a part that stops on its own ends the stack with an error."""
+    assert mongo.process is not None
+    mongo_exit = asyncio.create_task(mongo.process.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {mongo_exit, *parts.values()}, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        mongo_exit.cancel()
+    if mongo_exit in done:
+        raise EmbeddedError(f"MongoDB (SecantusDB) exited with code {mongo_exit.result()}")
+    name, task = next((n, t) for n, t in parts.items() if t in done)
+    raise _failure(name, task)
+
+
+def _print_ready(
+    console: Console, options: DevOptions, settings: Settings, data_dir: Path
+) -> None:
+    api = f"http://{HOST}:{options.http_port}"
+    token = settings.api_tokens[0]
+    rows = [
+        ("HTTP API", api),
+        ("API docs", f"{api}/docs"),
+        ("Temporal Web UI", f"http://{HOST}:{options.ui_port}"),
+        ("Temporal", f"{settings.temporal_address} (namespace {settings.temporal_namespace}, "
+                     f"task queue {settings.temporal_task_queue})"),
+        ("MongoDB", f"{settings.mongodb_uri} (database {settings.mongodb_db})"),
+        ("Data", str(data_dir)),
+        ("API token", token),
+        ("Webhook secret", settings.webhook_secrets[0]),
+    ]
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # never cut a token or a secret short
+    for label, value in rows:
+        table.add_row(f"[bold]{label}[/bold]", escape(value))
+    console.print("[bold green]billing dev is ready[/bold green]")
+    console.print(table)
+    console.print(
+        f'Try: curl -X PUT -H "Authorization: Bearer {escape(token)}" {api}/v1/orgs/acme',
+        soft_wrap=True,
+    )
+    console.print(
+        "Other terminals (billing balance, credit, ...): "
+        f"export MONGODB_URI='{settings.mongodb_uri}' TEMPORAL_ADDRESS={settings.temporal_address}",
+        soft_wrap=True,
+    )
+    console.print("Press Ctrl-C to stop.")
+
+
+async def run_dev(options: DevOptions, console: Console) -> None:
+    """Start every part, wait until each is ready, print where they are, then run until
+    cancelled (the CLI cancels on SIGINT / SIGTERM); on the way out every part is stopped, last
+    started first."""
+    config = load_config(Settings().billing_config)
+    check_ports(options)
+    data_dir = options.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    settings = dev_settings(options, dev_credentials(data_dir))
+    mongo = MongoServer(
+        port=options.mongo_port, data_dir=data_dir / "mongo", log_path=data_dir / "mongo.log"
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        http_socket = stack.enter_context(_bind_http(options))
+        console.print(f"starting MongoDB (SecantusDB) on port {options.mongo_port} ...")
+        stack.push_async_callback(mongo.stop)
+        await mongo.start()
+        console.print(f"starting Temporal on port {options.temporal_port} ...")
+        database = _temporal_database(data_dir)
+        try:
+            temporal = await start_temporal(
+                port=options.temporal_port,
+                ui_port=options.ui_port,
+                database_file=database,
+                namespace=settings.temporal_namespace,
+            )
+        except RuntimeError as exc:
+            raise EmbeddedError(f"Temporal did not start (its output is above): {exc}") from exc
+        stack.push_async_callback(temporal.shutdown)
+        _temporal_marker(database).touch()
+
+        runtime = Runtime.from_settings(settings, config)
+        stack.push_async_callback(runtime.db.close)
+        await runtime.db.ensure_indexes()
+        client = await connect(settings)
+        await ensure_schedules(client, settings.temporal_task_queue)
+
+        console.print("starting the worker and the HTTP API ...")
+        worker = build_worker(client, runtime)
+        worker_task = asyncio.create_task(worker.run(), name="worker")
+        stack.push_async_callback(_stop_worker, worker, worker_task)
+        server = _EmbeddedHTTPServer(
+            uvicorn.Config(
+                create_app(runtime, client), log_level="warning", timeout_graceful_shutdown=5
+            )
+        )
+        server_task = asyncio.create_task(server.serve(sockets=[http_socket]), name="HTTP API")
+        stack.push_async_callback(_stop_server, server, server_task)
+
+        parts = {"the worker": worker_task, "the HTTP API": server_task}
+        await _wait_ready(
+            f"http://{HOST}:{options.http_port}", f"http://{HOST}:{options.ui_port}", parts
+        )
+        _print_ready(console, options, settings, data_dir)
+        await _until_a_part_stops(mongo, parts)

@@ -1,0 +1,168 @@
+"""The `billing` command line, run as the installed console script against the session database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from billing.config import BillingConfig, Settings
+from billing.ledger import EntryKind
+from billing.store.accounts import Accounts
+from billing.store.ledger import Ledger
+from starter.embedded import find_binary
+
+BILLING = find_binary("billing")
+EXAMPLE = Path(__file__).resolve().parents[1] / "billing" / "billing.example.toml"
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+async def billing(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Result:
+    """Run `billing ARGS` with a clean engine environment plus `env`."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("MONGODB_", "TEMPORAL_", "STRIPE_", "BILLING_"))}
+    base.update(COLUMNS="200", **(env or {}))
+    proc = await asyncio.create_subprocess_exec(
+        BILLING, *args, env=base,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+@pytest.fixture
+def store_env(settings: Settings) -> dict[str, str]:
+    return {"MONGODB_URI": settings.mongodb_uri, "MONGODB_DB": settings.mongodb_db}
+
+
+@pytest.fixture
+def bad_config(tmp_path: Path) -> Path:
+    path = tmp_path / "billing.toml"
+    path.write_text(EXAMPLE.read_text().replace("dollars_to_units = 1000", "dollars_to_units = 0"))
+    return path
+
+
+async def test_balance_json_matches_the_store(
+    org: str, accounts: Accounts, ledger: Ledger, config: BillingConfig, now: datetime,
+    store_env: dict[str, str],
+) -> None:
+    await accounts.register(org, now)
+    await ledger.write(org, key="admin:cli-1", kind=EntryKind.ADJUSTMENT, amount=1234, now=now)
+    await ledger.write(org, key="usage:run-1:initial", kind=EntryKind.DEBIT, amount=-34, now=now)
+
+    result = await billing("balance", org, "--json", env=store_env)
+
+    assert result.code == 0, result.err
+    body = json.loads(result.out)
+    grant = config.default_plan.signup_grant
+    assert body["org_id"] == org
+    assert body["balance"] == grant + 1234 - 34
+    assert sum(lot["remaining"] for lot in body["lots"]) == body["balance"]
+    assert sorted(lot["units"] for lot in body["lots"]) == sorted([grant, 1234])
+    assert set(body["lots"][0]) == {"id", "kind", "units", "remaining", "expires_at"}
+
+
+async def test_ledger_json_is_newest_first_and_limited(
+    org: str, accounts: Accounts, ledger: Ledger, now: datetime, store_env: dict[str, str],
+) -> None:
+    await accounts.register(org, now)
+    await ledger.write(org, key="admin:cli-2", kind=EntryKind.ADJUSTMENT, amount=700, now=now)
+    await ledger.write(org, key="usage:run-2:initial", kind=EntryKind.DEBIT, amount=-5, now=now)
+
+    everything = await billing("ledger", org, "--json", env=store_env)
+    first = await billing("ledger", org, "--json", "--limit", "1", env=store_env)
+
+    assert everything.code == 0, everything.err
+    entries = json.loads(everything.out)["entries"]
+    assert [e["key"] for e in entries] == ["usage:run-2:initial", "admin:cli-2", "grant:signup"]
+    assert [e["amount"] for e in entries[:2]] == [-5, 700]
+    assert json.loads(everything.out)["next_cursor"] is None
+    page = json.loads(first.out)
+    assert [e["key"] for e in page["entries"]] == ["usage:run-2:initial"]
+    assert page["next_cursor"] is not None
+
+
+async def test_human_output_shows_balance_and_entries(
+    org: str, accounts: Accounts, config: BillingConfig, now: datetime,
+    store_env: dict[str, str],
+) -> None:
+    await accounts.register(org, now)
+
+    shown = await billing("balance", org, env=store_env)
+    listed = await billing("ledger", org, env=store_env)
+
+    assert shown.code == 0, shown.err
+    assert f"balance {config.default_plan.signup_grant} units" in shown.out
+    assert listed.code == 0, listed.err
+    assert "grant:signup" in listed.out
+    assert f"+{config.default_plan.signup_grant}" in listed.out
+
+
+@pytest.mark.parametrize("command", ["balance", "ledger"])
+async def test_unknown_org_exits_1_with_a_clear_message(
+    command: str, org: str, store_env: dict[str, str],
+) -> None:
+    result = await billing(command, org, "--json", env=store_env)
+
+    assert result.code == 1
+    assert "ORG_NOT_FOUND" in result.err
+    assert org in result.err
+    assert "Traceback" not in result.err + result.out
+    assert result.out == ""
+
+
+async def test_invalid_org_id_exits_1(store_env: dict[str, str]) -> None:
+    result = await billing("balance", "not a valid id!", env=store_env)
+
+    assert result.code == 1
+    assert "INVALID_ORG_ID" in result.err
+
+
+@pytest.mark.parametrize("args", [["balance", "acme"], ["dev", "--data-dir", "{tmp}"], ["serve"]])
+async def test_invalid_config_exits_2_naming_the_key(
+    args: list[str], bad_config: Path, store_env: dict[str, str], tmp_path: Path,
+) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path / "dev")) for a in args]
+    result = await billing(*argv, env={**store_env, "BILLING_CONFIG": str(bad_config),
+                                       "BILLING_API_TOKEN": "t"})
+
+    assert result.code == 2
+    assert "meter.dollars_to_units" in result.err
+    assert "Traceback" not in result.err
+    assert not (tmp_path / "dev").exists()  # nothing started
+
+
+async def test_serve_refuses_to_start_without_an_api_token(store_env: dict[str, str]) -> None:
+    result = await billing("serve", env=store_env)
+
+    assert result.code == 2
+    assert "BILLING_API_TOKEN" in result.err
+
+
+async def test_help_lists_the_commands_without_importing_the_engine() -> None:
+    result = await billing("--help")
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        "import sys, starter.cli; "
+        "print([m for m in ('pymongo', 'temporalio', 'fastapi', 'uvicorn') if m in sys.modules])",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    loaded, _ = await probe.communicate()
+
+    assert result.code == 0
+    for command in ("dev", "serve", "worker", "balance", "ledger"):
+        assert f" {command} " in result.out
+    assert loaded.decode().strip() == "[]"
