@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -106,10 +107,18 @@ class MongoServer:
                 "--storage-path", str(storage), "--log-level", "WARNING"]
         if self.test_commands:
             args.append("--enable-test-commands")
-        log = open(self.log_path, "ab") if self.log_path else asyncio.subprocess.DEVNULL  # noqa: SIM115
-        self.process = await asyncio.create_subprocess_exec(
-            *args, stdout=log, stderr=log, start_new_session=True
+        # The child writes its own log: the file is opened for it and closed in the parent.
+        log_fd = (
+            os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            if self.log_path else asyncio.subprocess.DEVNULL
         )
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *args, stdout=log_fd, stderr=log_fd, start_new_session=True
+            )
+        finally:
+            if self.log_path:
+                os.close(log_fd)
         await wait_for_port(self.port, "MongoDB (SecantusDB)", process=self.process)
 
     async def stop(self) -> None:

@@ -1,0 +1,454 @@
+"""The weekly meter on MongoDB (SPEC §5.2, §5.3): usage records, plan changes, the weekly reset.
+
+A meter is one document per organization and ISO week holding `used` and a snapshot of the
+plan it is metered on (`quota`, `plan_id`, `ratio_version`), kept live by plan changes.
+
+Recording usage is the hot path and takes no workflow. One transaction reads the account,
+increments the meter, debits the overflow (ledger key `usage:<run_id>:<step>`), writes the
+notifications it triggers and inserts the usage record, which carries the response. The record's
+unique `(org_id, run_id, step)` index (and the ledger key) make a replay abort that transaction
+on a duplicate key; the stored first result is then returned with `applied: false`.
+
+Every record of an organization increments the same meter document, so concurrent transactions
+on one organization conflict and start again. A `Meters` instance therefore queues the records
+of one organization behind an in-process lock: within a process they wait instead of
+conflicting (transactions stay the guarantee across processes). Share one instance per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from dataclasses import dataclass
+from datetime import datetime
+
+from pymongo import ReturnDocument
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import DuplicateKeyError
+
+from billing.config import BillingConfig, PlanConfig
+from billing.errors import InvalidInput, OrgNotFound
+from billing.ledger import EntryKind
+from billing.metering import (
+    Gate,
+    Metered,
+    UsageRequest,
+    effective_plan,
+    grant_alert,
+    is_runaway,
+    meter_usage,
+    overflow,
+    quota_gate,
+    settlement_units,
+    thresholds_crossed,
+)
+from billing.store.accounts import Accounts, check_org_id
+from billing.store.database import Database, Doc
+from billing.store.ledger import Ledger
+from billing.store.notifications import notify
+from billing.store.transactions import run_in_transaction
+from billing.weeks import iso_week
+
+#: A duplicate key that is not a replay (two transactions opening the same meter or writing the
+#: same notification) is retried this many times before it is reported.
+DUPLICATE_RETRIES = 5
+
+
+@dataclass(frozen=True)
+class UsageResult:
+    """The answer of `POST /v1/usage`."""
+
+    applied: bool
+    units: int
+    overflow: int
+    week: str
+    used: int
+    quota: int
+    balance: int
+
+
+@dataclass(frozen=True)
+class MeterView:
+    org_id: str
+    week: str
+    used: int
+    quota: int
+    plan_id: str
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.quota - self.used)
+
+
+@dataclass(frozen=True)
+class ResetOutcome:
+    org_id: str
+    week: str
+    applied: bool
+    settled: int
+    used: int
+    quota: int
+
+
+def _stored_result(record: Doc) -> UsageResult:
+    return UsageResult(
+        applied=False, units=record["units"], overflow=record["overflow"], week=record["week"],
+        used=record["used"], quota=record["quota"], balance=record["balance"],
+    )
+
+
+class Meters:
+    def __init__(self, db: Database, config: BillingConfig) -> None:
+        self.db = db
+        self.config = config
+        self.ledger = Ledger(db)
+        self._org_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def _org_lock(self, org_id: str) -> asyncio.Lock:
+        lock = self._org_locks.get(org_id)
+        if lock is None:
+            lock = self._org_locks[org_id] = asyncio.Lock()
+        return lock
+
+    # ---- shared steps ---------------------------------------------------------------------------
+
+    def _snapshot(self, plan: PlanConfig) -> Doc:
+        return {
+            "quota": plan.meter_quota,
+            "plan_id": plan.id,
+            "ratio_version": self.config.meter.ratio_version,
+        }
+
+    async def _status_in(self, session: AsyncClientSession | None, org_id: str) -> Doc:
+        subscription = await self.db.subscriptions.find_one(
+            {"_id": org_id}, {"status": 1, "past_due_since": 1}, session=session
+        )
+        return subscription or {}
+
+    async def _plan_in(self, session: AsyncClientSession | None, account: Doc) -> PlanConfig:
+        status = (await self._status_in(session, account["_id"])).get("status")
+        return effective_plan(self.config, account.get("plan_id"), status)
+
+    async def _open_in(
+        self, session: AsyncClientSession, account: Doc, week: str, now: datetime, units: int = 0
+    ) -> Doc:
+        """The week's meter after adding `units`, created with the plan snapshot if it does not
+        exist yet."""
+        plan = await self._plan_in(session, account)
+        meter = await self.db.meters.find_one_and_update(
+            {"org_id": account["_id"], "week": week},
+            {"$setOnInsert": {"org_id": account["_id"], "week": week, "created_at": now,
+                              "updated_at": now, **self._snapshot(plan)},
+             "$inc": {"used": units}},
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+        assert meter is not None
+        return meter
+
+    async def _add_in(
+        self, session: AsyncClientSession, account: Doc, week: str, units: int, now: datetime
+    ) -> Doc:
+        """Increment the week's meter by `units` and return it after the increment."""
+        meter = await self.db.meters.find_one_and_update(
+            {"org_id": account["_id"], "week": week},
+            {"$inc": {"used": units}, "$set": {"updated_at": now}},
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+        return meter or await self._open_in(session, account, week, now, units)
+
+    async def _threshold_alerts_in(
+        self, session: AsyncClientSession, meter: Doc, prev_used: int, now: datetime
+    ) -> None:
+        for pct in thresholds_crossed(
+            prev_used, meter["used"], meter["quota"], self.config.meter.alert_thresholds
+        ):
+            await notify(
+                self.db, session, org_id=meter["org_id"], type="meter.threshold_crossed",
+                key=f"meter.threshold_crossed:{meter['week']}:{pct}",
+                payload={"week": meter["week"], "threshold": pct, "used": meter["used"],
+                         "quota": meter["quota"], "plan_id": meter["plan_id"]},
+                now=now,
+            )
+
+    # ---- the hot path ---------------------------------------------------------------------------
+
+    async def record(self, request: UsageRequest, now: datetime) -> UsageResult:
+        """Record one usage record; a replay of `(org_id, run_id, step)` returns the first result
+        with `applied: false` and writes nothing."""
+        for _ in range(DUPLICATE_RETRIES):
+            try:
+                async with self._org_lock(request.org_id):
+                    return await run_in_transaction(
+                        self.db.client, lambda session: self._record_in(session, request, now)
+                    )
+            except DuplicateKeyError:
+                stored = await self.db.usage.find_one(
+                    {"org_id": request.org_id, "run_id": request.run_id, "step": request.step}
+                )
+                if stored is not None:
+                    return _stored_result(stored)
+        raise RuntimeError(f"usage {request.run_id}:{request.step} kept hitting duplicate keys")
+
+    async def _record_in(
+        self, session: AsyncClientSession, request: UsageRequest, now: datetime
+    ) -> UsageResult:
+        org_id = request.org_id
+        week = iso_week(now)
+        meter_config = self.config.meter
+        # The meter's plan is the account's plan unless the subscription's status overrides it
+        # (rare): price with the account's plan, and correct once the meter says otherwise.
+        account = await self.db.accounts.find_one(
+            {"_id": org_id}, {"balance": 1, "plan_id": 1}, session=session
+        )
+        if account is None:
+            raise OrgNotFound(org_id)
+        guess = self.config.plan(account.get("plan_id"))
+        metered = meter_usage(request, guess, meter_config)
+        meter = await self._add_in(session, account, week, metered.units, now)
+        plan = self.config.plan(meter["plan_id"])
+        if plan.ratios != guess.ratios:
+            corrected = meter_usage(request, plan, meter_config)
+            meter = await self._add_in(session, account, week, corrected.units - metered.units, now)
+            metered = corrected
+        used, quota = int(meter["used"]), int(meter["quota"])
+        prev_used = used - metered.units
+        over = overflow(prev_used, used, quota)
+        balance = int(account["balance"])
+        if over > 0:
+            balance = await self._debit_in(session, request, meter, plan, over, now)
+        await self._threshold_alerts_in(session, meter, prev_used, now)
+        await self.db.usage.insert_one(
+            self._usage_doc(request, metered, meter, over, balance, now), session=session
+        )
+        return UsageResult(applied=True, units=metered.units, overflow=over, week=week,
+                           used=used, quota=quota, balance=balance)
+
+    async def _debit_in(
+        self,
+        session: AsyncClientSession,
+        request: UsageRequest,
+        meter: Doc,
+        plan: PlanConfig,
+        units: int,
+        now: datetime,
+    ) -> int:
+        """Debit the overflow from extras and raise the balance alerts it triggers."""
+        org_id, week = request.org_id, meter["week"]
+        account = await self.ledger.lock_in(session, org_id)
+        posted = await self.ledger.post_in(
+            session, account, key=f"usage:{request.run_id}:{request.step}", kind=EntryKind.DEBIT,
+            amount=-units, now=now, memo=f"usage overflow {week}",
+            meta={"week": week, "run_id": request.run_id, "step": request.step},
+        )
+        balance = posted.balance
+        if meter["quota"] == 0:
+            pct = grant_alert(balance + units, balance, plan.signup_grant)
+            if pct is not None:
+                await notify(
+                    self.db, session, org_id=org_id, type="extras.balance_threshold_crossed",
+                    key=f"extras.balance_threshold_crossed:{week}:{pct}",
+                    payload={"week": week, "threshold": pct, "balance": balance,
+                             "grant": plan.signup_grant},
+                    now=now,
+                )
+        runaway = is_runaway(balance, meter["quota"], self.config.meter.runaway_factor)
+        if runaway and not meter.get("runaway_alerted"):
+            await notify(
+                self.db, session, org_id=org_id, type="extras.runaway_debit",
+                key=f"extras.runaway_debit:{week}",
+                payload={"week": week, "balance": balance, "quota": meter["quota"],
+                         "factor": self.config.meter.runaway_factor},
+                now=now,
+            )
+            await self.db.meters.update_one(
+                {"_id": meter["_id"]}, {"$set": {"runaway_alerted": True}}, session=session
+            )
+        return balance
+
+    def _usage_doc(
+        self,
+        request: UsageRequest,
+        metered: Metered,
+        meter: Doc,
+        over: int,
+        balance: int,
+        now: datetime,
+    ) -> Doc:
+        costs = None if request.costs is None else {k: str(v) for k, v in request.costs.items()}
+        return {
+            "org_id": request.org_id,
+            "run_id": request.run_id,
+            "step": request.step,
+            "week": meter["week"],
+            "costs": costs,
+            "units_given": request.units,
+            "units": metered.units,
+            "breakdown": metered.breakdown,
+            "result": metered.result,
+            "capped": metered.capped,
+            "overflow": over,
+            "used": meter["used"],
+            "quota": meter["quota"],
+            "balance": balance,
+            "plan_id": meter["plan_id"],
+            "ratio_version": self.config.meter.ratio_version,
+            "created_at": now,
+        }
+
+    # ---- reads ----------------------------------------------------------------------------------
+
+    async def current(self, org_id: str, now: datetime) -> MeterView:
+        """This week's meter; a week without usage yet shows the plan it would open with."""
+        check_org_id(org_id)
+        account = await self.db.accounts.find_one({"_id": org_id})
+        if account is None:
+            raise OrgNotFound(org_id)
+        return await self._view(account, iso_week(now))
+
+    async def _view(self, account: Doc, week: str) -> MeterView:
+        meter = await self.db.meters.find_one({"org_id": account["_id"], "week": week})
+        if meter is not None:
+            return MeterView(account["_id"], week, meter["used"], meter["quota"], meter["plan_id"])
+        plan = await self._plan_in(None, account)
+        return MeterView(account["_id"], week, 0, plan.meter_quota, plan.id)
+
+    async def gate(self, org_id: str, now: datetime) -> Gate:
+        """The quota gate of SPEC §5.2: may this organization start more work now?"""
+        check_org_id(org_id)
+        account = await self.db.accounts.find_one({"_id": org_id})
+        if account is None:
+            raise OrgNotFound(org_id)
+        view = await self._view(account, iso_week(now))
+        subscription = await self._status_in(None, org_id)
+        return quota_gate(
+            quota=view.quota, used=view.used, balance=int(account["balance"]),
+            status=subscription.get("status"), past_due_since=subscription.get("past_due_since"),
+            grace_days=self.config.subscriptions.grace_days, now=now,
+        )
+
+    # ---- plan changes (called inside the Stripe event's transaction) ----------------------------
+
+    async def apply_plan_change_in(
+        self, session: AsyncClientSession, org_id: str, plan_id: str, now: datetime
+    ) -> bool:
+        """Put the organization on `plan_id` and meter the rest of this week on it.
+
+        Writes the account's `plan_id` (the source of truth) and this week's quota snapshot; the
+        week's usage is kept. Call it after writing the subscription's status in the same
+        session: the metered plan is the default one while the status does not pay for a plan.
+        Raises `plan.changed` (and any quota alert the new quota implies) and returns True only
+        when the metered plan actually changes.
+        """
+        if plan_id not in self.config.plans_by_id:
+            raise InvalidInput(f"unknown plan {plan_id!r}", code="UNKNOWN_PLAN")
+        before = await self.db.accounts.find_one_and_update(
+            {"_id": org_id}, {"$set": {"plan_id": plan_id, "updated_at": now}}, session=session
+        )
+        if before is None:
+            raise OrgNotFound(org_id)
+        status = (await self._status_in(session, org_id)).get("status")
+        plan = effective_plan(self.config, plan_id, status)
+        week = iso_week(now)
+        previous_meter = await self.db.meters.find_one_and_update(
+            {"org_id": org_id, "week": week},
+            {"$set": {**self._snapshot(plan), "updated_at": now},
+             "$setOnInsert": {"org_id": org_id, "week": week, "used": 0, "created_at": now}},
+            upsert=True,
+            session=session,
+        )
+        previous = (
+            previous_meter["plan_id"] if previous_meter is not None
+            else effective_plan(self.config, before.get("plan_id"), status).id
+        )
+        if previous == plan.id:
+            return False
+        used = int(previous_meter["used"]) if previous_meter is not None else 0
+        await notify(
+            self.db, session, org_id=org_id, type="plan.changed",
+            key=f"plan.changed:{now.isoformat()}:{previous}:{plan.id}",
+            payload={"week": week, "from": previous, "to": plan.id, "quota": plan.meter_quota,
+                     "used": used},
+            now=now,
+        )
+        meter = {"org_id": org_id, "week": week, "used": used, "quota": plan.meter_quota,
+                 "plan_id": plan.id}
+        await self._threshold_alerts_in(session, meter, 0, now)
+        return True
+
+    async def reset_week_usage_in(
+        self, session: AsyncClientSession, org_id: str, now: datetime
+    ) -> int:
+        """Set this week's usage back to 0 (a deleted subscription); returns the units removed.
+
+        Alerts already raised this week stay raised (once per week and threshold).
+        """
+        week = iso_week(now)
+        meter = await self.db.meters.find_one({"org_id": org_id, "week": week}, session=session)
+        if meter is None or meter["used"] <= 0:
+            return 0
+        await self.db.meters.update_one(
+            {"_id": meter["_id"]},
+            {"$set": {"used": 0, "updated_at": now},
+             "$push": {"usage_resets": {"at": now, "units": meter["used"]}}},
+            session=session,
+        )
+        return int(meter["used"])
+
+    # ---- the weekly reset (SPEC §5.3) -----------------------------------------------------------
+
+    async def reset_candidates(self, after: str | None, limit: int) -> tuple[list[str], str | None]:
+        """One page of accounts (by `_id`) and those of them with a meter or a subscription."""
+        ids = await Accounts(self.db, self.config).page_ids(after, limit)
+        next_after = ids[-1] if len(ids) == limit else None
+        if not ids:
+            return [], None
+        metered = set(await self.db.meters.distinct("org_id", {"org_id": {"$in": ids}}))
+        cursor = self.db.subscriptions.find({"_id": {"$in": ids}}, {"_id": 1})
+        subscribed = {doc["_id"] async for doc in cursor}
+        return [org for org in ids if org in metered or org in subscribed], next_after
+
+    async def reset_org(self, org_id: str, week: str, now: datetime) -> ResetOutcome:
+        """Open `week` for one organization: archive older weeks, snapshot the plan, settle the
+        usage debt (`settle:<week>`, counted as used in the week). Once per organization and
+        week: the meter's `reset_at` and the ledger key make every later run a no-op."""
+        check_org_id(org_id)
+
+        async def work(session: AsyncClientSession) -> ResetOutcome:
+            account = await self.db.accounts.find_one({"_id": org_id}, session=session)
+            if account is None:
+                raise OrgNotFound(org_id)
+            meter = await self._open_in(session, account, week, now)
+            if meter.get("reset_at") is not None:
+                return ResetOutcome(org_id, week, False, meter.get("settled", 0), meter["used"],
+                                    meter["quota"])
+            await self.db.meters.update_many(
+                {"org_id": org_id, "week": {"$lt": week}, "archived_at": None},
+                {"$set": {"archived_at": now}},
+                session=session,
+            )
+            settle = settlement_units(quota=meter["quota"], used=meter["used"],
+                                      usage_debt=int(account.get("usage_debt", 0)))
+            if settle > 0:
+                posted = await self.ledger.write_in(
+                    session, org_id, key=f"settle:{week}", kind=EntryKind.SETTLEMENT,
+                    amount=settle, now=now, memo=f"usage debt settled by the quota of {week}",
+                    meta={"week": week},
+                )
+                settle = posted.amount if posted.applied else 0
+            after = await self.db.meters.find_one_and_update(
+                {"_id": meter["_id"]},
+                {"$set": {"reset_at": now, "settled": settle, "updated_at": now},
+                 "$inc": {"used": settle}},
+                return_document=ReturnDocument.AFTER,
+                session=session,
+            )
+            assert after is not None
+            await self._threshold_alerts_in(session, after, meter["used"], now)
+            return ResetOutcome(org_id, week, True, settle, after["used"], after["quota"])
+
+        return await run_in_transaction(self.db.client, work)

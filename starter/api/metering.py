@@ -1,0 +1,115 @@
+"""Usage and the weekly meter: `POST /v1/usage`, the meter, the quota gate and notifications.
+
+Usage is recorded straight into MongoDB (one transaction per record, no workflow): it is the hot
+path of the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, Query
+from pydantic import BaseModel
+
+from billing.clock import utcnow
+from billing.metering import UsageRequest
+from billing.store.meters import Meters
+from billing.store.notifications import list_notifications
+from starter.api.deps import RuntimeDep, StateDep, v1_router
+from starter.api.errors import ErrorResponse
+
+router = v1_router(
+    tags=["metering"],
+    responses={
+        401: {"model": ErrorResponse, "description": "missing or invalid bearer token"},
+        404: {"model": ErrorResponse, "description": "organization not registered"},
+        422: {"model": ErrorResponse, "description": "invalid body, organization id or parameter"},
+    },
+)
+
+
+def meters(state: StateDep) -> Meters:
+    """The app's one `Meters` (it queues each organization's records in this process)."""
+    store = state.extras.get("meters")
+    if not isinstance(store, Meters):
+        store = state.extras["meters"] = Meters(state.runtime.db, state.runtime.config)
+    return store
+
+
+MetersDep = Annotated[Meters, Depends(meters)]
+
+
+class UsageResponse(BaseModel):
+    applied: bool
+    units: int
+    overflow: int
+    week: str
+    used: int
+    quota: int
+    balance: int
+
+
+class MeterResponse(BaseModel):
+    org_id: str
+    week: str
+    used: int
+    quota: int
+    plan_id: str
+    remaining: int
+
+
+class QuotaResponse(BaseModel):
+    allowed: bool
+    remaining: int
+    reason: str | None
+
+
+class Notification(BaseModel):
+    type: str
+    payload: dict[str, Any]
+    created_at: datetime
+
+
+class NotificationsResponse(BaseModel):
+    notifications: list[Notification]
+
+
+@router.post("/usage", response_model=UsageResponse, summary="Record one usage record")
+async def record_usage(body: UsageRequest, store: MetersDep) -> UsageResponse:
+    """Counts the record against this ISO week and debits what exceeds the quota from extras.
+    Recording the same `(org_id, run_id, step)` again returns the first result with
+    `applied: false`."""
+    result = await store.record(body, utcnow())
+    return UsageResponse(**asdict(result))
+
+
+@router.get("/orgs/{org}/meter", response_model=MeterResponse, summary="This week's meter")
+async def meter(org: str, store: MetersDep) -> MeterResponse:
+    view = await store.current(org, utcnow())
+    return MeterResponse(org_id=view.org_id, week=view.week, used=view.used, quota=view.quota,
+                         plan_id=view.plan_id, remaining=view.remaining)
+
+
+@router.get("/orgs/{org}/quota", response_model=QuotaResponse, summary="May this org run more?")
+async def quota(org: str, store: MetersDep) -> QuotaResponse:
+    """`remaining = max(0, quota - used) + balance`; `reason` is `METER_EXHAUSTED` or
+    `PAYMENT_PAST_DUE` when `allowed` is false."""
+    gate = await store.gate(org, utcnow())
+    return QuotaResponse(allowed=gate.allowed, remaining=gate.remaining, reason=gate.reason)
+
+
+@router.get("/orgs/{org}/notifications", response_model=NotificationsResponse,
+            summary="Notifications, newest first")
+async def notifications(
+    org: str, runtime: RuntimeDep, limit: Annotated[int, Query(ge=1, le=500)] = 100
+) -> NotificationsResponse:
+    await runtime.accounts.get(org)
+    docs = await list_notifications(runtime.db, org, limit)
+    return NotificationsResponse(
+        notifications=[
+            Notification(type=doc["type"], payload=doc["payload"], created_at=doc["created_at"])
+            for doc in docs
+        ]
+    )
