@@ -11,26 +11,56 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
 from activities.admin import AdminActivities
+from activities.dunning import DunningActivities
 from activities.ledger import LedgerActivities
+from activities.reset import ResetActivities
+from activities.stripe_api import StripeApiActivities
+from activities.stripe_events import StripeEventActivities
 from billing.config import Settings
 from billing.runtime import Runtime
 from starter.schedules import ensure_schedules
 from workflows.admin_adjustment import AdminAdjustmentWorkflow
+from workflows.dunning import DunningWorkflow
 from workflows.expire_credits import ExpireCreditsWorkflow
+from workflows.stripe_event import StripeEventWorkflow
+from workflows.weekly_reset import WeeklyResetOrgWorkflow, WeeklyResetWorkflow
 
 WORKFLOWS: Sequence[type] = (
     ExpireCreditsWorkflow,
     AdminAdjustmentWorkflow,
+    WeeklyResetWorkflow,
+    WeeklyResetOrgWorkflow,
+    StripeEventWorkflow,
+    DunningWorkflow,
 )
 
 
 def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
     ledger = LedgerActivities(runtime)
     admin = AdminActivities(runtime)
+    reset = ResetActivities(runtime)
+    stripe_api = StripeApiActivities(runtime.settings)
+    stripe_events = StripeEventActivities(runtime)
+    dunning = DunningActivities(runtime)
     return [
         ledger.expire_credit_page,
         admin.admin_requires_approval,
         admin.admin_post_adjustment,
+        reset.weekly_reset_page,
+        reset.weekly_reset_org,
+        stripe_api.retrieve_subscription,
+        stripe_api.retrieve_payment_intent,
+        stripe_api.retrieve_charge,
+        stripe_api.list_refunds,
+        stripe_api.list_line_items,
+        stripe_events.record_outcome,
+        stripe_events.apply_purchase,
+        stripe_events.apply_refunds,
+        stripe_events.apply_dispute,
+        stripe_events.subscription_state,
+        stripe_events.apply_subscription,
+        stripe_events.apply_invoice,
+        dunning.dunning_page,
     ]
 
 

@@ -6,6 +6,7 @@ They live in the domain core so that workflows can use them without importing an
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -77,3 +78,113 @@ class AdminResult(BaseModel):
     approved_by: str | None = None
     rejected_by: str | None = None
     note: str = ""
+
+
+# ---- Stripe events (SPEC §5.5, §6) ------------------------------------------------------------
+
+StripeOutcomeKind = Literal["applied", "duplicate", "stale", "ignored", "unresolved"]
+
+
+class StripeEvent(BaseModel):
+    """A verified Stripe event as the webhook receiver passes it to `StripeEventWorkflow`."""
+
+    id: str
+    type: str
+    created: int
+    object: dict[str, Any]
+    livemode: bool = False
+
+
+class StripeApply(BaseModel):
+    """One event's effect to apply, with what the workflow read from Stripe to resolve it."""
+
+    event: StripeEvent
+    now: datetime
+    org_id: str | None = None
+    pack_id: str | None = None
+    line_items: list[dict[str, Any]] | None = None
+    subscription: dict[str, Any] | None = None
+    refunds: list[dict[str, Any]] | None = None
+    payment_intent: str | None = None  # behind a disputed charge, when the payload lacks it
+    outcome: StripeOutcomeKind | None = None  # for `record_stripe_outcome` only
+    reason: str | None = None
+
+
+class StripeEventOutcome(BaseModel):
+    """What an event did: the workflow's result and the `stripe_events` record."""
+
+    event_id: str
+    type: str
+    outcome: StripeOutcomeKind
+    org_id: str | None = None
+    reason: str | None = None
+    written: list[str] = Field(default_factory=list)
+
+
+class SubscriptionState(BaseModel):
+    org_id: str | None
+    status: str
+
+
+class DunningPage(BaseModel):
+    now: datetime
+    after: str | None = None
+    limit: int = 200
+
+
+class DunningPageResult(BaseModel):
+    unpaid: int
+    next_after: str | None
+
+
+# ---- weekly reset (SPEC §5.3) -------------------------------------------------------------------
+
+WEEK_PATTERN = r"^\d{4}-W\d{2}$"
+
+
+class WeeklyResetInput(BaseModel):
+    """The sweep's input; the schedule passes none. Totals are carried across continue-as-new."""
+
+    #: Default: the ISO week in which the sweep starts.
+    week: str | None = Field(default=None, pattern=WEEK_PATTERN)
+    after: str | None = None
+    page_size: int = Field(default=200, ge=1, le=1000)
+    concurrency: int = Field(default=20, ge=1, le=100)
+    pages_per_run: int = Field(default=25, ge=1)
+    orgs: int = 0
+    settled_units: int = 0
+    skipped: int = 0
+    failed: list[str] = Field(default_factory=list)
+
+
+class WeeklyResetResult(BaseModel):
+    week: str
+    orgs: int
+    settled_units: int
+    skipped: int
+    failed: list[str]
+
+
+class ResetPage(BaseModel):
+    after: str | None = None
+    limit: int = 200
+
+
+class ResetPageResult(BaseModel):
+    org_ids: list[str]
+    next_after: str | None
+
+
+class ResetOrg(BaseModel):
+    org_id: str
+    week: str = Field(pattern=WEEK_PATTERN)
+    now: datetime
+
+
+class ResetOrgResult(BaseModel):
+    org_id: str
+    week: str
+    applied: bool
+    settled: int
+    used: int
+    quota: int

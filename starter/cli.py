@@ -244,4 +244,3 @@ def ledger(
 
 cli_admin.register(app)
 cli_events.register(app)
-cli_events.register(app)

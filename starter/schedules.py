@@ -16,7 +16,9 @@ from temporalio.client import (
     ScheduleSpec,
 )
 
+from workflows.dunning import DunningWorkflow
 from workflows.expire_credits import ExpireCreditsWorkflow
+from workflows.weekly_reset import WeeklyResetWorkflow
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,9 @@ class ScheduleDef:
 
 
 SCHEDULES: tuple[ScheduleDef, ...] = (
+    ScheduleDef("weekly-reset", WeeklyResetWorkflow.__name__, hour=0, minute=0, day_of_week=1),
     ScheduleDef("expire-credits", ExpireCreditsWorkflow.__name__, hour=0, minute=30),
+    ScheduleDef("dunning", DunningWorkflow.__name__, hour=1, minute=0),
 )
 
 

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from temporalio.client import Client
 
 from billing.runtime import Runtime
-from starter.api import health, metering, metrics, orgs
+from starter.api import events, health, metering, metrics, orgs, webhook
 from starter.api.deps import AppState
 from starter.api.errors import install_error_handlers
 
@@ -38,4 +38,6 @@ def create_app(runtime: Runtime, temporal: Client | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(orgs.router)
     app.include_router(metering.router)
+    app.include_router(webhook.router)
+    app.include_router(events.router)
     return app

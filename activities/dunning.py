@@ -1,0 +1,44 @@
+"""Dunning (SPEC §5.4): a subscription past due for `unpaid_after_days` becomes `unpaid` and
+drops to the default plan."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from pymongo.asynchronous.client_session import AsyncClientSession
+from temporalio import activity
+
+from billing.models import DunningPage, DunningPageResult
+from billing.runtime import Runtime
+from billing.store.meters import Meters
+from billing.store.subscriptions import Subscriptions
+from billing.store.transactions import run_in_transaction
+
+
+class DunningActivities:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.subscriptions = Subscriptions(runtime.db)
+        self.meters = Meters(runtime.db, runtime.config)
+
+    async def _mark_unpaid(self, org_id: str, cutoff: datetime, now: datetime) -> bool:
+        """One organization, one transaction; untouched if a payment cleared it meanwhile."""
+        default_plan = self.runtime.config.default_plan.id
+
+        async def work(session: AsyncClientSession) -> bool:
+            if not await self.subscriptions.mark_unpaid_in(session, org_id, cutoff, now):
+                return False
+            await self.meters.apply_plan_change_in(session, org_id, default_plan, now)
+            return True
+
+        return await run_in_transaction(self.runtime.db.client, work)
+
+    @activity.defn(name="dunning_page")
+    async def dunning_page(self, page: DunningPage) -> DunningPageResult:
+        cutoff = page.now - timedelta(days=self.runtime.config.subscriptions.unpaid_after_days)
+        orgs = await self.subscriptions.past_due_page(cutoff, page.after, page.limit)
+        unpaid = 0
+        for org_id in orgs:
+            unpaid += await self._mark_unpaid(org_id, cutoff, page.now)
+        next_after = orgs[-1] if len(orgs) == page.limit else None
+        return DunningPageResult(unpaid=unpaid, next_after=next_after)

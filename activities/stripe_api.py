@@ -1,0 +1,106 @@
+"""Stripe API reads (SPEC §5.5): what a webhook payload does not carry.
+
+Every read goes through `stripe.StripeClient` at `STRIPE_API_BASE` when it is set (a local fake in
+tests). The SDK's own network retries are off: Temporal retries the activity instead, so the
+attempts are visible in the workflow history. An error that retrying cannot fix (404, invalid
+request, bad key) is non-retryable; network errors, 429 and 5xx retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import cached_property
+from typing import Any, TypeVar
+
+import stripe
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from billing.config import Settings
+
+T = TypeVar("T")
+Obj = dict[str, Any]
+
+
+def _retryable(exc: stripe.StripeError) -> bool:
+    status = exc.http_status
+    return status is None or status == 429 or status >= 500
+
+
+@asynccontextmanager
+async def _stripe_errors(what: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except stripe.StripeError as exc:
+        if _retryable(exc):
+            raise
+        raise ApplicationError(
+            f"Stripe refused {what}: {exc.user_message or exc}",
+            type=f"STRIPE_{exc.http_status}",
+            non_retryable=True,
+        ) from exc
+
+
+class StripeApiActivities:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def client(self) -> stripe.StripeClient:
+        if not self.settings.stripe_api_key:
+            raise ApplicationError("STRIPE_API_KEY is not set", type="STRIPE_NOT_CONFIGURED",
+                                   non_retryable=True)
+        base = self.settings.stripe_api_base
+        return stripe.StripeClient(
+            self.settings.stripe_api_key,
+            base_addresses={"api": base} if base else None,
+            max_network_retries=0,
+        )
+
+    async def _read(self, what: str, call: Callable[[], Awaitable[stripe.StripeObject]]) -> Obj:
+        async with _stripe_errors(what):
+            found = await call()
+        return found.to_dict()
+
+    async def _list(self, what: str, first: Callable[[], Awaitable[Any]]) -> list[Obj]:
+        async with _stripe_errors(what):
+            page = await first()
+            return [item.to_dict() async for item in page.auto_paging_iter()]
+
+    @activity.defn(name="stripe_retrieve_subscription")
+    async def retrieve_subscription(self, subscription_id: str) -> Obj:
+        return await self._read(
+            f"subscription {subscription_id}",
+            lambda: self.client.v1.subscriptions.retrieve_async(subscription_id),
+        )
+
+    @activity.defn(name="stripe_retrieve_payment_intent")
+    async def retrieve_payment_intent(self, payment_intent_id: str) -> Obj:
+        return await self._read(
+            f"payment intent {payment_intent_id}",
+            lambda: self.client.v1.payment_intents.retrieve_async(payment_intent_id),
+        )
+
+    @activity.defn(name="stripe_retrieve_charge")
+    async def retrieve_charge(self, charge_id: str) -> Obj:
+        return await self._read(
+            f"charge {charge_id}", lambda: self.client.v1.charges.retrieve_async(charge_id)
+        )
+
+    @activity.defn(name="stripe_list_refunds")
+    async def list_refunds(self, charge_id: str) -> list[Obj]:
+        """Every refund of a charge (a `charge.refunded` payload carries them only expanded)."""
+        return await self._list(
+            f"the refunds of {charge_id}",
+            lambda: self.client.v1.refunds.list_async({"charge": charge_id, "limit": 100}),
+        )
+
+    @activity.defn(name="stripe_list_line_items")
+    async def list_line_items(self, session_id: str) -> list[Obj]:
+        return await self._list(
+            f"the line items of {session_id}",
+            lambda: self.client.v1.checkout.sessions.line_items.list_async(
+                session_id, {"limit": 100}
+            ),
+        )

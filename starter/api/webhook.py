@@ -1,0 +1,164 @@
+"""`POST /stripe/webhook`: verify, then hand the event to `StripeEventWorkflow` (SPEC §7).
+
+The receiver writes nothing to MongoDB: the workflow id `stripe-<evt id>` is the first line of
+deduplication and the ledger keys are the last. Any answer other than 2xx makes Stripe retry,
+which is what a 503 for an unreachable Temporal is for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Literal
+
+import stripe
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ValidationError
+from temporalio.client import Client
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from billing.errors import BillingError
+from billing.models import StripeEvent
+from billing.stripe_events import invoice_subscription_metadata, is_handled, org_from
+from starter.api.deps import StateDep, TemporalUnavailable, temporal_client
+from starter.api.errors import ErrorResponse
+from workflows.search import ORG_ID, STRIPE_EVENT_TYPE
+from workflows.stripe_event import StripeEventWorkflow, stripe_workflow_id
+
+MAX_BODY_BYTES = 1024 * 1024
+TOLERANCE_S = 300
+START_TIMEOUT_S = 15.0
+
+router = APIRouter(tags=["stripe"])
+
+
+class PayloadTooLarge(BillingError):
+    status = 413
+    code = "PAYLOAD_TOO_LARGE"
+
+
+class WebhookNotConfigured(BillingError):
+    status = 503
+    code = "WEBHOOK_NOT_CONFIGURED"
+
+
+class WebhookAck(BaseModel):
+    status: Literal["started", "duplicate", "ignored"]
+    workflow_id: str | None
+
+
+async def read_body(request: Request) -> bytes:
+    """The raw body, refused above 1 MiB whatever `Content-Length` claims."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"the body exceeds {MAX_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"the body exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def verify_signature(body: bytes, header: str | None, secrets: tuple[str, ...]) -> None:
+    """Accept the body when any configured secret signed it within the tolerance (rotation)."""
+    if not secrets:
+        raise WebhookNotConfigured("STRIPE_WEBHOOK_SECRET is not set")
+    if not header:
+        raise BillingError("the Stripe-Signature header is missing", code="SIGNATURE_MISSING")
+    try:
+        payload = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BillingError("the body is not UTF-8", code="SIGNATURE_INVALID") from exc
+    stale = False
+    for secret in secrets:
+        try:
+            stripe.WebhookSignature.verify_header(payload, header, secret, TOLERANCE_S)
+            return
+        except stripe.SignatureVerificationError:
+            try:
+                stripe.WebhookSignature.verify_header(payload, header, secret, None)
+                stale = True
+            except stripe.SignatureVerificationError:
+                continue
+    if stale:
+        raise BillingError(f"the signature is older than {TOLERANCE_S} s",
+                           code="SIGNATURE_EXPIRED")
+    raise BillingError("no configured secret matches the signature", code="SIGNATURE_INVALID")
+
+
+def parse_event(body: bytes) -> StripeEvent:
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise BillingError("the body is not valid JSON", code="MALFORMED_JSON") from exc
+    shape_error = BillingError("an event needs a string id and type, an integer created and "
+                               "an object data.object", code="MALFORMED_EVENT")
+    if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
+        raise shape_error
+    try:
+        return StripeEvent.model_validate(
+            {"id": data.get("id"), "type": data.get("type"), "created": data.get("created"),
+             "object": data["data"].get("object"), "livemode": data.get("livemode") is True},
+            strict=True,
+        )
+    except ValidationError as exc:
+        raise shape_error from exc
+
+
+async def start_event_workflow(client: Client, event: StripeEvent, task_queue: str) -> bool:
+    """Start `stripe-<evt id>`; False when that id already exists, running or closed."""
+    pairs: list[SearchAttributePair[str]] = [SearchAttributePair(STRIPE_EVENT_TYPE, event.type)]
+    org = org_from(event.object, invoice_subscription_metadata(event.object))
+    if org is not None:
+        pairs.append(SearchAttributePair(ORG_ID, org))
+    try:
+        async with asyncio.timeout(START_TIMEOUT_S):
+            handle = await client.start_workflow(
+                StripeEventWorkflow.run,
+                event,
+                id=stripe_workflow_id(event.id),
+                task_queue=task_queue,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                search_attributes=TypedSearchAttributes(pairs),
+            )
+    except WorkflowAlreadyStartedError:
+        return False  # closed run with this id: REJECT_DUPLICATE
+    except (RPCError, TimeoutError) as exc:
+        raise TemporalUnavailable(f"cannot start the workflow: {exc}") from exc
+    # With USE_EXISTING a running workflow is returned instead of an error; the server's start
+    # response says whether this call created it (the SDK keeps it on the handle only).
+    response = getattr(handle, "_start_workflow_response", None)
+    return bool(getattr(response, "started", True))
+
+
+@router.post(
+    "/stripe/webhook",
+    response_model=WebhookAck,
+    responses={
+        400: {"model": ErrorResponse, "description": "bad or stale signature, malformed JSON"},
+        413: {"model": ErrorResponse, "description": "body above 1 MiB"},
+        503: {"model": ErrorResponse, "description": "Temporal unreachable: Stripe retries"},
+    },
+)
+async def stripe_webhook(request: Request, state: StateDep) -> WebhookAck:
+    body = await read_body(request)
+    settings = state.runtime.settings
+    verify_signature(body, request.headers.get("stripe-signature"), settings.webhook_secrets)
+    event = parse_event(body)
+    if not is_handled(event.type):
+        return WebhookAck(status="ignored", workflow_id=None)
+    client = await temporal_client(state)
+    started = await start_event_workflow(client, event, settings.temporal_task_queue)
+    return WebhookAck(status="started" if started else "duplicate",
+                      workflow_id=stripe_workflow_id(event.id))

@@ -1,0 +1,128 @@
+"""A small Stripe API fake on 127.0.0.1 and the fixtures that run the engine against it.
+
+It answers what `localstripe` lacks (subscription retrieval with items, refunds listed by charge,
+checkout line items) and can answer 500 on demand. Import the fixtures into a test module with
+`from stripe_fake import *  # noqa: F403`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from billing.runtime import Runtime
+from billing.store.database import Database
+from starter.api.app import create_app
+from starter.embedded import free_port
+from worker import build_worker
+
+Obj = dict[str, Any]
+
+__all__ = ["APP_NAME", "StripeFake", "api", "stripe_fake", "stripe_runtime", "stripe_worker"]
+
+
+class StripeFake:
+    def __init__(self) -> None:
+        self.objects: dict[str, Obj] = {}
+        self.refunds: dict[str, list[Obj]] = {}
+        self.line_items: dict[str, list[Obj]] = {}
+        self.fail_with: int | None = None
+        self.calls: Counter[str] = Counter()
+        self.port = free_port()
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def add(self, obj: Obj) -> Obj:
+        self.objects[obj["id"]] = obj
+        return obj
+
+    @staticmethod
+    def _list(url: str, data: list[Obj]) -> web.Response:
+        return web.json_response({"object": "list", "url": url, "has_more": False, "data": data})
+
+    @staticmethod
+    def _missing(what: str) -> web.Response:
+        return web.json_response(
+            {"error": {"type": "invalid_request_error", "code": "resource_missing",
+                       "message": f"No such {what}"}}, status=404)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        path = request.path
+        self.calls[path] += 1
+        if self.fail_with is not None:
+            return web.json_response(
+                {"error": {"type": "api_error", "message": "injected failure"}},
+                status=self.fail_with)
+        parts = path.strip("/").split("/")
+        if parts == ["v1", "refunds"]:
+            charge = request.query.get("charge", "")
+            return self._list(path, self.refunds.get(charge, []))
+        if len(parts) == 5 and parts[:3] == ["v1", "checkout", "sessions"] \
+                and parts[4] == "line_items":
+            items = self.line_items.get(parts[3])
+            return self._list(path, items) if items is not None else self._missing(parts[3])
+        if len(parts) == 3 and parts[0] == "v1" and parts[2] in self.objects:
+            return web.json_response(self.objects[parts[2]])
+        return self._missing(path)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+async def stripe_fake() -> AsyncIterator[StripeFake]:
+    fake = StripeFake()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+#: The engine's MongoDB client names itself so a `failCommand` fail point can target it alone.
+APP_NAME = "billing-stripe-tests"
+
+
+@pytest.fixture(scope="session")
+async def stripe_runtime(runtime: Runtime, stripe_fake: StripeFake) -> AsyncIterator[Runtime]:
+    """The session's runtime with the Stripe API at the fake, on a task queue of its own."""
+    settings = runtime.settings.model_copy(update={
+        "stripe_api_base": stripe_fake.url,
+        "temporal_task_queue": f"billing-stripe-{uuid.uuid4().hex[:8]}",
+    })
+    db = Database(settings.mongodb_uri, settings.mongodb_db, appname=APP_NAME)
+    yield Runtime(settings=settings, config=runtime.config, db=db)
+    await db.close()
+
+
+@pytest.fixture(scope="session")
+async def stripe_worker(temporal_client: Client, stripe_runtime: Runtime) -> AsyncIterator[Worker]:
+    """The real worker (every workflow and activity) on that task queue."""
+    async with build_worker(temporal_client, stripe_runtime) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+async def api(stripe_runtime: Runtime, temporal_client: Client) -> AsyncIterator[httpx.AsyncClient]:
+    """The ASGI app in process: `POST /stripe/webhook` and the `/v1` reads."""
+    app = create_app(stripe_runtime, temporal_client)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api",
+                                 headers={"Authorization": "Bearer test-token"}) as client:
+        yield client

@@ -1,0 +1,428 @@
+"""Stripe events end to end: signed HTTP request -> StripeEventWorkflow -> MongoDB -> HTTP read."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import httpx
+from stripe_fake import *  # noqa: F403
+from stripe_fake import StripeFake
+from stripe_payloads import (
+    PACK_PRICE,
+    charge,
+    checkout_session,
+    deliver,
+    dispute,
+    event,
+    invoice,
+    metadata,
+    new_id,
+    payment_intent,
+    refund,
+    subscription,
+)
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
+from temporalio.client import Client
+
+from billing.models import StripeEvent, StripeEventOutcome
+from billing.runtime import Runtime
+from workflows.stripe_event import StripeEventWorkflow
+
+PACK = "pack_500k"
+T0 = 1_780_000_000
+
+
+async def outcome(client: Client, evt: dict[str, Any]) -> StripeEventOutcome:
+    handle = client.get_workflow_handle(f"stripe-{evt['id']}", result_type=StripeEventOutcome)
+    result: StripeEventOutcome = await handle.result()
+    return result
+
+
+async def send(api: httpx.AsyncClient, client: Client, evt: dict[str, Any]) -> StripeEventOutcome:
+    response = await deliver(api, evt)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"status": "started", "workflow_id": f"stripe-{evt['id']}"}
+    return await outcome(client, evt)
+
+
+async def entries(api: httpx.AsyncClient, org: str) -> list[dict[str, Any]]:
+    response = await api.get(f"/v1/orgs/{org}/ledger", params={"limit": 100})
+    assert response.status_code == 200, response.text
+    found: list[dict[str, Any]] = response.json()["entries"]
+    return found
+
+
+async def balance(api: httpx.AsyncClient, org: str) -> int:
+    response = await api.get(f"/v1/orgs/{org}/balance")
+    assert response.status_code == 200, response.text
+    return int(response.json()["balance"])
+
+
+async def notification_types(api: httpx.AsyncClient, org: str) -> Counter[str]:
+    response = await api.get(f"/v1/orgs/{org}/notifications")
+    assert response.status_code == 200, response.text
+    return Counter(n["type"] for n in response.json()["notifications"])
+
+
+async def event_view(api: httpx.AsyncClient, evt: dict[str, Any]) -> dict[str, Any]:
+    response = await api.get(f"/v1/stripe-events/{evt['id']}")
+    assert response.status_code == 200, response.text
+    view: dict[str, Any] = response.json()
+    return view
+
+
+async def purchase(api: httpx.AsyncClient, client: Client, org: str, *, pi: str,
+                   ch: str | None = None) -> None:
+    """A pack bought without Checkout: `payment_intent.succeeded` with metadata."""
+    result = await send(api, client, event("payment_intent.succeeded",
+                                           payment_intent(pi=pi, meta=metadata(org, PACK),
+                                                          charge=ch)))
+    assert result.outcome == "applied"
+
+
+# ---- pack purchases ------------------------------------------------------------------------------
+
+
+async def test_checkout_and_payment_intent_credit_once_under_concurrent_redelivery(
+    api, stripe_worker, temporal_client, org
+):
+    pi = new_id("pi")
+    meta = metadata(org, PACK)
+    session_event = event("checkout.session.completed", checkout_session(payment_intent=pi,
+                                                                         meta=meta))
+    intent_event = event("payment_intent.succeeded", payment_intent(pi=pi, meta=meta))
+
+    responses = await asyncio.gather(
+        *(deliver(api, evt) for evt in (session_event, intent_event) for _ in range(3))
+    )
+
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert Counter(r.json()["status"] for r in responses) == {"started": 2, "duplicate": 4}
+    outcomes = [await outcome(temporal_client, e) for e in (session_event, intent_event)]
+    assert sorted(o.outcome for o in outcomes) == ["applied", "duplicate"]
+    assert await balance(api, org) == 500000
+    credits = [e for e in await entries(api, org) if e["key"] == f"payment:{pi}"]
+    assert [(e["kind"], e["amount"]) for e in credits] == [("topup", 500000)]
+    lots = (await api.get(f"/v1/orgs/{org}/balance")).json()["lots"]
+    assert [(lot["units"], lot["remaining"]) for lot in lots] == [(500000, 500000)]
+    assert lots[0]["expires_at"] is not None  # expiry_days = 365
+    for evt in (session_event, intent_event):
+        view = await event_view(api, evt)
+        assert view["status"] == "COMPLETED"
+        assert view["org_id"] == org
+        assert view["outcome"] in ("applied", "duplicate")
+
+
+async def test_redelivery_after_history_is_gone_writes_nothing(
+    api, stripe_worker, temporal_client, stripe_runtime: Runtime, org, db
+):
+    pi = new_id("pi")
+    evt = event("payment_intent.succeeded", payment_intent(pi=pi, meta=metadata(org, PACK)))
+    assert (await send(api, temporal_client, evt)).outcome == "applied"
+    duplicate = await deliver(api, evt)
+    assert duplicate.json() == {"status": "duplicate", "workflow_id": f"stripe-{evt['id']}"}
+
+    async def redeliver_once_history_is_gone() -> StripeEventOutcome:
+        """Delete the run (the dev server does it in the background), then deliver until the
+        receiver starts a new workflow; deliveries in between answer `duplicate`."""
+        await temporal_client.workflow_service.delete_workflow_execution(
+            DeleteWorkflowExecutionRequest(
+                namespace=temporal_client.namespace,
+                workflow_execution=WorkflowExecution(workflow_id=f"stripe-{evt['id']}"),
+            )
+        )
+        for _ in range(300):
+            response = await deliver(api, evt)
+            assert response.status_code == 200, response.text
+            if response.json()["status"] == "started":
+                return await outcome(temporal_client, evt)
+            await asyncio.sleep(0.2)
+        raise AssertionError("the workflow history was not deleted")
+
+    # A fresh run of the same event (another workflow id, as after retention): the event
+    # record answers and nothing is written again.
+    rerun = await temporal_client.execute_workflow(
+        StripeEventWorkflow.run,
+        StripeEvent.model_validate({**evt, "object": evt["data"]["object"]}),
+        id=f"rerun-{evt['id']}", task_queue=stripe_runtime.settings.temporal_task_queue,
+        result_type=StripeEventOutcome)
+    assert (rerun.outcome, rerun.written) == ("duplicate", [])
+    # Gone from Temporal and its record lost too: the ledger key alone still holds.
+    await db.stripe_events.delete_one({"_id": evt["id"]})
+    last = await redeliver_once_history_is_gone()
+    assert last.outcome == "duplicate"
+    assert last.written == []
+    assert await balance(api, org) == 500000
+    assert len([e for e in await entries(api, org) if e["kind"] == "topup"]) == 1
+
+
+async def test_unpaid_and_non_pack_checkouts_change_nothing(
+    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
+):
+    unpaid = event("checkout.session.completed",
+                   checkout_session(payment_intent=new_id("pi"), meta=metadata(org, PACK),
+                                    paid=False))
+    result = await send(api, temporal_client, unpaid)
+    assert (result.outcome, result.written) == ("ignored", [])
+
+    pi = stripe_fake.add(payment_intent(pi=new_id("pi"), meta={}))["id"]
+    session = checkout_session(payment_intent=pi, meta=metadata(org))
+    stripe_fake.line_items[session["id"]] = [
+        {"id": new_id("li"), "object": "item", "price": {"id": "price_tshirt"}, "quantity": 1}
+    ]
+    not_a_pack = event("checkout.session.completed", session)
+    result = await send(api, temporal_client, not_a_pack)
+    assert (result.outcome, result.written) == ("ignored", [])
+    assert (await event_view(api, not_a_pack))["outcome"] == "ignored"
+    assert (await api.get(f"/v1/orgs/{org}/balance")).status_code == 404  # never created
+
+
+async def test_metadata_fallbacks_payment_intent_then_line_item_price(
+    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
+):
+    # The session names nobody; the payment intent does, in the seed's spellings.
+    pi = stripe_fake.add(payment_intent(pi=new_id("pi"),
+                                        meta=metadata(org, PACK, seed_spelling=True)))["id"]
+    first = event("checkout.session.completed", checkout_session(payment_intent=pi, meta={}))
+    assert (await send(api, temporal_client, first)).outcome == "applied"
+
+    # The session names the org (seed spelling); the pack comes from the line item's price.
+    pi2 = stripe_fake.add(payment_intent(pi=new_id("pi"), meta={}))["id"]
+    session = checkout_session(payment_intent=pi2, meta={"organizationId": org})
+    stripe_fake.line_items[session["id"]] = [
+        {"id": new_id("li"), "object": "item", "price": {"id": PACK_PRICE}, "quantity": 1}
+    ]
+    second = event("checkout.session.completed", session)
+    result = await send(api, temporal_client, second)
+    assert (result.outcome, result.org_id) == ("applied", org)
+    assert await balance(api, org) == 1000000
+
+    # Two different pack prices in one checkout cannot be told apart later: nothing credited.
+    session = checkout_session(payment_intent=None, meta=metadata(org))
+    stripe_fake.line_items[session["id"]] = [
+        {"id": new_id("li"), "object": "item", "price": {"id": PACK_PRICE}, "quantity": 1},
+        {"id": new_id("li"), "object": "item", "price": {"id": PACK_PRICE}, "quantity": 1},
+    ]
+    ambiguous = await send(api, temporal_client, event("checkout.session.completed", session))
+    assert ambiguous.outcome == "unresolved"
+    assert await balance(api, org) == 1000000
+
+
+# ---- refunds and disputes ------------------------------------------------------------------------
+
+
+async def test_partial_refunds_claw_back_exactly_and_replays_add_nothing(
+    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
+):
+    pi, ch = new_id("pi"), new_id("ch")
+    await purchase(api, temporal_client, org, pi=pi, ch=ch)
+    first = refund(charge=ch, pi=pi, amount=2450)
+    assert (await send(api, temporal_client, event("refund.created", first))).outcome == "applied"
+
+    second = refund(charge=ch, pi=pi, amount=2450)
+    stripe_fake.refunds[ch] = [first, second]  # the payload carries none: listed through the API
+    listed = await send(api, temporal_client, event("charge.refunded", charge(ch=ch, pi=pi)))
+    assert listed.outcome == "applied"
+    assert listed.written == [f"ledger refund:{second['id']} -250000"]
+
+    replay = event("charge.refunded", charge(ch=ch, pi=pi, refunds=[first, second]))
+    assert (await send(api, temporal_client, replay)).outcome == "duplicate"
+    refunds = [e["amount"] for e in await entries(api, org) if e["kind"] == "refund"]
+    assert refunds == [-250000, -250000]
+    assert await balance(api, org) == 0
+
+
+async def test_refund_of_an_unknown_pack_writes_nothing_and_notifies(
+    api, stripe_worker, temporal_client, org
+):
+    assert (await api.put(f"/v1/orgs/{org}")).status_code == 201
+    before = await balance(api, org)
+    ch, pi = new_id("ch"), new_id("pi")
+    evt = event("charge.refunded", charge(ch=ch, pi=pi, amount=1234, meta=metadata(org),
+                                          refunds=[refund(charge=ch, pi=pi, amount=1234)]))
+    result = await send(api, temporal_client, evt)
+    assert (result.outcome, result.org_id) == ("unresolved", org)
+    assert await balance(api, org) == before
+    assert not [e for e in await entries(api, org) if e["kind"] == "refund"]
+    assert (await notification_types(api, org))["refund.unresolved"] == 1
+
+
+async def test_dispute_lifecycle_claws_back_once_and_reinstates_exactly(
+    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
+):
+    pi, ch, dp = new_id("pi"), new_id("ch"), new_id("dp")
+    await purchase(api, temporal_client, org, pi=pi)  # the lot knows the payment intent only
+    # The disputes name the charge only: the workflow reads it for its payment intent.
+    stripe_fake.add(charge(ch=ch, pi=pi, refunds=[]))
+
+    def dispute_event(kind: str, status: str) -> dict[str, Any]:
+        return event(f"charge.dispute.{kind}",
+                     dispute(dp=dp, ch=ch, pi=None, amount=4900, status=status))
+
+    opened = await send(api, temporal_client, dispute_event("created", "needs_response"))
+    assert opened.written == ["notification dispute.opened"]
+    withdrawn = [
+        await send(api, temporal_client, dispute_event("funds_withdrawn", "needs_response"))
+        for _ in range(2)
+    ]
+    assert [w.outcome for w in withdrawn] == ["applied", "duplicate"]
+    assert await balance(api, org) == 0
+    reinstated = await send(api, temporal_client, dispute_event("funds_reinstated", "won"))
+    assert reinstated.outcome == "applied"
+    closed = await send(api, temporal_client, dispute_event("closed", "won"))
+    assert closed.outcome == "duplicate"
+    amounts = [(e["kind"], e["amount"]) for e in reversed(await entries(api, org))]
+    assert amounts == [("topup", 500000), ("dispute", -500000), ("reinstatement", 500000)]
+    assert await balance(api, org) == 500000
+    notes = await notification_types(api, org)
+    assert [notes[t] for t in ("dispute.opened", "dispute.lost", "dispute.reinstated")] == [1, 1, 1]
+
+
+# ---- subscriptions and invoices ------------------------------------------------------------------
+
+
+async def subscription_view(api: httpx.AsyncClient, org: str) -> dict[str, Any]:
+    response = await api.get(f"/v1/orgs/{org}/subscription")
+    assert response.status_code == 200, response.text
+    view: dict[str, Any] = response.json()
+    return view
+
+
+async def test_stale_subscription_events_and_same_second_order_by_id(
+    api, stripe_worker, temporal_client, org
+):
+    sub, cus = new_id("sub"), new_id("cus")
+
+    def updated(price: str, created: int, event_id: str | None = None) -> dict[str, Any]:
+        obj = subscription(sub=sub, customer=cus, price=price, meta=metadata(org))
+        return event("customer.subscription.updated", obj, created=created, event_id=event_id)
+
+    assert (await send(api, temporal_client, updated("price_pro_monthly", T0 + 10))).outcome \
+        == "applied"
+    old = updated("price_starter_monthly", T0)
+    assert (await send(api, temporal_client, old)).outcome == "stale"
+    assert (await event_view(api, old))["outcome"] == "stale"
+    assert (await subscription_view(api, org))["plan_id"] == "pro"
+
+    base = new_id("evt")
+    later_id = await send(api, temporal_client,
+                          updated("price_starter_monthly", T0 + 20, f"{base}_2"))
+    earlier_id = await send(api, temporal_client,
+                            updated("price_pro_monthly", T0 + 20, f"{base}_1"))
+    assert (later_id.outcome, earlier_id.outcome) == ("applied", "stale")
+    view = await subscription_view(api, org)
+    assert view == {
+        "org_id": org, "plan_id": "starter", "status": "active",
+        "current_period_start": "2026-05-28T20:26:40Z", "past_due_since": None,
+        "stripe_customer_id": cus, "stripe_subscription_id": sub,
+    }
+    assert (await notification_types(api, org))["plan.changed"] >= 2
+
+
+async def test_invoice_and_subscription_families_are_independent_and_past_due_is_kept(
+    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
+):
+    sub, cus = new_id("sub"), new_id("cus")
+    linked = event("customer.subscription.created",
+                   subscription(sub=sub, customer=cus, price="price_pro_monthly",
+                                meta=metadata(org)), created=T0 + 100)
+    assert (await send(api, temporal_client, linked)).outcome == "applied"
+
+    def failed(created: int) -> dict[str, Any]:  # no metadata: the customer link resolves it
+        return event("invoice.payment_failed", invoice(customer=cus, sub=sub), created=created)
+
+    # Older than the subscription marker, but invoices keep their own marker.
+    first = await send(api, temporal_client, failed(T0 + 50))
+    assert (first.outcome, first.org_id) == ("applied", org)
+    assert (await send(api, temporal_client, failed(T0 + 60))).outcome == "applied"
+    view = await subscription_view(api, org)
+    assert (view["status"], view["past_due_since"]) == ("past_due", "2026-05-28T20:27:30Z")
+    assert (await notification_types(api, org))["payment.failed"] == 2
+
+    stripe_fake.add(subscription(sub=sub, customer=cus, price="price_starter_monthly"))
+    paid = await send(api, temporal_client,
+                      event("invoice.paid", invoice(customer=cus, sub=sub), created=T0 + 70))
+    assert paid.outcome == "applied"
+    view = await subscription_view(api, org)
+    assert (view["status"], view["past_due_since"], view["plan_id"]) == ("active", None, "starter")
+    assert (await send(api, temporal_client, failed(T0 + 55))).outcome == "stale"
+    assert (await subscription_view(api, org))["status"] == "active"
+    # And an invoice does not make a later subscription event stale.
+    newer = event("customer.subscription.updated",
+                  subscription(sub=sub, customer=cus, price="price_pro_monthly"),
+                  created=T0 + 101)
+    assert (await send(api, temporal_client, newer)).outcome == "applied"
+    assert (await subscription_view(api, org))["plan_id"] == "pro"
+
+
+async def test_subscription_checkout_reads_the_real_status_then_deletion_resets(
+    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
+):
+    sub, cus = new_id("sub"), new_id("cus")
+    stripe_fake.add(subscription(sub=sub, customer=cus, price="price_pro_monthly",
+                                 status="trialing", meta=metadata(org)))
+    session = checkout_session(payment_intent=None, meta={}, mode="subscription",
+                               customer=cus, subscription=sub)
+    result = await send(api, temporal_client,
+                        event("checkout.session.completed", session, created=T0 + 1))
+    assert (result.outcome, result.org_id) == ("applied", org)
+    view = await subscription_view(api, org)
+    assert (view["status"], view["plan_id"], view["stripe_customer_id"]) == ("trialing", "pro", cus)
+
+    unknown = event("customer.subscription.updated",
+                    subscription(sub=sub, customer=cus, price="price_mystery"), created=T0 + 2)
+    assert (await send(api, temporal_client, unknown)).outcome == "applied"
+    assert (await subscription_view(api, org))["plan_id"] == "pro"  # last known plan kept
+    assert (await notification_types(api, org))["plan.unresolved"] == 1
+
+    deleted = event("customer.subscription.deleted",
+                    subscription(sub=sub, customer=cus, price="price_pro_monthly",
+                                 status="canceled"), created=T0 + 3)
+    assert (await send(api, temporal_client, deleted)).outcome == "applied"
+    view = await subscription_view(api, org)
+    assert (view["status"], view["plan_id"]) == ("canceled", "free")
+    assert (await notification_types(api, org))["subscription.expired"] == 1
+
+    gone = event("customer.deleted", {"id": cus, "object": "customer", "metadata": {}},
+                 created=T0 + 4)
+    assert (await send(api, temporal_client, gone)).outcome == "applied"
+    view = await subscription_view(api, org)
+    assert (view["stripe_customer_id"], view["stripe_subscription_id"]) == (None, None)
+
+
+async def test_dunning_moves_long_past_due_to_unpaid_and_spares_recovered(
+    api, stripe_worker, temporal_client, stripe_runtime: Runtime, org, db
+):
+    from datetime import UTC, datetime, timedelta
+
+    from billing.models import DunningPageResult
+    from workflows.dunning import DunningWorkflow
+
+    recovered = f"{org}-ok"
+    long_ago = datetime.now(UTC) - timedelta(days=30)
+    for who, status in ((org, "past_due"), (recovered, "active")):
+        assert (await api.put(f"/v1/orgs/{who}")).status_code == 201
+        await db.accounts.update_one({"_id": who}, {"$set": {"plan_id": "pro"}})
+        await db.subscriptions.insert_one({"_id": who, "status": status,
+                                           "past_due_since": long_ago if status == "past_due"
+                                           else None})
+    result = await temporal_client.execute_workflow(
+        DunningWorkflow.run, id=f"dunning-test-{org}", result_type=DunningPageResult,
+        task_queue=stripe_runtime.settings.temporal_task_queue)
+    assert result.unpaid >= 1
+    assert ((await subscription_view(api, org))["status"],
+            (await subscription_view(api, org))["plan_id"]) == ("unpaid", "free")
+    assert ((await subscription_view(api, recovered))["status"],
+            (await subscription_view(api, recovered))["plan_id"]) == ("active", "pro")
+
+
+async def test_reads_answer_404_and_none(api, stripe_worker, org):
+    missing = await api.get(f"/v1/stripe-events/{new_id('evt')}")
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "NOT_FOUND")
+    assert (await api.put(f"/v1/orgs/{org}")).status_code == 201
+    view = await subscription_view(api, org)
+    assert (view["status"], view["plan_id"], view["stripe_customer_id"]) == ("none", "free", None)
+    assert (await api.get("/v1/orgs/nobody-here/subscription")).status_code == 404
