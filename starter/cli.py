@@ -242,5 +242,33 @@ def ledger(
                       f"GET /v1/orgs/{escape(org)}/ledger?cursor={page.next_cursor}")
 
 
+@app.command()
+def meter(
+    org: Annotated[str, typer.Argument(help="organization id")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the API's JSON")] = False,
+) -> None:
+    """This ISO week's meter of an organization: used, quota, plan and what remains."""
+    from billing.store.meters import Meters
+    from starter.api import metering
+
+    async def read() -> metering.MeterResponse:
+        runtime = _store_runtime()
+        try:
+            return await metering.meter(org, Meters(runtime.db, runtime.config))
+        finally:
+            await runtime.db.close()
+
+    with reported_errors():
+        view = asyncio.run(read())
+    if as_json:
+        typer.echo(view.model_dump_json())
+        return
+    table = Table(title=f"meter of {escape(view.org_id)}, week {view.week}")
+    for column in ("plan", "used", "quota", "remaining"):
+        table.add_column(column, justify="left" if column == "plan" else "right")
+    table.add_row(view.plan_id, str(view.used), str(view.quota), str(view.remaining))
+    console.print(table)
+
+
 cli_admin.register(app)
 cli_events.register(app)

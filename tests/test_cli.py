@@ -166,3 +166,24 @@ async def test_help_lists_the_commands_without_importing_the_engine() -> None:
     for command in ("dev", "serve", "worker", "balance", "ledger"):
         assert f" {command} " in result.out
     assert loaded.decode().strip() == "[]"
+
+
+async def test_meter_json_shows_this_weeks_usage(
+    org: str, accounts: Accounts, runtime, store_env: dict[str, str],
+) -> None:
+    from billing.clock import utcnow
+    from billing.metering import UsageRequest
+    from billing.store.meters import Meters
+
+    await accounts.register(org, utcnow())
+    await Meters(runtime.db, runtime.config).record(
+        UsageRequest(org_id=org, run_id="cli-run", units=42), utcnow())
+
+    result = await billing("meter", org, "--json", env=store_env)
+
+    assert result.code == 0, result.err
+    body = json.loads(result.out)
+    assert body["org_id"] == org and body["used"] == 42 and body["plan_id"] == "free"
+    assert body["quota"] == 0 and body["remaining"] == 0
+    human = await billing("meter", org, env=store_env)
+    assert human.code == 0 and "42" in human.out
