@@ -19,6 +19,7 @@ from temporalio.exceptions import ApplicationError
 from activities.errors import final_on_bad_input
 from billing import stripe_events as se
 from billing.ledger import EntryKind
+from billing.metrics import STRIPE_EVENTS
 from billing.models import (
     StripeApply,
     StripeEventOutcome,
@@ -91,12 +92,19 @@ class StripeEventActivities:
 
         with final_on_bad_input():
             try:
-                return await run_in_transaction(db.client, txn)
+                result = await run_in_transaction(db.client, txn)
             except (KeyError, TypeError, ValueError) as exc:
                 # A Stripe object without a field its type always has: no retry can fix it.
                 raise ApplicationError(f"malformed {apply.event.type} object: {exc!r}",
                                        type="MALFORMED_STRIPE_OBJECT",
                                        non_retryable=True) from exc
+        STRIPE_EVENTS.labels(result.type, result.outcome).inc()
+        activity.logger.info(
+            "stripe event %s: %s", result.outcome, result.reason or ", ".join(result.written),
+            extra={"org_id": result.org_id, "event_id": result.event_id,
+                   "event_type": result.type, "outcome": result.outcome},
+        )
+        return result
 
     async def _notify(self, session: AsyncClientSession, outcome: Outcome, type: str, key: str,
                       payload: Obj) -> None:

@@ -6,7 +6,7 @@ HTTP app exposes at `/metrics`. Define every new metric here so names stay in on
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 HTTP_REQUESTS = Counter(
     "billing_http_requests_total",
@@ -17,4 +17,32 @@ HTTP_REQUEST_SECONDS = Histogram(
     "billing_http_request_duration_seconds",
     "Time to answer an HTTP request, by method and route template.",
     ["method", "route"],
+)
+
+STRIPE_WEBHOOKS = Counter(
+    "billing_stripe_webhooks_total",
+    "Stripe webhook deliveries answered, by event type and answer "
+    "(started, duplicate, ignored, rejected, unavailable).",
+    ["type", "answer"],
+)
+STRIPE_EVENTS = Counter(
+    "billing_stripe_events_total",
+    "Stripe events processed by the worker, by event type and outcome.",
+    ["type", "outcome"],
+)
+LEDGER_ENTRIES = Counter(
+    "billing_ledger_entries_total",
+    "Ledger entries written (committed), by kind.",
+    ["kind"],
+)
+USAGE_RECORD_SECONDS = Histogram(
+    "billing_usage_record_seconds",
+    "Time to record one usage record (POST /v1/usage), by whether it was applied or replayed.",
+    ["applied"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+FAILED_WORKFLOWS = Gauge(
+    "billing_failed_workflows",
+    "Billing workflows whose last run failed (the dead letters), read from Temporal visibility "
+    "at scrape time.",
 )

@@ -123,7 +123,12 @@ def dev(
     MongoDB (SecantusDB), Temporal with its Web UI, the worker and the HTTP API. Ctrl-C stops
     everything; the data stays in --data-dir for the next start."""
     with reported_errors():
+        from billing.logs import configure_logging
         from starter.dev import DevOptions, run_dev
+        from starter.telemetry import enable_sdk_metrics
+
+        configure_logging(json=False)
+        enable_sdk_metrics()
 
         options = DevOptions(
             data_dir=data_dir, http_port=http_port, temporal_port=temporal_port,
@@ -141,8 +146,12 @@ def serve(
     with reported_errors():
         import uvicorn
 
+        from billing.logs import configure_logging
         from starter.api.app import create_app
+        from starter.telemetry import enable_sdk_metrics
 
+        configure_logging()
+        enable_sdk_metrics()
         runtime = _store_runtime()
         if not runtime.settings.api_tokens:
             err_console.print("[red]configuration error:[/red] BILLING_API_TOKEN is not set: "
@@ -155,11 +164,21 @@ def serve(
 
 
 @app.command()
-def worker() -> None:
+def worker(
+    metrics_port: Annotated[
+        int, typer.Option("--metrics-port", min=0, max=65535, help="Prometheus port, 0: none")
+    ] = 9464,
+) -> None:
     """Run the Temporal worker (creates the indexes and schedules it needs first)."""
     with reported_errors():
+        from billing.logs import configure_logging
+        from starter.telemetry import enable_sdk_metrics, serve_metrics
         from worker import run_worker
 
+        configure_logging()
+        enable_sdk_metrics()
+        if metrics_port:
+            serve_metrics(metrics_port)
         run_until_signal(run_worker(_store_runtime()))
 
 

@@ -179,3 +179,19 @@ async def test_openapi_documents_the_api(runtime: Runtime) -> None:
     limit = next(p for p in paths["/v1/orgs/{org}/ledger"]["get"]["parameters"]
                  if p["name"] == "limit")
     assert limit["schema"]["minimum"] == 1 and limit["schema"]["maximum"] == 200
+
+
+async def test_metrics_count_committed_ledger_entries_once(runtime, org, now) -> None:
+    """A ledger write counts once, after its commit; a replay of its key counts nothing."""
+    from prometheus_client import REGISTRY
+
+    from billing.ledger import EntryKind
+
+    def written() -> float:
+        return REGISTRY.get_sample_value("billing_ledger_entries_total", {"kind": "adjustment"}) or 0
+
+    await runtime.accounts.register(org, now)
+    before = written()
+    await runtime.ledger.write(org, key="admin:m1", kind=EntryKind.ADJUSTMENT, amount=5, now=now)
+    await runtime.ledger.write(org, key="admin:m1", kind=EntryKind.ADJUSTMENT, amount=5, now=now)
+    assert written() - before == 1

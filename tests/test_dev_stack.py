@@ -145,6 +145,10 @@ def test_dev_stack_starts_serves_stops_and_keeps_its_data(
     assert registered.status_code == 201, registered.text
     balance = httpx.get(f"{stack.api}/v1/orgs/{org}/balance", headers=headers, timeout=5)
     assert balance.json()["balance"] == config.default_plan.signup_grant
+    metrics = httpx.get(f"{stack.api}/metrics", timeout=10).text
+    assert 'billing_ledger_entries_total{kind="grant"} 1.0' in metrics
+    assert "billing_failed_workflows 0.0" in metrics
+    assert "temporal_" in metrics  # the SDK's own metrics, re-exported
 
     # Ctrl-C in a terminal signals the whole foreground process group.
     assert stack.stop(signal.SIGINT, whole_group=True) == 0

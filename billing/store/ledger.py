@@ -32,8 +32,9 @@ from billing.ledger import (
     plan_credit,
     plan_draw,
 )
+from billing.metrics import LEDGER_ENTRIES
 from billing.store.database import Database, Doc
-from billing.store.transactions import run_in_transaction
+from billing.store.transactions import after_commit, run_in_transaction
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,7 @@ class Ledger:
         if meta:
             entry["meta"] = meta
         await self.db.ledger.insert_one(entry, session=session)
+        after_commit(session, LEDGER_ENTRIES.labels(kind.value).inc)
         await self.db.accounts.update_one(
             {"_id": org_id},
             {

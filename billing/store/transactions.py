@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,6 +20,19 @@ Work = Callable[[AsyncClientSession], Awaitable[T]]
 
 #: Give up after this long; the caller (an activity) then fails and Temporal retries it.
 TRANSACTION_DEADLINE_S = 30.0
+
+_AFTER_COMMIT: weakref.WeakKeyDictionary[AsyncClientSession, list[Callable[[], None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def after_commit(session: AsyncClientSession, callback: Callable[[], None]) -> None:
+    """Run `callback` once the transaction of `session` has committed (metrics, never writes).
+
+    A transaction that is retried or aborted drops the callbacks of its failed attempts, so a
+    counter counts what was really written.
+    """
+    _AFTER_COMMIT.setdefault(session, []).append(callback)
 
 
 def _has_label(exc: PyMongoError, label: str) -> bool:
@@ -50,6 +64,7 @@ async def run_in_transaction(
     async with client.start_session() as session:
         while True:
             attempt += 1
+            _AFTER_COMMIT.pop(session, None)
             await session.start_transaction(
                 read_concern=ReadConcern("snapshot"),
                 write_concern=WriteConcern("majority"),
@@ -59,12 +74,14 @@ async def run_in_transaction(
                 result = await work(session)
             except PyMongoError as exc:
                 await _abort(session)
+                _AFTER_COMMIT.pop(session, None)
                 if _is_transient(exc) and time.monotonic() - started < deadline_s:
                     await _backoff(attempt)
                     continue
                 raise
             except BaseException:
                 await _abort(session)
+                _AFTER_COMMIT.pop(session, None)
                 raise
             try:
                 await _commit(session, started, deadline_s)
@@ -73,6 +90,8 @@ async def run_in_transaction(
                     await _backoff(attempt)
                     continue
                 raise
+            for callback in _AFTER_COMMIT.pop(session, []):
+                callback()
             return result
 
 

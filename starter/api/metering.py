@@ -6,6 +6,7 @@ path of the engine.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ from pydantic import BaseModel
 
 from billing.clock import utcnow
 from billing.metering import UsageRequest
+from billing.metrics import USAGE_RECORD_SECONDS
 from billing.store.meters import Meters
 from billing.store.notifications import list_notifications
 from starter.api.deps import RuntimeDep, StateDep, v1_router
@@ -81,7 +83,9 @@ async def record_usage(body: UsageRequest, store: MetersDep) -> UsageResponse:
     """Counts the record against this ISO week and debits what exceeds the quota from extras.
     Recording the same `(org_id, run_id, step)` again returns the first result with
     `applied: false`."""
+    started = time.perf_counter()
     result = await store.record(body, utcnow())
+    USAGE_RECORD_SECONDS.labels(str(result.applied).lower()).observe(time.perf_counter() - started)
     return UsageResponse(**asdict(result))
 
 

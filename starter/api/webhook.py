@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Literal
 
 import stripe
@@ -25,6 +26,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from billing.errors import BillingError
+from billing.metrics import STRIPE_WEBHOOKS
 from billing.models import StripeEvent
 from billing.stripe_events import invoice_subscription_metadata, is_handled, org_from
 from starter.api.deps import StateDep, TemporalUnavailable, temporal_client
@@ -37,6 +39,7 @@ TOLERANCE_S = 300
 START_TIMEOUT_S = 15.0
 
 router = APIRouter(tags=["stripe"])
+log = logging.getLogger(__name__)
 
 
 class PayloadTooLarge(BillingError):
@@ -152,13 +155,27 @@ async def start_event_workflow(client: Client, event: StripeEvent, task_queue: s
     },
 )
 async def stripe_webhook(request: Request, state: StateDep) -> WebhookAck:
-    body = await read_body(request)
-    settings = state.runtime.settings
-    verify_signature(body, request.headers.get("stripe-signature"), settings.webhook_secrets)
-    event = parse_event(body)
-    if not is_handled(event.type):
-        return WebhookAck(status="ignored", workflow_id=None)
-    client = await temporal_client(state)
-    started = await start_event_workflow(client, event, settings.temporal_task_queue)
-    return WebhookAck(status="started" if started else "duplicate",
-                      workflow_id=stripe_workflow_id(event.id))
+    event_type = "-"
+    try:
+        body = await read_body(request)
+        settings = state.runtime.settings
+        verify_signature(body, request.headers.get("stripe-signature"), settings.webhook_secrets)
+        event = parse_event(body)
+        event_type = event.type
+        if not is_handled(event.type):
+            ack = WebhookAck(status="ignored", workflow_id=None)
+        else:
+            client = await temporal_client(state)
+            started = await start_event_workflow(client, event, settings.temporal_task_queue)
+            ack = WebhookAck(status="started" if started else "duplicate",
+                             workflow_id=stripe_workflow_id(event.id))
+    except BillingError as exc:
+        answer = "unavailable" if exc.status == 503 else "rejected"
+        STRIPE_WEBHOOKS.labels(event_type, answer).inc()
+        log.warning("stripe webhook %s: %s", answer, exc.code,
+                    extra={"event_type": event_type, "code": exc.code})
+        raise
+    STRIPE_WEBHOOKS.labels(event.type, ack.status).inc()
+    log.info("stripe webhook %s", ack.status, extra={
+        "event_id": event.id, "event_type": event.type, "workflow_id": ack.workflow_id})
+    return ack
