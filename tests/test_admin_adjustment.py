@@ -113,3 +113,37 @@ def test_reason_shorter_than_three_characters_is_rejected_before_anything_starts
 def test_zero_units_rejected(org):
     with pytest.raises(ValidationError):
         AdminRequest(request_id="r1", org_id=org, units=0, reason="nothing")
+
+
+async def test_plain_temporal_cli_starts_and_approves(
+    runtime, temporal_client, worker, settings, org, now
+):
+    """The README's `temporal workflow start` / `temporal workflow signal` recipe works as is."""
+    import json
+
+    from starter.embedded import find_binary
+
+    await runtime.accounts.register(org, now)
+    request_id = new_request_id()
+    units = runtime.config.admin.approval_threshold_units + 10
+    address = temporal_client.service_client.config.target_host
+
+    async def temporal(*args: str) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            find_binary("temporal"), *args, "--address", address,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, (out + err).decode()
+
+    await temporal("workflow", "start", "--task-queue", settings.temporal_task_queue,
+                   "--type", "AdminAdjustmentWorkflow", "--workflow-id", f"admin-{request_id}",
+                   "--input", json.dumps({"request_id": request_id, "org_id": org, "units": units,
+                                          "reason": "enterprise deal", "requested_by": "alice"}))
+    handle = temporal_client.get_workflow_handle_for(AdminAdjustmentWorkflow.run,
+                                                     f"admin-{request_id}")
+    await _wait_until_waiting(handle)
+    await temporal("workflow", "signal", "--workflow-id", f"admin-{request_id}",
+                   "--name", "approve", "--input", json.dumps({"by": "bob"}))
+    result = await handle.result()
+    assert result.status == "applied" and result.approved_by == "bob"
+    assert (await runtime.accounts.get(org))["balance"] == 500 + units
