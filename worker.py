@@ -13,6 +13,7 @@ from temporalio.worker import Worker
 from activities.admin import AdminActivities
 from activities.dunning import DunningActivities
 from activities.ledger import LedgerActivities
+from activities.reconcile import ReconcileActivities
 from activities.reset import ResetActivities
 from activities.stripe_api import StripeApiActivities
 from activities.stripe_events import StripeEventActivities
@@ -22,6 +23,7 @@ from starter.schedules import ensure_schedules
 from workflows.admin_adjustment import AdminAdjustmentWorkflow
 from workflows.dunning import DunningWorkflow
 from workflows.expire_credits import ExpireCreditsWorkflow
+from workflows.reconcile import ReconcileWorkflow
 from workflows.stripe_event import StripeEventWorkflow
 from workflows.weekly_reset import WeeklyResetOrgWorkflow, WeeklyResetWorkflow
 
@@ -32,6 +34,7 @@ WORKFLOWS: Sequence[type] = (
     WeeklyResetOrgWorkflow,
     StripeEventWorkflow,
     DunningWorkflow,
+    ReconcileWorkflow,
 )
 
 
@@ -42,6 +45,7 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
     stripe_api = StripeApiActivities(runtime.settings)
     stripe_events = StripeEventActivities(runtime)
     dunning = DunningActivities(runtime)
+    reconcile = ReconcileActivities(runtime, stripe_api)
     return [
         ledger.expire_credit_page,
         admin.admin_requires_approval,
@@ -51,6 +55,7 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
         stripe_api.retrieve_subscription,
         stripe_api.retrieve_payment_intent,
         stripe_api.retrieve_charge,
+        stripe_api.retrieve_event,
         stripe_api.list_refunds,
         stripe_api.list_line_items,
         stripe_events.record_outcome,
@@ -61,6 +66,11 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
         stripe_events.apply_subscription,
         stripe_events.apply_invoice,
         dunning.dunning_page,
+        stripe_api.list_events,
+        reconcile.org_page,
+        reconcile.subscription,
+        reconcile.missed_events,
+        reconcile.write_report,
     ]
 
 

@@ -18,6 +18,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from billing.config import Settings
+from billing.models import EventListQuery, StripeEvent, StripeEventPage
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -88,6 +89,12 @@ class StripeApiActivities:
             f"charge {charge_id}", lambda: self.client.v1.charges.retrieve_async(charge_id)
         )
 
+    @activity.defn(name="stripe_retrieve_event")
+    async def retrieve_event(self, event_id: str) -> StripeEvent:
+        """An event as Stripe keeps it (the last 30 days), shaped like a webhook delivery."""
+        return _event(await self._read(f"event {event_id}",
+                                       lambda: self.client.v1.events.retrieve_async(event_id)))
+
     @activity.defn(name="stripe_list_refunds")
     async def list_refunds(self, charge_id: str) -> list[Obj]:
         """Every refund of a charge (a `charge.refunded` payload carries them only expanded)."""
@@ -104,3 +111,27 @@ class StripeApiActivities:
                 session_id, {"limit": 100}
             ),
         )
+
+    @activity.defn(name="stripe_list_events")
+    async def list_events(self, query: EventListQuery) -> StripeEventPage:
+        """One page of events created since `created_gte`, newest first; page on with
+        `starting_after` = the last event's id while `has_more`."""
+        params: dict[str, Any] = {"created": {"gte": query.created_gte}, "types": query.types,
+                                  "limit": query.limit}
+        if query.starting_after is not None:
+            params["starting_after"] = query.starting_after
+        async with _stripe_errors("the event list"):
+            page = await self.client.v1.events.list_async(params)  # type: ignore[arg-type]
+        return StripeEventPage(
+            events=[_event(item.to_dict()) for item in page.data], has_more=bool(page.has_more)
+        )
+
+
+def _event(obj: Obj) -> StripeEvent:
+    """An API event in the shape the webhook receiver passes to `StripeEventWorkflow`."""
+    try:
+        return StripeEvent(id=obj["id"], type=obj["type"], created=obj["created"],
+                           object=obj["data"]["object"], livemode=obj.get("livemode") is True)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ApplicationError(f"malformed event {obj.get('id')}: {exc!r}",
+                               type="MALFORMED_STRIPE_OBJECT", non_retryable=True) from exc

@@ -93,8 +93,9 @@ class StripeEventActivities:
         with final_on_bad_input():
             try:
                 result = await run_in_transaction(db.client, txn)
-            except (KeyError, TypeError, ValueError) as exc:
-                # A Stripe object without a field its type always has: no retry can fix it.
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
+                # A Stripe object without a field its type always has, or with a number beyond
+                # the 64 bits MongoDB stores: no retry can fix it.
                 raise ApplicationError(f"malformed {apply.event.type} object: {exc!r}",
                                        type="MALFORMED_STRIPE_OBJECT",
                                        non_retryable=True) from exc
@@ -155,11 +156,14 @@ class StripeEventActivities:
         ledger = self.runtime.ledger
         obj = apply.event.object
         is_checkout = apply.event.type == "checkout.session.completed"
-        payment_intent = se.ref_id(obj.get("payment_intent")) if is_checkout else obj.get("id")
-        session_id = obj.get("id") if is_checkout else None
+        # Ids go through `ref_id`: only a string is an id, never an object (a query operator).
+        payment_intent = se.ref_id(obj.get("payment_intent" if is_checkout else "id"))
+        session_id = se.ref_id(obj.get("id")) if is_checkout else None
         charge = None if is_checkout else se.ref_id(obj.get("latest_charge"))
 
         async def work(session: AsyncClientSession, outcome: Outcome) -> None:
+            if payment_intent is None and session_id is None:
+                return outcome.set("unresolved", "the purchase names no payment intent or session")
             quantity = 1
             if apply.pack_id is not None:
                 pack = config.packs_by_id.get(apply.pack_id)
@@ -229,7 +233,7 @@ class StripeEventActivities:
         """Claw back every refund of the charge from the lot it bought (`refund:<re id>`)."""
         obj = apply.event.object
         is_charge = apply.event.type == "charge.refunded"
-        charge = obj.get("id") if is_charge else se.ref_id(obj.get("charge"))
+        charge = se.ref_id(obj.get("id") if is_charge else obj.get("charge"))
         refunds = [r for r in (apply.refunds or []) if se.counts_as_refunded(r)]
         lot = await self._purchase_lot(apply, charge=charge)
 
@@ -300,6 +304,14 @@ class StripeEventActivities:
                     memo=f"dispute {dp} funds reinstated",
                 )
                 if result.notes.get("reason") == "not_withdrawn":
+                    if kind == "funds_reinstated":
+                        # Funds can only come back after they left: the withdrawal event is
+                        # late. Retry, and fail visibly if it never comes, rather than record
+                        # this event and later claw back for good.
+                        raise ApplicationError(
+                            f"dispute {dp}: funds reinstated before the withdrawal was applied",
+                            type="DISPUTE_WITHDRAWAL_PENDING",
+                        )
                     return outcome.set("ignored", "no funds were withdrawn for this dispute")
                 note = "dispute.reinstated"
             outcome.ledger(result)
@@ -348,7 +360,7 @@ class StripeEventActivities:
         customer_deleted = event.type == "customer.deleted"
         deleted = event.type == "customer.subscription.deleted"
         sub: Obj = apply.subscription or ({} if customer_deleted else event.object)
-        customer = (event.object.get("id") if customer_deleted
+        customer = (se.ref_id(event.object.get("id")) if customer_deleted
                     else se.ref_id(sub.get("customer")) or se.ref_id(event.object.get("customer")))
 
         async def work(session: AsyncClientSession, outcome: Outcome) -> None:

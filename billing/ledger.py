@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+from billing.errors import InvalidInput
 from billing.money import round_half_up_div
 
 
@@ -44,11 +45,11 @@ NEGATIVE_KINDS = frozenset(
 def check_sign(kind: EntryKind, amount: int) -> None:
     """Entries are signed by kind and never zero; `adjustment` may be either sign."""
     if amount == 0:
-        raise ValueError("zero-amount entries are never written")
+        raise InvalidInput("zero-amount entries are never written", code="ZERO_AMOUNT")
     if kind in POSITIVE_KINDS and amount < 0:
-        raise ValueError(f"a {kind} entry must be positive")
+        raise InvalidInput(f"a {kind} entry must be positive", code="WRONG_SIGN")
     if kind in NEGATIVE_KINDS and amount > 0:
-        raise ValueError(f"a {kind} entry must be negative")
+        raise InvalidInput(f"a {kind} entry must be negative", code="WRONG_SIGN")
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,12 @@ RunId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,128}$")]
 Step = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9:_-]{1,64}$")]
 #: Cost keys become field names of the stored breakdown: no `.` or `$`.
 CostKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-Cost = StrictInt | StrictFloat | Decimal
+#: A decimal string is accepted for exactness, not for range: beyond a float's range it would
+#: overflow the unit conversion.
+MAX_COST = Decimal("1.8e308")
+Cost = StrictInt | StrictFloat | Annotated[Decimal, Field(ge=-MAX_COST, le=MAX_COST)]
+#: Stored as given on the usage record (the count itself is capped at `max_units_per_operation`).
+MAX_UNITS = 2**63 - 1
 
 
 class UsageRequest(BaseModel):
@@ -58,7 +63,7 @@ class UsageRequest(BaseModel):
     run_id: RunId
     step: Step = "initial"
     costs: dict[CostKey, Cost] | None = Field(default=None, max_length=64)
-    units: StrictInt | None = Field(default=None, ge=0)
+    units: StrictInt | None = Field(default=None, ge=0, le=MAX_UNITS)
 
     @model_validator(mode="after")
     def _costs_or_units(self) -> Self:

@@ -85,14 +85,28 @@ class AdminResult(BaseModel):
 StripeOutcomeKind = Literal["applied", "duplicate", "stale", "ignored", "unresolved"]
 
 
+#: Stripe's ids are `evt_` and letters; the bound keeps the workflow id `stripe-<id>` within
+#: Temporal's limit and readable at `GET /v1/stripe-events/{id}`.
+STRIPE_EVENT_ID = r"^[A-Za-z0-9_.:-]{1,255}$"
+#: 9999-12-31T23:59:59Z, the last second a `datetime` holds.
+MAX_UNIX_TIME = 253_402_300_799
+
+
 class StripeEvent(BaseModel):
     """A verified Stripe event as the webhook receiver passes it to `StripeEventWorkflow`."""
 
-    id: str
+    id: str = Field(pattern=STRIPE_EVENT_ID)
     type: str
-    created: int
+    created: int = Field(ge=0, le=MAX_UNIX_TIME)
     object: dict[str, Any]
     livemode: bool = False
+
+
+class StripeReplay(BaseModel):
+    """Input of a `StripeEventWorkflow` run that retrieves its event from Stripe first
+    (`billing replay`, or `temporal workflow start --input '{"event_id": "evt_..."}'`)."""
+
+    event_id: str = Field(pattern=r"^evt_[A-Za-z0-9_]{1,250}$")
 
 
 class StripeApply(BaseModel):
@@ -188,3 +202,138 @@ class ResetOrgResult(BaseModel):
     settled: int
     used: int
     quota: int
+
+
+# ---- reconciliation (SPEC §6) -------------------------------------------------------------------
+
+ReconcileCheck = Literal["ledger", "meter", "subscription"]
+
+
+class Divergence(BaseModel):
+    """One disagreement found by the reconciliation; reported, never fixed by it."""
+
+    org_id: str
+    check: ReconcileCheck
+    #: What disagrees: `balance_vs_entries`, `lot_remaining`, `balance_vs_lots`,
+    #: `overflow_vs_debits`, `status`, `plan`, `plan_unresolved`, `missing_in_stripe`.
+    kind: str
+    #: The lot, week or Stripe subscription the divergence is about.
+    subject: str
+    expected: int | str | None
+    actual: int | str | None
+    detail: str = ""
+
+
+class ReconcilePage(BaseModel):
+    after: str | None = None
+    limit: int = 200
+    week: str = Field(pattern=WEEK_PATTERN)
+    report_id: str
+    started_at: datetime
+
+
+class SubscriptionRef(BaseModel):
+    """What the engine believes about an organization's Stripe subscription."""
+
+    org_id: str
+    subscription_id: str
+    status: str
+    plan_id: str | None
+
+
+class SubscriptionCheck(BaseModel):
+    ref: SubscriptionRef
+    report_id: str
+    started_at: datetime
+
+
+class ReconcilePageResult(BaseModel):
+    org_ids: list[str]
+    divergences: list[Divergence]
+    subscriptions: list[SubscriptionRef]
+    next_after: str | None
+
+
+class EventListQuery(BaseModel):
+    """One page of `GET /v1/events`, newest first."""
+
+    created_gte: int
+    types: list[str]
+    starting_after: str | None = None
+    limit: int = Field(default=100, ge=1, le=100)
+
+
+class StripeEventPage(BaseModel):
+    events: list[StripeEvent]
+    has_more: bool
+
+    @property
+    def last_id(self) -> str | None:
+        return self.events[-1].id if self.events else None
+
+
+class MissedEventsPage(BaseModel):
+    """The events of one listed page that the engine never applied."""
+
+    listed: int
+    missed: list[StripeEvent]
+    next_after: str | None
+
+
+class RepairedEvent(BaseModel):
+    event_id: str
+    type: str
+    outcome: str  # the StripeEventWorkflow outcome, or `failed`
+
+
+class ReconcileCounts(BaseModel):
+    orgs: int = 0
+    ledger_divergent: int = 0
+    meter_divergent: int = 0
+    subscriptions_checked: int = 0
+    subscription_divergent: int = 0
+    subscriptions_unverified: int = 0
+    events_listed: int = 0
+    events_missed: int = 0
+    events_repaired: int = 0
+    events_already_started: int = 0
+    events_failed: int = 0
+
+
+#: The report keeps this many divergences and repaired events (every divergence is also a
+#: notification of its organization; the counts count them all).
+REPORT_LIST_CAP = 1000
+
+
+class ReconcileReport(BaseModel):
+    """The `reports` document a reconciliation writes (`_id` = `report_id`)."""
+
+    report_id: str
+    kind: Literal["reconcile"] = "reconcile"
+    started_at: datetime
+    finished_at: datetime | None = None
+    week: str = Field(pattern=WEEK_PATTERN)
+    events_since: datetime
+    counts: ReconcileCounts = Field(default_factory=ReconcileCounts)
+    divergences: list[Divergence] = Field(default_factory=list)
+    divergences_total: int = 0
+    repaired_events: list[RepairedEvent] = Field(default_factory=list)
+    #: Why the missed-events check stopped early (Stripe unreachable or refusing), if it did.
+    events_error: str | None = None
+
+
+class ReconcileInput(BaseModel):
+    """The sweep's input; the schedule passes none. The report in progress is carried across
+    continue-as-new."""
+
+    #: Default: the ISO week in which the sweep starts.
+    week: str | None = Field(default=None, pattern=WEEK_PATTERN)
+    events_window_hours: int = Field(default=72, ge=1, le=720)
+    events_page_size: int = Field(default=100, ge=1, le=100)
+    page_size: int = Field(default=200, ge=1, le=1000)
+    concurrency: int = Field(default=10, ge=1, le=100)
+    pages_per_run: int = Field(default=10, ge=1)
+    phase: Literal["orgs", "events"] = "orgs"
+    after: str | None = None
+    events_after: str | None = None
+    report: ReconcileReport | None = None

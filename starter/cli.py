@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from starter import cli_admin, cli_events
+from starter import cli_admin, cli_events, cli_reconcile, cli_schedules
 
 if TYPE_CHECKING:
     from billing.runtime import Runtime
@@ -291,3 +291,5 @@ def meter(
 
 cli_admin.register(app)
 cli_events.register(app)
+cli_schedules.register(app)
+cli_reconcile.register(app)

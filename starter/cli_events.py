@@ -1,17 +1,22 @@
 """CLI commands for Stripe events and failures: `billing failures`, `billing retry`,
-`billing send-test-event`."""
+`billing replay`, `billing send-test-event`."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from starter.operations import FailedWorkflow, OnProgress, ReplayResult, RetryReport
 
 console = Console()
 err_console = Console(stderr=True)
@@ -19,35 +24,87 @@ err_console = Console(stderr=True)
 DEFAULT_URL = "http://127.0.0.1:8000/stripe/webhook"
 
 
+@contextlib.contextmanager
+def operator_errors() -> Iterator[None]:
+    """`reported_errors` plus what Temporal answers: one line on stderr and exit 1."""
+    from temporalio.service import RPCError
+
+    from starter.cli import EXIT_ERROR, reported_errors
+
+    with reported_errors():
+        try:
+            yield
+        except RPCError as exc:
+            err_console.print(f"[red]Temporal refused:[/red] {escape(exc.message)}")
+            raise typer.Exit(EXIT_ERROR) from exc
+
+
+@contextlib.contextmanager
+def progress_bars(*descriptions: str) -> Iterator[list[OnProgress]]:
+    """One rich progress bar per step on stderr (stdout stays clean for `--json`); each
+    callback takes `(done, total)` and shows its bar from its first report."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bars:
+        tasks = [bars.add_task(d, total=None, visible=False) for d in descriptions]
+
+        def updater(task: TaskID) -> OnProgress:
+            def update(done: int, total: int | None) -> None:
+                bars.update(task, completed=done, total=total, visible=True)
+            return update
+
+        yield [updater(task) for task in tasks]
+
+
 def failures(
     org: Annotated[str | None, typer.Option("--org", help="only this organization")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """List failed billing workflows (the dead letters), newest first."""
+    """List failed billing workflows (the dead letters), newest first, with their root cause."""
     from billing.config import Settings
-    from starter.operations import list_failed
-    from worker import connect
+    from starter.operations import connect_client, list_failed
 
-    async def run() -> list[dict[str, object]]:
+    async def run(on_progress: OnProgress) -> list[FailedWorkflow]:
         settings = Settings()
-        client = await connect(settings)
-        found = await list_failed(client, org=org, task_queue=settings.temporal_task_queue)
-        return [failed.to_json() for failed in found]
+        client = await connect_client(settings)
+        return await list_failed(client, org=org, task_queue=settings.temporal_task_queue,
+                                 on_progress=on_progress)
 
-    rows = asyncio.run(run())
+    with operator_errors(), progress_bars("reading failed workflows") as (on_progress,):
+        found = asyncio.run(run(on_progress))
     if as_json:
-        typer.echo(json.dumps(rows))
+        typer.echo(json.dumps([failed.to_json() for failed in found]))
         return
-    if not rows:
+    if not found:
         console.print("no failed billing workflows")
         return
-    table = Table("workflow id", "type", "org", "event type", "closed")
-    for row in rows:
-        table.add_row(*(escape(str(row[k] or "")) for k in
-                        ("workflow_id", "workflow_type", "org_id", "event_type", "close_time")))
+    table = Table(title=f"{len(found)} failed billing workflow(s), newest first")
+    table.add_column("workflow id", overflow="fold")
+    table.add_column("type")
+    table.add_column("org", overflow="fold")
+    table.add_column("event type")
+    table.add_column("failure", overflow="fold")
+    table.add_column("failed at (UTC)", no_wrap=True)
+    for failed in found:
+        table.add_row(
+            escape(failed.workflow_id), failed.workflow_type, escape(failed.org_id or ""),
+            escape(failed.event_type or ""), escape(failed.failure or ""),
+            f"{failed.close_time:%Y-%m-%d %H:%M:%S}" if failed.close_time else "",
+        )
     console.print(table)
     console.print("retry one with [bold]billing retry WORKFLOW_ID[/bold], all with "
-                  "[bold]billing retry --all-failed[/bold]")
+                  "[bold]billing retry --all-failed[/bold]; a Stripe event can also be fetched "
+                  "again with [bold]billing replay EVT_ID[/bold]")
 
 
 def retry(
@@ -55,32 +112,91 @@ def retry(
     all_failed: Annotated[bool, typer.Option("--all-failed", help="every failed workflow")] = False,
     org: Annotated[str | None, typer.Option("--org", help="with --all-failed: one org")] = None,
 ) -> None:
-    """Run a failed workflow again from its first workflow task (writes are idempotent)."""
+    """Run failed workflows again from their first workflow task (writes are idempotent).
+
+    --all-failed resets them with a Temporal batch operation and waits for it to finish."""
     from billing.config import Settings
-    from billing.errors import BillingError
-    from starter.operations import reset_to_first_task, retry_all_failed
-    from worker import connect
+    from starter.operations import connect_client, reset_to_first_task, retry_all_failed
 
     if (workflow_id is None) == (not all_failed):
         err_console.print("give either a WORKFLOW_ID or --all-failed")
         raise typer.Exit(2)
+    if org is not None and not all_failed:
+        err_console.print("--org selects among --all-failed")
+        raise typer.Exit(2)
+    settings = Settings()
 
-    async def run() -> list[tuple[str, str]]:
-        settings = Settings()
-        client = await connect(settings)
-        if workflow_id is not None:
-            return [(workflow_id, await reset_to_first_task(client, workflow_id))]
-        return await retry_all_failed(client, org=org, task_queue=settings.temporal_task_queue)
+    if workflow_id is not None:
+        async def one() -> str:
+            client = await connect_client(settings)
+            return await reset_to_first_task(client, workflow_id)
 
-    try:
-        retried = asyncio.run(run())
-    except BillingError as exc:
-        err_console.print(f"[red]{exc.code}:[/red] {escape(exc.message)}")
-        raise typer.Exit(1) from exc
-    for wid, run_id in retried:
-        console.print(f"retried {escape(wid)}: new run {run_id}")
-    if not retried:
+        with operator_errors():
+            run_id = asyncio.run(one())
+        console.print(f"retried {escape(workflow_id)}: new run {run_id}")
+        return
+
+    async def every(on_listing: OnProgress, on_progress: OnProgress) -> RetryReport:
+        client = await connect_client(settings)
+        return await retry_all_failed(client, org=org, task_queue=settings.temporal_task_queue,
+                                      on_listing=on_listing, on_progress=on_progress)
+
+    with operator_errors(), progress_bars("finding failed workflows",
+                                          "resetting") as (on_listing, on_progress):
+        report = asyncio.run(every(on_listing, on_progress))
+    if not report.workflow_ids:
         console.print("no failed billing workflows")
+        return
+    how = (f"batch job {', '.join(report.job_ids)}" if report.method == "batch"
+           else "one reset per workflow: the server has no batch operations")
+    console.print(f"failed workflows: {len(report.workflow_ids)}, reset: [bold]{report.reset}"
+                  f"[/bold], not reset: {report.failed} ({how})")
+    if report.failed:
+        console.print("list what is left with [bold]billing failures[/bold]")
+        raise typer.Exit(1)
+
+
+def _print_replay(result: ReplayResult) -> None:
+    if result.outcome is None:
+        err_console.print(f"[red]{escape(result.workflow_id)} failed:[/red] "
+                          f"{escape(result.failure or 'no failure recorded')}")
+        return
+    outcome = result.outcome
+    reason = f" ({escape(outcome.reason)})" if outcome.reason else ""
+    console.print(f"{escape(result.workflow_id)} run {result.run_id}: {escape(outcome.type)} "
+                  f"[bold]{outcome.outcome}[/bold]{reason}")
+    for written in outcome.written:
+        console.print(f"  wrote {escape(written)}")
+    if not outcome.written:
+        console.print("  wrote nothing")
+
+
+def replay(
+    event_id: Annotated[str, typer.Argument(metavar="EVT_ID", help="the Stripe event id")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Retrieve a Stripe event from Stripe and run it again, as a new run of stripe-<EVT_ID>.
+
+    An event already applied comes back `duplicate` and writes nothing (ledger keys)."""
+    from billing.config import Settings
+    from starter.operations import connect_client, replay_event, replay_request
+
+    async def run() -> ReplayResult:
+        settings = Settings()
+        client = await connect_client(settings)
+        return await replay_event(client, event_id, task_queue=settings.temporal_task_queue)
+
+    with operator_errors():
+        replay_request(event_id)
+        with err_console.status(f"replaying {escape(event_id)}: waiting for its outcome "
+                                "(Ctrl-C stops waiting, not the run) ..."):
+            result = asyncio.run(run())
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+    else:
+        _print_replay(result)
+    if result.outcome is None:
+        raise typer.Exit(1)
 
 
 def _webhook_secret(data_dir: Path) -> str:
@@ -148,4 +264,5 @@ def send_test_event(
 def register(app: typer.Typer) -> None:
     app.command()(failures)
     app.command()(retry)
+    app.command()(replay)
     app.command("send-test-event")(send_test_event)

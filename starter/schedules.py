@@ -18,6 +18,7 @@ from temporalio.client import (
 
 from workflows.dunning import DunningWorkflow
 from workflows.expire_credits import ExpireCreditsWorkflow
+from workflows.reconcile import ReconcileWorkflow
 from workflows.weekly_reset import WeeklyResetWorkflow
 
 
@@ -44,6 +45,7 @@ SCHEDULES: tuple[ScheduleDef, ...] = (
     ScheduleDef("weekly-reset", WeeklyResetWorkflow.__name__, hour=0, minute=0, day_of_week=1),
     ScheduleDef("expire-credits", ExpireCreditsWorkflow.__name__, hour=0, minute=30),
     ScheduleDef("dunning", DunningWorkflow.__name__, hour=1, minute=0),
+    ScheduleDef("reconcile", ReconcileWorkflow.__name__, hour=3, minute=0),
 )
 
 

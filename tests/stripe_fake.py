@@ -1,8 +1,8 @@
 """A small Stripe API fake on 127.0.0.1 and the fixtures that run the engine against it.
 
 It answers what `localstripe` lacks (subscription retrieval with items, refunds listed by charge,
-checkout line items) and can answer 500 on demand. Import the fixtures into a test module with
-`from stripe_fake import *  # noqa: F403`.
+checkout line items, events listed by creation time and type) and can answer 500 on demand.
+Import the fixtures into a test module with `from stripe_fake import *  # noqa: F403`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class StripeFake:
         self.objects: dict[str, Obj] = {}
         self.refunds: dict[str, list[Obj]] = {}
         self.line_items: dict[str, list[Obj]] = {}
+        self.events: list[Obj] = []
         self.fail_with: int | None = None
         self.calls: Counter[str] = Counter()
         self.port = free_port()
@@ -65,6 +66,8 @@ class StripeFake:
                 {"error": {"type": "api_error", "message": "injected failure"}},
                 status=self.fail_with)
         parts = path.strip("/").split("/")
+        if parts == ["v1", "events"]:
+            return self._events(request)
         if parts == ["v1", "refunds"]:
             charge = request.query.get("charge", "")
             return self._list(path, self.refunds.get(charge, []))
@@ -75,6 +78,21 @@ class StripeFake:
         if len(parts) == 3 and parts[0] == "v1" and parts[2] in self.objects:
             return web.json_response(self.objects[parts[2]])
         return self._missing(path)
+
+    def _events(self, request: web.Request) -> web.Response:
+        """`GET /v1/events`: newest first, `created[gte]`, `types[]`, `starting_after`, `limit`."""
+        query = request.query
+        since = int(query.get("created[gte]", 0))
+        types = {v for k, v in query.items() if k.startswith("types[")}
+        found = [e for e in reversed(self.events)
+                 if e["created"] >= since and (not types or e["type"] in types)]
+        found.sort(key=lambda e: -int(e["created"]))  # stable: newest added first within a second
+        after = query.get("starting_after")
+        if after is not None:
+            found = found[[e["id"] for e in found].index(after) + 1:]
+        limit = int(query.get("limit", 10))
+        return web.json_response({"object": "list", "url": request.path,
+                                  "has_more": len(found) > limit, "data": found[:limit]})
 
     async def start(self) -> None:
         app = web.Application()

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from billing.errors import InvalidInput
 from billing.ledger import (
     NEGATIVE_KINDS,
     POSITIVE_KINDS,
@@ -42,7 +43,9 @@ def claw_sequence(cents: list[int], units: int = PACK_UNITS, price: int = PACK_C
     for c in cents:
         total_cents += c
         step = clawback_units(
-            lot_units=units, lot_price_cents=price, clawed_cents_total=total_cents,
+            lot_units=units,
+            lot_price_cents=price,
+            clawed_cents_total=total_cents,
             already_clawed=clawed,
         )
         clawed += step
@@ -68,21 +71,21 @@ def test_every_kind_has_a_sign_rule():
 
 @pytest.mark.parametrize("kind", list(EntryKind))
 def test_zero_amount_is_rejected_for_every_kind(kind):
-    with pytest.raises(ValueError, match="zero"):
+    with pytest.raises(InvalidInput, match="zero"):
         check_sign(kind, 0)
 
 
 @pytest.mark.parametrize("kind", sorted(POSITIVE_KINDS))
 def test_positive_kinds_reject_negative_amounts(kind):
     check_sign(kind, 1)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(InvalidInput, match="positive"):
         check_sign(kind, -1)
 
 
 @pytest.mark.parametrize("kind", sorted(NEGATIVE_KINDS))
 def test_negative_kinds_reject_positive_amounts(kind):
     check_sign(kind, -1)
-    with pytest.raises(ValueError, match="negative"):
+    with pytest.raises(InvalidInput, match="negative"):
         check_sign(kind, 1)
 
 
@@ -141,7 +144,11 @@ def test_debit_draws_earliest_expiry_first_then_ties_oldest_then_no_expiry():
         lot("never_new", 100, days=None, seq=5),
     ]
     assert [x.id for x in drawable(lots, NOW)] == [
-        "soon_old", "soon_new", "late", "never_old", "never_new"
+        "soon_old",
+        "soon_new",
+        "late",
+        "never_old",
+        "never_new",
     ]
     draw = plan_draw(lots, 350, NOW)
     assert draw.draws == (("soon_old", 100), ("soon_new", 100), ("late", 100), ("never_old", 50))
@@ -211,23 +218,33 @@ def test_one_cent_refunds_of_a_whole_pack_add_up_exactly():
 
 def test_clawback_never_exceeds_what_was_bought():
     assert claw_sequence([4000, 4000, 100]) == [408_163, 91_837, 0]
-    assert clawback_units(
-        lot_units=PACK_UNITS, lot_price_cents=PACK_CENTS, clawed_cents_total=10 * PACK_CENTS,
-        already_clawed=0,
-    ) == PACK_UNITS
+    assert (
+        clawback_units(
+            lot_units=PACK_UNITS,
+            lot_price_cents=PACK_CENTS,
+            clawed_cents_total=10 * PACK_CENTS,
+            already_clawed=0,
+        )
+        == PACK_UNITS
+    )
 
 
 def test_clawback_rounds_half_up():
     # 1 cent of a 2-cent 1-unit lot is exactly half a unit
-    assert clawback_units(lot_units=1, lot_price_cents=2, clawed_cents_total=1, already_clawed=0) == 1
+    assert (
+        clawback_units(lot_units=1, lot_price_cents=2, clawed_cents_total=1, already_clawed=0) == 1
+    )
     # 1 cent of a 3-cent 1-unit lot is a third: rounds to nothing yet
-    assert clawback_units(lot_units=1, lot_price_cents=3, clawed_cents_total=1, already_clawed=0) == 0
+    assert (
+        clawback_units(lot_units=1, lot_price_cents=3, clawed_cents_total=1, already_clawed=0) == 0
+    )
 
 
 def test_clawback_after_more_was_taken_takes_nothing():
-    assert clawback_units(
-        lot_units=100, lot_price_cents=100, clawed_cents_total=10, already_clawed=50
-    ) == 0
+    assert (
+        clawback_units(lot_units=100, lot_price_cents=100, clawed_cents_total=10, already_clawed=50)
+        == 0
+    )
 
 
 @pytest.mark.parametrize("price", [0, -1])
@@ -260,7 +277,9 @@ def test_dollars_keep_what_the_caller_wrote():
     assert dollars(3) == Decimal(3)
 
 
-@pytest.mark.parametrize("value", [True, False, None, "abc", float("nan"), float("inf"), "-inf", [1]])
+@pytest.mark.parametrize(
+    "value", [True, False, None, "abc", float("nan"), float("inf"), "-inf", [1]]
+)
 def test_dollars_reject_what_is_not_a_finite_number(value):
     assert dollars(value) is None
 
@@ -287,7 +306,11 @@ def test_cumulative_clawback_equals_rounding_of_the_total(units, price, parts):
 @settings(max_examples=300)
 @given(price=st.integers(1, 100_000), units=st.integers(1, 10_000_000), data=st.data())
 def test_any_partition_of_the_full_price_claws_back_every_unit(price, units, data):
-    cuts = data.draw(st.lists(st.integers(1, price - 1), unique=True, max_size=20)) if price > 1 else []
+    cuts = (
+        data.draw(st.lists(st.integers(1, price - 1), unique=True, max_size=20))
+        if price > 1
+        else []
+    )
     bounds = [0, *sorted(cuts), price]
     parts = [b - a for a, b in itertools.pairwise(bounds)]
     assert sum(claw_sequence(parts, units=units, price=price)) == units

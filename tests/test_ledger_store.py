@@ -28,26 +28,43 @@ async def open_account(accounts: Accounts, org: str, now: datetime) -> None:
 
 
 async def buy(
-    ledger: Ledger, org: str, now: datetime, pi: str, *, units: int = PACK_UNITS,
-    cents: int = PACK_CENTS, expires_at: datetime | None = None,
+    ledger: Ledger,
+    org: str,
+    now: datetime,
+    pi: str,
+    *,
+    units: int = PACK_UNITS,
+    cents: int = PACK_CENTS,
+    expires_at: datetime | None = None,
 ) -> LedgerResult:
     return await ledger.write(
-        org, key=f"payment:{pi}", kind=EntryKind.TOPUP, amount=units, now=now,
-        terms=LotTerms(payment_intent=pi, charge=f"ch_{pi}", price_cents=cents,
-                       pack_id="pack_500k", expires_at=expires_at),
+        org,
+        key=f"payment:{pi}",
+        kind=EntryKind.TOPUP,
+        amount=units,
+        now=now,
+        terms=LotTerms(
+            payment_intent=pi,
+            charge=f"ch_{pi}",
+            price_cents=cents,
+            pack_id="pack_500k",
+            expires_at=expires_at,
+        ),
     )
 
 
 async def debit(ledger: Ledger, org: str, now: datetime, run: str, units: int) -> LedgerResult:
-    return await ledger.write(org, key=f"usage:{run}:initial", kind=EntryKind.DEBIT,
-                              amount=-units, now=now)
+    return await ledger.write(
+        org, key=f"usage:{run}:initial", kind=EntryKind.DEBIT, amount=-units, now=now
+    )
 
 
 async def refund(
     ledger: Ledger, org: str, now: datetime, re: str, lot_id: str, cents: int
 ) -> LedgerResult:
-    return await ledger.clawback(org, key=f"refund:{re}", kind=EntryKind.REFUND, lot_id=lot_id,
-                                 cents=cents, now=now)
+    return await ledger.clawback(
+        org, key=f"refund:{re}", kind=EntryKind.REFUND, lot_id=lot_id, cents=cents, now=now
+    )
 
 
 def lot_of(result: LedgerResult) -> str:
@@ -66,7 +83,11 @@ async def lot_doc(db: Database, lot_id: str) -> Doc:
 
 
 async def assert_consistent(db: Database, org: str) -> Doc:
-    """SPEC §5.1 invariants of one organization; returns its account."""
+    """SPEC §5.1 invariants of one organization; returns its account.
+
+    `balance == sum(entries) == sum(lot.remaining) - debt`, debts never negative, each key once,
+    entries signed by kind and chained by `balance_after`, every lot within `0..units`.
+    """
     account = await db.accounts.find_one({"_id": org})
     assert account is not None
     entries = await entries_of(db, org)
@@ -120,7 +141,9 @@ async def test_an_account_named_by_a_stripe_event_gets_no_grant(accounts, db, or
     assert await db.ledger.count_documents({"org_id": org}) == 0
 
 
-async def test_unknown_organization_is_rejected_and_nothing_is_written(accounts, ledger, db, org, now):
+async def test_unknown_organization_is_rejected_and_nothing_is_written(
+    accounts, ledger, db, org, now
+):
     with pytest.raises(OrgNotFound) as raised:
         await debit(ledger, org, now, "r1", 10)
     assert raised.value.code == "ORG_NOT_FOUND" and raised.value.status == 404
@@ -129,8 +152,9 @@ async def test_unknown_organization_is_rejected_and_nothing_is_written(accounts,
     with pytest.raises(OrgNotFound):
         await refund(ledger, org, now, "re_1", "lot_x", 100)
     with pytest.raises(OrgNotFound):
-        await ledger.reinstate(org, key="dispute:dp:reinstated", withdrawn_key="dispute:dp:withdrawn",
-                               now=now)
+        await ledger.reinstate(
+            org, key="dispute:dp:reinstated", withdrawn_key="dispute:dp:withdrawn", now=now
+        )
     with pytest.raises(OrgNotFound):
         await ledger.expire(org, "lot_x", now)
     with pytest.raises(OrgNotFound):
@@ -155,13 +179,20 @@ async def test_malformed_organization_ids_are_rejected(accounts, now, bad):
 
 @pytest.mark.parametrize(
     ("kind", "amount"),
-    [(EntryKind.DEBIT, 0), (EntryKind.ADJUSTMENT, 0), (EntryKind.TOPUP, 0),
-     (EntryKind.DEBIT, 5), (EntryKind.GRANT, -5), (EntryKind.EXPIRATION, 5)],
+    [
+        (EntryKind.DEBIT, 0),
+        (EntryKind.ADJUSTMENT, 0),
+        (EntryKind.TOPUP, 0),
+        (EntryKind.DEBIT, 5),
+        (EntryKind.GRANT, -5),
+        (EntryKind.EXPIRATION, 5),
+    ],
 )
-async def test_zero_or_wrongly_signed_entries_are_rejected(accounts, ledger, db, org, now, kind,
-                                                          amount):
+async def test_zero_or_wrongly_signed_entries_are_rejected(
+    accounts, ledger, db, org, now, kind, amount
+):
     await open_account(accounts, org, now)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidInput):
         await ledger.write(org, key="k", kind=kind, amount=amount, now=now)
     with pytest.raises(InvalidInput):
         await refund(ledger, org, now, "re_0", "lot_x", 0)
@@ -170,8 +201,9 @@ async def test_zero_or_wrongly_signed_entries_are_rejected(accounts, ledger, db,
     assert (await accounts.get(org))["seq"] == 0  # the aborted transaction left no lock behind
 
 
-async def test_replaying_a_key_returns_the_first_entry_and_writes_nothing(accounts, ledger, db, org,
-                                                                        now):
+async def test_replaying_a_key_returns_the_first_entry_and_writes_nothing(
+    accounts, ledger, db, org, now
+):
     await open_account(accounts, org, now)
     first = await buy(ledger, org, now, "pi_1")
     assert first.applied and first.amount == PACK_UNITS and first.balance == PACK_UNITS
@@ -202,7 +234,11 @@ async def test_debit_beyond_the_balance_goes_negative_and_the_next_topup_repays_
     assert top.balance == PACK_UNITS - 1000
     assert top.entry["repaid"] == {"other": 0, "usage": 1000}
     lot = await lot_doc(db, lot_of(top))
-    assert (lot["units"], lot["remaining"], lot["repaid_debt"]) == (PACK_UNITS, PACK_UNITS - 1000, 1000)
+    assert (lot["units"], lot["remaining"], lot["repaid_debt"]) == (
+        PACK_UNITS,
+        PACK_UNITS - 1000,
+        1000,
+    )
     account = await assert_consistent(db, org)
     assert (account["usage_debt"], account["other_debt"]) == (0, 0)
 
@@ -211,15 +247,26 @@ async def test_debits_draw_earliest_expiry_first_and_lots_without_expiry_last(
     accounts, ledger, db, org, now
 ):
     await open_account(accounts, org, now)
-    never = lot_of(await ledger.write(org, key="grant:a", kind=EntryKind.GRANT, amount=100, now=now))
+    never = lot_of(
+        await ledger.write(org, key="grant:a", kind=EntryKind.GRANT, amount=100, now=now)
+    )
     late = lot_of(await buy(ledger, org, now, "pi_late", units=100, expires_at=now + YEAR))
-    soon_old = lot_of(await buy(ledger, org, now, "pi_so", units=100, expires_at=now + timedelta(days=3)))
-    soon_new = lot_of(await buy(ledger, org, now, "pi_sn", units=100, expires_at=now + timedelta(days=3)))
-    never_new = lot_of(await ledger.write(org, key="admin:x", kind=EntryKind.ADJUSTMENT, amount=100,
-                                          now=now))
+    soon_old = lot_of(
+        await buy(ledger, org, now, "pi_so", units=100, expires_at=now + timedelta(days=3))
+    )
+    soon_new = lot_of(
+        await buy(ledger, org, now, "pi_sn", units=100, expires_at=now + timedelta(days=3))
+    )
+    never_new = lot_of(
+        await ledger.write(org, key="admin:x", kind=EntryKind.ADJUSTMENT, amount=100, now=now)
+    )
     result = await debit(ledger, org, now, "r1", 450)
     assert [(d["lot_id"], d["units"]) for d in result.entry["draws"]] == [
-        (soon_old, 100), (soon_new, 100), (late, 100), (never, 100), (never_new, 50)
+        (soon_old, 100),
+        (soon_new, 100),
+        (late, 100),
+        (never, 100),
+        (never_new, 50),
     ]
     remaining = {x["_id"]: x["remaining"] async for x in db.lots.find({"org_id": org})}
     assert remaining == {soon_old: 0, soon_new: 0, late: 0, never: 0, never_new: 50}
@@ -228,8 +275,11 @@ async def test_debits_draw_earliest_expiry_first_and_lots_without_expiry_last(
 
 async def test_expired_lots_are_not_drawn(accounts, ledger, db, org, now):
     await open_account(accounts, org, now)
-    expired = lot_of(await buy(ledger, org, now - YEAR, "pi_old", units=1000,
-                               expires_at=now - timedelta(seconds=1)))
+    expired = lot_of(
+        await buy(
+            ledger, org, now - YEAR, "pi_old", units=1000, expires_at=now - timedelta(seconds=1)
+        )
+    )
     live = lot_of(await buy(ledger, org, now, "pi_new", units=300))
     result = await debit(ledger, org, now, "r1", 500)
     assert result.entry["draws"] == [{"lot_id": live, "units": 300}]
@@ -248,7 +298,9 @@ async def test_admin_adjustments_of_both_signs(accounts, ledger, db, org, now):
     await open_account(accounts, org, now)
     plus = await ledger.write(org, key="admin:r1", kind=EntryKind.ADJUSTMENT, amount=1000, now=now)
     assert plus.entry["lot_id"] is not None
-    minus = await ledger.write(org, key="admin:r2", kind=EntryKind.ADJUSTMENT, amount=-1500, now=now)
+    minus = await ledger.write(
+        org, key="admin:r2", kind=EntryKind.ADJUSTMENT, amount=-1500, now=now
+    )
     assert minus.balance == -500 and minus.entry["debt_added"] == 500
     account = await assert_consistent(db, org)
     assert (account["usage_debt"], account["other_debt"]) == (0, 500)
@@ -258,8 +310,9 @@ async def test_settlement_repays_only_usage_debt(accounts, ledger, db, org, now)
     await open_account(accounts, org, now)
     await debit(ledger, org, now, "r1", 300)
     await ledger.write(org, key="admin:r1", kind=EntryKind.ADJUSTMENT, amount=-200, now=now)
-    settle = await ledger.write(org, key="settle:2026-W19", kind=EntryKind.SETTLEMENT, amount=300,
-                                now=now)
+    settle = await ledger.write(
+        org, key="settle:2026-W19", kind=EntryKind.SETTLEMENT, amount=300, now=now
+    )
     assert settle.entry["repaid"] == {"other": 0, "usage": 300}
     account = await assert_consistent(db, org)
     assert (account["balance"], account["usage_debt"], account["other_debt"]) == (-200, 0, 200)
@@ -273,17 +326,21 @@ async def test_settlement_repays_only_usage_debt(accounts, ledger, db, org, now)
 
 async def test_expiry_removes_only_the_unspent_remainder(accounts, ledger, db, org, now):
     await open_account(accounts, org, now)
-    lot = lot_of(await buy(ledger, org, now, "pi_1", units=1000, expires_at=now + timedelta(days=1)))
+    lot = lot_of(
+        await buy(ledger, org, now, "pi_1", units=1000, expires_at=now + timedelta(days=1))
+    )
     await ledger.write(org, key="grant:keep", kind=EntryKind.GRANT, amount=50, now=now)
     await debit(ledger, org, now, "r1", 300)
     later = now + timedelta(days=2)
-    assert [x["_id"] for x in await ledger.expired_lots(later, None, 1000) if x["org_id"] == org] == [
-        lot
-    ]
+    assert [
+        x["_id"] for x in await ledger.expired_lots(later, None, 1000) if x["org_id"] == org
+    ] == [lot]
     result = await ledger.expire(org, lot, later)
     assert result.applied
     assert (result.entry["kind"], result.entry["key"], result.amount) == (
-        "expiration", f"expire:{lot}", -700
+        "expiration",
+        f"expire:{lot}",
+        -700,
     )
     assert result.balance == 50
     assert (await lot_doc(db, lot))["remaining"] == 0
@@ -295,17 +352,25 @@ async def test_expiry_removes_only_the_unspent_remainder(accounts, ledger, db, o
 
 async def test_a_fully_used_lot_expires_silently(accounts, ledger, db, org, now):
     await open_account(accounts, org, now)
-    lot = lot_of(await buy(ledger, org, now, "pi_1", units=1000, expires_at=now + timedelta(days=1)))
+    lot = lot_of(
+        await buy(ledger, org, now, "pi_1", units=1000, expires_at=now + timedelta(days=1))
+    )
     await debit(ledger, org, now, "r1", 1000)
     result = await ledger.expire(org, lot, now + timedelta(days=2))
     assert (result.applied, result.entry, result.balance) == (False, None, 0)
     assert await db.ledger.count_documents({"org_id": org, "kind": "expiration"}) == 0
 
 
-async def test_a_lot_is_not_expired_before_its_time_or_without_expiry(accounts, ledger, db, org, now):
+async def test_a_lot_is_not_expired_before_its_time_or_without_expiry(
+    accounts, ledger, db, org, now
+):
     await open_account(accounts, org, now)
-    dated = lot_of(await buy(ledger, org, now, "pi_1", units=1000, expires_at=now + timedelta(days=1)))
-    undated = lot_of(await ledger.write(org, key="grant:g", kind=EntryKind.GRANT, amount=10, now=now))
+    dated = lot_of(
+        await buy(ledger, org, now, "pi_1", units=1000, expires_at=now + timedelta(days=1))
+    )
+    undated = lot_of(
+        await ledger.write(org, key="grant:g", kind=EntryKind.GRANT, amount=10, now=now)
+    )
     assert not (await ledger.expire(org, dated, now)).applied
     assert not (await ledger.expire(org, undated, now + 100 * YEAR)).applied
     with pytest.raises(NotFound):
@@ -326,7 +391,11 @@ async def test_full_refund_claws_back_exactly_the_pack(accounts, ledger, db, org
     assert result.applied and result.amount == -PACK_UNITS and result.balance == 0
     assert result.entry["lot_id"] == lot and result.entry["meta"] == {"cents": PACK_CENTS}
     doc = await lot_doc(db, lot)
-    assert (doc["remaining"], doc["clawed_units"], doc["clawback_cents"]) == (0, PACK_UNITS, PACK_CENTS)
+    assert (doc["remaining"], doc["clawed_units"], doc["clawback_cents"]) == (
+        0,
+        PACK_UNITS,
+        PACK_CENTS,
+    )
     await assert_consistent(db, org)
 
 
@@ -341,8 +410,9 @@ async def test_partial_refunds_sum_to_exactly_the_pack(accounts, ledger, db, org
     assert (await assert_consistent(db, org))["balance"] == 0
 
 
-async def test_refunds_beyond_the_price_claw_back_no_more_than_was_bought(accounts, ledger, db, org,
-                                                                         now):
+async def test_refunds_beyond_the_price_claw_back_no_more_than_was_bought(
+    accounts, ledger, db, org, now
+):
     await open_account(accounts, org, now)
     lot = lot_of(await buy(ledger, org, now, "pi_1"))
     await refund(ledger, org, now, "re_1", lot, 4000)
@@ -371,20 +441,28 @@ async def test_refund_beyond_the_lot_remaining_becomes_debt(accounts, ledger, db
     assert (await assert_consistent(db, org))["other_debt"] == 0
 
 
-async def test_refund_excess_is_taken_from_other_lots_before_it_becomes_debt(accounts, ledger, db,
-                                                                           org, now):
+async def test_refund_excess_is_taken_from_other_lots_before_it_becomes_debt(
+    accounts, ledger, db, org, now
+):
     await open_account(accounts, org, now)
     lot = lot_of(await buy(ledger, org, now, "pi_1", expires_at=now + YEAR))
-    grant = lot_of(await ledger.write(org, key="grant:g", kind=EntryKind.GRANT, amount=1000, now=now))
+    grant = lot_of(
+        await ledger.write(org, key="grant:g", kind=EntryKind.GRANT, amount=1000, now=now)
+    )
     await debit(ledger, org, now, "r1", 499_000)  # the expiring pack is drawn first
     result = await refund(ledger, org, now, "re_1", lot, PACK_CENTS)
-    assert result.entry["draws"] == [{"lot_id": lot, "units": 1000}, {"lot_id": grant, "units": 1000}]
+    assert result.entry["draws"] == [
+        {"lot_id": lot, "units": 1000},
+        {"lot_id": grant, "units": 1000},
+    ]
     assert result.entry["debt_added"] == 498_000
     account = await assert_consistent(db, org)
     assert (account["balance"], account["other_debt"]) == (-498_000, 498_000)
 
 
-async def test_clawback_from_an_expired_lot_takes_it_before_the_sweep(accounts, ledger, db, org, now):
+async def test_clawback_from_an_expired_lot_takes_it_before_the_sweep(
+    accounts, ledger, db, org, now
+):
     await open_account(accounts, org, now)
     lot = lot_of(await buy(ledger, org, now - YEAR, "pi_1", expires_at=now - timedelta(days=1)))
     result = await refund(ledger, org, now, "re_1", lot, PACK_CENTS)
@@ -394,8 +472,9 @@ async def test_clawback_from_an_expired_lot_takes_it_before_the_sweep(accounts, 
     assert (await assert_consistent(db, org))["balance"] == 0
 
 
-async def test_a_clawback_rounding_to_zero_units_still_counts_its_cents(accounts, ledger, db, org,
-                                                                       now):
+async def test_a_clawback_rounding_to_zero_units_still_counts_its_cents(
+    accounts, ledger, db, org, now
+):
     await open_account(accounts, org, now)
     lot = lot_of(await buy(ledger, org, now, "pi_1", units=1, cents=3))
     first = await refund(ledger, org, now, "re_1", lot, 1)
@@ -417,8 +496,9 @@ async def test_clawback_needs_a_purchased_lot_of_the_organization(accounts, ledg
     with pytest.raises(NotFound):
         await refund(ledger, org, now, "re_1", "lot_unknown", 100)
     with pytest.raises(ValueError):
-        await ledger.clawback(org, key="refund:re_2", kind=EntryKind.DEBIT, lot_id=grant, cents=1,
-                              now=now)
+        await ledger.clawback(
+            org, key="refund:re_2", kind=EntryKind.DEBIT, lot_id=grant, cents=1, now=now
+        )
 
 
 async def test_replayed_clawback_writes_nothing(accounts, ledger, db, org, now):
@@ -433,36 +513,43 @@ async def test_replayed_clawback_writes_nothing(accounts, ledger, db, org, now):
     assert await db.ledger.count_documents({"org_id": org}) == 2
 
 
-async def test_a_reinstated_dispute_restores_exactly_what_it_clawed_back(accounts, ledger, db, org,
-                                                                       now):
+async def test_a_reinstated_dispute_restores_exactly_what_it_clawed_back(
+    accounts, ledger, db, org, now
+):
     await open_account(accounts, org, now)
     expires = now + YEAR
     lot = lot_of(await buy(ledger, org, now, "pi_1", expires_at=expires))
     await refund(ledger, org, now, "re_1", lot, 1633)
-    withdrawn = await ledger.clawback(org, key="dispute:dp_1:withdrawn", kind=EntryKind.DISPUTE,
-                                      lot_id=lot, cents=1633, now=now)
+    withdrawn = await ledger.clawback(
+        org, key="dispute:dp_1:withdrawn", kind=EntryKind.DISPUTE, lot_id=lot, cents=1633, now=now
+    )
     assert withdrawn.amount == -166_632  # cumulative rounding with the earlier refund
     assert withdrawn.balance == PACK_UNITS - 166_633 - 166_632
-    back = await ledger.reinstate(org, key="dispute:dp_1:reinstated",
-                                  withdrawn_key="dispute:dp_1:withdrawn", now=now)
+    back = await ledger.reinstate(
+        org, key="dispute:dp_1:reinstated", withdrawn_key="dispute:dp_1:withdrawn", now=now
+    )
     assert back.applied and back.amount == 166_632
     assert back.balance == PACK_UNITS - 166_633
     new_lot = await lot_doc(db, lot_of(back))
     assert new_lot["_id"] != lot
-    assert (new_lot["kind"], new_lot["units"], new_lot["remaining"]) == ("reinstatement", 166_632,
-                                                                        166_632)
+    assert (new_lot["kind"], new_lot["units"], new_lot["remaining"]) == (
+        "reinstatement",
+        166_632,
+        166_632,
+    )
     assert (new_lot["source_lot"], new_lot["expires_at"]) == (lot, expires)
     assert new_lot["price_cents"] is None  # not itself a purchase to claw back from
     doc = await lot_doc(db, lot)
     assert (doc["clawback_cents"], doc["clawed_units"]) == (1633, 166_633)
 
-    twice = await ledger.reinstate(org, key="dispute:dp_1:reinstated",
-                                   withdrawn_key="dispute:dp_1:withdrawn", now=now)
+    twice = await ledger.reinstate(
+        org, key="dispute:dp_1:reinstated", withdrawn_key="dispute:dp_1:withdrawn", now=now
+    )
     assert not twice.applied and twice.balance == back.balance
     assert await db.lots.count_documents({"org_id": org, "kind": "reinstatement"}) == 1
-    replayed_withdrawal = await ledger.clawback(org, key="dispute:dp_1:withdrawn",
-                                                kind=EntryKind.DISPUTE, lot_id=lot, cents=1633,
-                                                now=now)
+    replayed_withdrawal = await ledger.clawback(
+        org, key="dispute:dp_1:withdrawn", kind=EntryKind.DISPUTE, lot_id=lot, cents=1633, now=now
+    )
     assert not replayed_withdrawal.applied and replayed_withdrawal.balance == back.balance
     # the rest of the charge can still be refunded, and adds up to the pack exactly
     rest = await refund(ledger, org, now, "re_2", lot, PACK_CENTS - 1633)
@@ -471,13 +558,19 @@ async def test_a_reinstated_dispute_restores_exactly_what_it_clawed_back(account
     await assert_consistent(db, org)
 
 
-async def test_reinstating_a_dispute_that_withdrew_nothing_writes_nothing(accounts, ledger, db, org,
-                                                                         now):
+async def test_reinstating_a_dispute_that_withdrew_nothing_writes_nothing(
+    accounts, ledger, db, org, now
+):
     await open_account(accounts, org, now)
     await buy(ledger, org, now, "pi_1")
-    result = await ledger.reinstate(org, key="dispute:dp_9:reinstated",
-                                    withdrawn_key="dispute:dp_9:withdrawn", now=now)
-    assert (result.applied, result.entry, result.notes) == (False, None, {"reason": "not_withdrawn"})
+    result = await ledger.reinstate(
+        org, key="dispute:dp_9:reinstated", withdrawn_key="dispute:dp_9:withdrawn", now=now
+    )
+    assert (result.applied, result.entry, result.notes) == (
+        False,
+        None,
+        {"reason": "not_withdrawn"},
+    )
     assert result.balance == PACK_UNITS
     assert await db.ledger.count_documents({"org_id": org}) == 1
 
@@ -503,7 +596,9 @@ async def test_the_purchase_lot_is_found_by_payment_intent_or_charge(accounts, l
     assert by_pi is not None and by_charge is not None
     assert by_pi["_id"] == by_charge["_id"] == lot
     assert await ledger.find_purchase_lot(org, payment_intent=None, charge=None) is None
-    assert await ledger.find_purchase_lot("other-org", payment_intent="pi_find", charge=None) is None
+    assert (
+        await ledger.find_purchase_lot("other-org", payment_intent="pi_find", charge=None) is None
+    )
 
 
 # ---- concurrency -------------------------------------------------------------------------------
@@ -535,7 +630,10 @@ async def test_concurrent_clawbacks_of_one_lot_sum_exactly(accounts, ledger, db,
     odd = lot_of(await buy(ledger, org, now, "pi_odd"))
     cents = lot_of(await buy(ledger, org, now, "pi_cents"))
     results = await asyncio.gather(
-        *(refund(ledger, org, now, f"re_odd_{i}", odd, c) for i, c in enumerate([1633, 1633, 1634])),
+        *(
+            refund(ledger, org, now, f"re_odd_{i}", odd, c)
+            for i, c in enumerate([1633, 1633, 1634])
+        ),
         *(refund(ledger, org, now, f"re_c_{i}", cents, 100) for i in range(49)),
     )
     assert sum(r.amount for r in results[:3]) == -PACK_UNITS
@@ -543,6 +641,8 @@ async def test_concurrent_clawbacks_of_one_lot_sum_exactly(accounts, ledger, db,
     for lot in (odd, cents):
         doc = await lot_doc(db, lot)
         assert (doc["clawed_units"], doc["clawback_cents"], doc["remaining"]) == (
-            PACK_UNITS, PACK_CENTS, 0
+            PACK_UNITS,
+            PACK_CENTS,
+            0,
         )
     assert (await assert_consistent(db, org))["balance"] == 0

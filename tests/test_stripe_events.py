@@ -281,6 +281,31 @@ async def test_dispute_lifecycle_claws_back_once_and_reinstates_exactly(
     assert [notes[t] for t in ("dispute.opened", "dispute.lost", "dispute.reinstated")] == [1, 1, 1]
 
 
+async def test_reinstatement_before_its_withdrawal_waits_for_it(
+    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
+):
+    """Stripe does not order deliveries: a reinstatement that arrives first is retried until the
+    withdrawal is applied, so the pair nets to zero instead of clawing back for good."""
+    pi, ch, dp = new_id("pi"), new_id("ch"), new_id("dp")
+    await purchase(api, temporal_client, org, pi=pi, ch=ch)
+    reinstated = event("charge.dispute.funds_reinstated",
+                       dispute(dp=dp, ch=ch, pi=pi, amount=4900, status="won"))
+    withdrawn = event("charge.dispute.funds_withdrawn",
+                      dispute(dp=dp, ch=ch, pi=pi, amount=4900, status="needs_response"))
+    assert (await deliver(api, reinstated)).status_code == 200
+    await asyncio.sleep(1.5)  # the reinstatement has failed its first attempt by now
+    assert (await send(api, temporal_client, withdrawn)).outcome == "applied"
+    assert (await outcome(temporal_client, reinstated)).outcome == "applied"
+    handle = temporal_client.get_workflow_handle(f"stripe-{reinstated['id']}")
+    history = await handle.fetch_history()
+    attempts = [e.activity_task_started_event_attributes.attempt for e in history.events
+                if e.HasField("activity_task_started_event_attributes")]
+    assert max(attempts) >= 2  # it did arrive first, and waited
+    amounts = sorted(e["amount"] for e in await entries(api, org))
+    assert amounts == [-500000, 500000, 500000]
+    assert await balance(api, org) == 500000
+
+
 # ---- subscriptions and invoices ------------------------------------------------------------------
 
 

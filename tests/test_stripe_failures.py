@@ -78,7 +78,8 @@ async def failed_ids(client: Client, org: str, task_queue: str) -> set[str]:
 def cli(client: Client, runtime: Runtime, *args: str) -> Any:
     env = {"TEMPORAL_ADDRESS": client.service_client.config.target_host,
            "TEMPORAL_NAMESPACE": client.namespace,
-           "TEMPORAL_TASK_QUEUE": runtime.settings.temporal_task_queue}
+           "TEMPORAL_TASK_QUEUE": runtime.settings.temporal_task_queue,
+           "COLUMNS": "200"}  # rich wraps at 80 columns when it is not on a terminal
     return CliRunner().invoke(cli_app, list(args), env=env)
 
 
@@ -140,7 +141,7 @@ async def test_stripe_answering_500_fails_after_five_calls_and_retry_all_applies
 
     stripe_fake.add(subscription(sub=sub, customer=cus, price="price_pro_monthly"))
     retried = await retry_all_failed(temporal_client, org=org, task_queue=task_queue)
-    assert [wid for wid, _ in retried] == [handle.id]
+    assert (retried.workflow_ids, retried.reset, retried.failed) == ([handle.id], 1, 0)
     result: StripeEventOutcome = await temporal_client.get_workflow_handle(
         handle.id, result_type=StripeEventOutcome).result()
     assert result.outcome == "applied"

@@ -3,6 +3,7 @@
 The workflow only decides: which Stripe reads the payload needs (a subscription's real status, a
 payment intent's metadata, line items, the refunds of a charge) and which apply activity writes
 the effect. Each apply activity is one MongoDB transaction that also records the outcome.
+A run started with a `StripeReplay` (`billing replay`) first retrieves its event from Stripe.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from typing import Any
 
 from temporalio import workflow
 
-from billing.models import StripeApply, StripeEvent, StripeEventOutcome, SubscriptionState
+from billing.models import (
+    StripeApply,
+    StripeEvent,
+    StripeEventOutcome,
+    StripeReplay,
+    SubscriptionState,
+)
 from workflows.common import FAIL_ON, call
 from workflows.search import ORG_ID, STRIPE_EVENT_TYPE
 
@@ -52,7 +59,9 @@ def _expanded(value: object) -> Obj | None:
 @workflow.defn(failure_exception_types=FAIL_ON)
 class StripeEventWorkflow:
     @workflow.run
-    async def run(self, event: StripeEvent) -> StripeEventOutcome:
+    async def run(self, event: StripeEvent | StripeReplay) -> StripeEventOutcome:
+        if isinstance(event, StripeReplay):
+            event = await call("stripe_retrieve_event", event.event_id, StripeEvent)
         obj = event.object
         org = se.org_from(obj, se.invoice_subscription_metadata(obj))
         attributes = [STRIPE_EVENT_TYPE.value_set(event.type)]

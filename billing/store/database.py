@@ -32,6 +32,7 @@ INDEXES: dict[str, list[IndexModel]] = {
     "usage": [
         IndexModel([("org_id", ASCENDING), ("run_id", ASCENDING), ("step", ASCENDING)],
                    unique=True, name="org_run_step"),
+        IndexModel([("org_id", ASCENDING), ("week", ASCENDING)], name="org_week"),
     ],
     "subscriptions": [
         IndexModel([("stripe_customer_id", ASCENDING)], name="stripe_customer"),

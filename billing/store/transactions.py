@@ -11,7 +11,12 @@ from typing import Any, TypeVar
 
 from pymongo import AsyncMongoClient, ReadPreference, WriteConcern
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+from pymongo.errors import (
+    ConnectionFailure,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
 from pymongo.read_concern import ReadConcern
 
 T = TypeVar("T")
@@ -39,7 +44,16 @@ def _has_label(exc: PyMongoError, label: str) -> bool:
     return exc.has_error_label(label)
 
 
+def _server_unreachable(exc: PyMongoError) -> bool:
+    """No server answered within `serverSelectionTimeoutMS`: this attempt is over. Retrying here
+    would hide an outage inside one activity attempt; the caller's retry policy (Temporal's
+    backoff, five attempts) is the budget."""
+    return isinstance(exc, ServerSelectionTimeoutError)
+
+
 def _is_transient(exc: PyMongoError) -> bool:
+    if _server_unreachable(exc):
+        return False
     if _has_label(exc, "TransientTransactionError"):
         return True
     # A write conflict outside the label (some servers omit it on the first statement).
@@ -103,6 +117,7 @@ async def _commit(session: AsyncClientSession, started: float, deadline_s: float
         except (ConnectionFailure, OperationFailure) as exc:
             if (
                 _has_label(exc, "UnknownTransactionCommitResult")
+                and not _server_unreachable(exc)
                 and time.monotonic() - started < deadline_s
             ):
                 continue

@@ -104,8 +104,9 @@ def parse_event(body: bytes) -> StripeEvent:
         data = json.loads(body)
     except ValueError as exc:
         raise BillingError("the body is not valid JSON", code="MALFORMED_JSON") from exc
-    shape_error = BillingError("an event needs a string id and type, an integer created and "
-                               "an object data.object", code="MALFORMED_EVENT")
+    shape_error = BillingError("an event needs an id of 1 to 255 letters, digits or `_.:-`, a "
+                               "string type, an integer Unix time created and an object "
+                               "data.object", code="MALFORMED_EVENT")
     if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
         raise shape_error
     try:

@@ -1,0 +1,135 @@
+"""The OpenAPI schema of the live app, fuzzed by schemathesis: no request makes a 5xx.
+
+The app runs as `billing serve` in its own process (configured from the environment only, as in
+production) against the suite's MongoDB and Temporal servers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.core.result import Ok
+from temporalio.client import Client
+
+from billing.config import Settings
+from starter.embedded import find_binary, free_port
+
+TOKEN = "live-token-3f9c2a"
+WEBHOOK_SECRET = "whsec_live_8d41e7"
+START_TIMEOUT_S = 30.0
+EXAMPLES_PER_OPERATION = 30
+
+
+@dataclass
+class LiveServer:
+    url: str
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def live_server(
+    settings: Settings, temporal_client: Client, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """`billing serve` on a free port of 127.0.0.1, its settings from the environment only."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("live") / "serve.log"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MONGODB_", "TEMPORAL_", "STRIPE_", "BILLING_"))}
+    env.update({
+        "MONGODB_URI": settings.mongodb_uri,
+        "MONGODB_DB": settings.mongodb_db,
+        "TEMPORAL_ADDRESS": temporal_client.service_client.config.target_host,
+        "TEMPORAL_TASK_QUEUE": f"billing-live-{uuid.uuid4().hex[:8]}",
+        "BILLING_API_TOKEN": TOKEN,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    })
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [find_binary("billing"), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    server = LiveServer(url=f"http://127.0.0.1:{port}", log=log, process=process)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"billing serve exited with {process.returncode}:\n{server.output()}")
+            try:
+                if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"billing serve not up within {START_TIMEOUT_S:.0f} s")
+            time.sleep(0.2)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def fuzz(operation: Any, mode: GenerationMode, base_url: str) -> str | None:
+    """Up to `EXAMPLES_PER_OPERATION` requests to one operation; the first failure, if any."""
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
+              phases=[Phase.explicit, Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    def run(case: Any) -> None:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        response = case.call(base_url=base_url, headers=headers, timeout=10)
+        case.validate_response(response, checks=[not_a_server_error], headers=headers)
+
+    try:
+        run()
+    except Unsatisfiable:
+        assert mode is GenerationMode.NEGATIVE, operation.label
+        return None  # an operation without parameters has no invalid request to make
+    except Exception as exc:
+        return f"{operation.label} ({mode.value}): {exc}"
+    return None
+
+
+def test_no_operation_answers_a_server_error(live_server: LiveServer) -> None:
+    schema = schemathesis.openapi.from_url(f"{live_server.url}/openapi.json")
+    operations = []
+    for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result  # every operation of the schema loads
+        operations.append(result.ok())
+    labels = {operation.label for operation in operations}
+    assert {"POST /stripe/webhook", "PUT /v1/orgs/{org}", "POST /v1/usage",
+            "GET /v1/orgs/{org}/ledger", "GET /v1/stripe-events/{event_id}"} <= labels
+    failures = [
+        failure
+        for operation in operations
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+        if (failure := fuzz(operation, mode, live_server.url)) is not None
+    ]
+    assert failures == [], "\n\n".join(failures)
+    assert live_server.process.poll() is None
+    answered = re.findall(r'HTTP/1.1" (\d{3})', live_server.output())
+    assert len(answered) >= 10 * len(operations)  # the examples were sent
+    assert [status for status in answered if status.startswith("5")] == []
