@@ -97,7 +97,10 @@ def plan_credit(debt: Debt, units: int, *, usage_debt_only: bool = False) -> Rep
 def drawable(lots: list[OpenLot], now: datetime) -> list[OpenLot]:
     """Lots a debit may draw from, in draw order: earliest `expires_at` first, lots without
     expiry last, ties oldest first. Expired lots are left for the expiry sweep."""
-    live = [lot for lot in lots if lot.remaining > 0 and (lot.expires_at is None or lot.expires_at > now)]
+    live = [
+        lot for lot in lots
+        if lot.remaining > 0 and (lot.expires_at is None or lot.expires_at > now)
+    ]
     return sorted(
         live,
         key=lambda lot: (lot.expires_at is None, lot.expires_at or now, lot.seq),

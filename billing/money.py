@@ -23,5 +23,5 @@ def dollars(value: object) -> Decimal | None:
 def round_half_up_div(numerator: int, denominator: int) -> int:
     """`round_half_up(numerator / denominator)` for non-negative integers, exactly."""
     if denominator <= 0 or numerator < 0:
-        raise ValueError("round_half_up_div takes a non-negative numerator and a positive denominator")
+        raise ValueError("round_half_up_div takes a numerator >= 0 and a denominator > 0")
     return (2 * numerator + denominator) // (2 * denominator)

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 
 import pytest
 from temporalio.client import Client
-
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 

@@ -188,7 +188,8 @@ async def test_metrics_count_committed_ledger_entries_once(runtime, org, now) ->
     from billing.ledger import EntryKind
 
     def written() -> float:
-        return REGISTRY.get_sample_value("billing_ledger_entries_total", {"kind": "adjustment"}) or 0
+        sample = REGISTRY.get_sample_value("billing_ledger_entries_total", {"kind": "adjustment"})
+        return sample or 0.0
 
     await runtime.accounts.register(org, now)
     before = written()

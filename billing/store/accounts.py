@@ -52,7 +52,9 @@ class Accounts:
         self.config = config
         self.ledger = Ledger(db)
 
-    async def ensure_in(self, session: AsyncClientSession | None, org_id: str, now: datetime) -> bool:
+    async def ensure_in(
+        self, session: AsyncClientSession | None, org_id: str, now: datetime
+    ) -> bool:
         """Create the account on the default plan if it does not exist; True when created."""
         check_org_id(org_id)
         result = await self.db.accounts.update_one(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
@@ -104,10 +105,8 @@ class Database:
         existing = set(await self.db.list_collection_names())
         for name, indexes in INDEXES.items():
             if name not in existing:
-                try:
+                with contextlib.suppress(CollectionInvalid):  # another process was first
                     await self.db.create_collection(name)
-                except CollectionInvalid:
-                    pass  # another process created it first
             await self.db[name].create_indexes(indexes)
 
     async def ping(self) -> None:

@@ -100,7 +100,9 @@ class Ledger:
             session=session,
         )
         return [
-            OpenLot(id=d["_id"], remaining=d["remaining"], expires_at=d.get("expires_at"), seq=d["seq"])
+            OpenLot(
+                id=d["_id"], remaining=d["remaining"], expires_at=d.get("expires_at"), seq=d["seq"]
+            )
             async for d in cursor
         ]
 
@@ -267,7 +269,9 @@ class Ledger:
         memo: str = "",
         meta: dict[str, Any] | None = None,
     ) -> LedgerResult:
-        """Refund or dispute of `cents` against the lot bought with the charge (cumulative rounding).
+        """Refund or dispute of `cents` against the lot bought with the charge.
+
+        Rounding is cumulative (`billing.ledger.clawback_units`).
 
         The lot keeps each clawback `{key, cents, units}`, so the cumulative total is exact even
         when a clawback rounds to zero units and writes no entry.
@@ -356,7 +360,9 @@ class Ledger:
         await self.db.lots.update_one(
             {"_id": lot["_id"]},
             {
-                "$push": {"clawbacks": {"key": key, "cents": -taken["cents"], "units": -taken["units"]}},
+                "$push": {
+                    "clawbacks": {"key": key, "cents": -taken["cents"], "units": -taken["units"]}
+                },
                 "$inc": {"clawback_cents": -taken["cents"], "clawed_units": -taken["units"]},
             },
             session=session,
@@ -382,7 +388,9 @@ class Ledger:
         return await run_in_transaction(self.db.client, work)
 
     async def expire(self, org_id: str, lot_id: str, now: datetime) -> LedgerResult:
-        """Remove what is left of an expired lot (`expire:<lot id>`); a used-up lot expires silently."""
+        """Remove what is left of an expired lot (`expire:<lot id>`).
+
+        A used-up lot expires silently: zero-amount entries are never written."""
 
         async def work(session: AsyncClientSession) -> LedgerResult:
             key = f"expire:{lot_id}"

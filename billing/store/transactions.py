@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import weakref
@@ -126,10 +127,9 @@ async def _commit(session: AsyncClientSession, started: float, deadline_s: float
 
 async def _abort(session: AsyncClientSession) -> None:
     if session.in_transaction:
-        try:
+        # When this fails the server aborts on its own once the session goes away.
+        with contextlib.suppress(PyMongoError):
             await session.abort_transaction()
-        except PyMongoError:
-            pass  # the server aborts on its own when the session goes away
 
 
 async def _backoff(attempt: int) -> None:
