@@ -130,8 +130,7 @@ class StripeApiActivities:
 def _event(obj: Obj) -> StripeEvent:
     """An API event in the shape the webhook receiver passes to `StripeEventWorkflow`."""
     try:
-        return StripeEvent(id=obj["id"], type=obj["type"], created=obj["created"],
-                           object=obj["data"]["object"], livemode=obj.get("livemode") is True)
-    except (KeyError, TypeError, ValueError) as exc:
+        return StripeEvent.from_stripe(obj)
+    except ValueError as exc:
         raise ApplicationError(f"malformed event {obj.get('id')}: {exc!r}",
                                type="MALFORMED_STRIPE_OBJECT", non_retryable=True) from exc

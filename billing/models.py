@@ -101,6 +101,18 @@ class StripeEvent(BaseModel):
     object: dict[str, Any]
     livemode: bool = False
 
+    @classmethod
+    def from_stripe(cls, data: Any) -> StripeEvent:
+        """The event envelope Stripe sends or lists (`data.object` inside); raises `ValueError`
+        (a pydantic `ValidationError`) when it does not have that shape."""
+        if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
+            raise ValueError("an event is an object with an object `data`")
+        return cls.model_validate(
+            {"id": data.get("id"), "type": data.get("type"), "created": data.get("created"),
+             "object": data["data"].get("object"), "livemode": data.get("livemode") is True},
+            strict=True,
+        )
+
 
 class StripeReplay(BaseModel):
     """Input of a `StripeEventWorkflow` run that retrieves its event from Stripe first

@@ -14,7 +14,7 @@ from typing import Literal
 
 import stripe
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from temporalio.client import Client
 from temporalio.common import (
     SearchAttributePair,
@@ -107,15 +107,9 @@ def parse_event(body: bytes) -> StripeEvent:
     shape_error = BillingError("an event needs an id of 1 to 255 letters, digits or `_.:-`, a "
                                "string type, an integer Unix time created and an object "
                                "data.object", code="MALFORMED_EVENT")
-    if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
-        raise shape_error
     try:
-        return StripeEvent.model_validate(
-            {"id": data.get("id"), "type": data.get("type"), "created": data.get("created"),
-             "object": data["data"].get("object"), "livemode": data.get("livemode") is True},
-            strict=True,
-        )
-    except ValidationError as exc:
+        return StripeEvent.from_stripe(data)
+    except ValueError as exc:
         raise shape_error from exc
 
 
