@@ -268,7 +268,7 @@ class StripeEventActivities:
         disputed amount once), funds reinstated or won (give back exactly what was clawed)."""
         ledger = self.runtime.ledger
         dispute = apply.event.object
-        dp = str(dispute.get("id"))
+        dp = se.ref_id(dispute.get("id"))
         charge = se.ref_id(dispute.get("charge"))
         lot = await self._purchase_lot(apply, charge=charge)
         kind = apply.event.type.removeprefix("charge.dispute.")
@@ -281,6 +281,8 @@ class StripeEventActivities:
         async def work(session: AsyncClientSession, outcome: Outcome) -> None:
             if lot is not None:
                 outcome.org_id = lot["org_id"]
+            if dp is None:
+                return outcome.set("unresolved", "the dispute has no id")
             if kind == "created":
                 if outcome.org_id is None:
                     return outcome.set("unresolved", "no organization for the disputed charge")

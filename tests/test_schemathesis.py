@@ -1,4 +1,5 @@
-"""The OpenAPI schema of the live app, fuzzed by schemathesis: no request makes a 5xx.
+"""The OpenAPI schema of the live app, fuzzed by schemathesis: no request makes a 5xx, and the
+server's output never carries a token, secret or signature.
 
 The app runs as `billing serve` in its own process (configured from the environment only, as in
 production) against the suite's MongoDB and Temporal servers.
@@ -24,6 +25,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
+from stripe_payloads import sign
 from temporalio.client import Client
 
 from billing.config import Settings
@@ -133,3 +135,23 @@ def test_no_operation_answers_a_server_error(live_server: LiveServer) -> None:
     answered = re.findall(r'HTTP/1.1" (\d{3})', live_server.output())
     assert len(answered) >= 10 * len(operations)  # the examples were sent
     assert [status for status in answered if status.startswith("5")] == []
+
+
+def test_the_live_server_logs_no_secret_token_or_signature(live_server: LiveServer) -> None:
+    """Its output after the fuzzing (every request carried the token) and refused requests:
+    the production log configuration and uvicorn's access log."""
+    body = b'{"id": "evt_live", "type": "invoice.paid", "created": 1, "data": {"object": {}}}'
+    forged = sign(body, "whsec_attacker_5b7e")
+    real = sign(body, WEBHOOK_SECRET)
+    with httpx.Client(base_url=live_server.url, timeout=10) as client:
+        assert client.post("/stripe/webhook", content=body,
+                           headers={"Stripe-Signature": forged}).status_code == 400
+        assert client.post("/stripe/webhook", content=body + b" ",
+                           headers={"Stripe-Signature": real}).status_code == 400
+        assert client.get("/v1/orgs/acme/balance",
+                          headers={"Authorization": "Bearer wrong-live-token"}).status_code == 401
+    output = live_server.output()
+    assert "/stripe/webhook" in output and "SIGNATURE_INVALID" in output, output[-2000:]
+    for secret in (TOKEN, WEBHOOK_SECRET, "whsec_attacker_5b7e", "wrong-live-token",
+                   forged.split("v1=")[1], real.split("v1=")[1]):
+        assert secret not in output
