@@ -214,7 +214,19 @@ async def test_unknown_org_is_404(api: AsyncClient, org: str) -> None:
         assert error["code"] == "ORG_NOT_FOUND" and org in error["message"]
 
 
-async def test_large_body_on_registration_is_ignored(api: AsyncClient, org: str) -> None:
+async def test_bodies_above_one_mebibyte_are_refused_before_anything_is_written(
+    api: AsyncClient, org: str
+) -> None:
     response = await api.put(f"/v1/orgs/{org}", content=b"x" * (4 * 1024 * 1024))
-    assert response.status_code == 201
-    assert response.json()["created"] is True
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+        for _ in range(5):
+            yield b"x" * (256 * 1024)
+
+    chunked = await api.put(f"/v1/orgs/{org}", content=chunks())
+    assert chunked.status_code == 413
+    assert (await api.get(f"/v1/orgs/{org}/balance")).status_code == 404
+    small = await api.put(f"/v1/orgs/{org}", content=b"x" * 1024)
+    assert small.status_code == 201 and small.json()["created"] is True

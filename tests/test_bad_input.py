@@ -310,7 +310,7 @@ CASES: list[Case] = [
     Case("usage body a list", lambda v, f: usage([v.org, "run"]), Refused(422, "VALIDATION_ERROR")),
     Case("usage body of 2 MiB",
          lambda v, f: usage({"org_id": "o" * TWO_MIB, "run_id": "r"}),
-         Refused(422, "VALIDATION_ERROR")),
+         Refused(413, "PAYLOAD_TOO_LARGE")),
     Case("usage without run_id", lambda v, f: usage({"org_id": v.org, "units": 1}),
          Refused(422, "VALIDATION_ERROR")),
     Case("usage for an operator org id", lambda v, f: usage({"org_id": {"$gt": ""}, "run_id": "r"}),

@@ -12,6 +12,7 @@ from billing.runtime import Runtime
 from starter.api import events, health, metering, metrics, orgs, webhook
 from starter.api.deps import AppState
 from starter.api.errors import install_error_handlers
+from starter.api.limits import BodyLimitMiddleware
 
 
 def create_app(runtime: Runtime, temporal: Client | None = None) -> FastAPI:
@@ -31,6 +32,7 @@ def create_app(runtime: Runtime, temporal: Client | None = None) -> FastAPI:
     )
     app.state.billing = AppState(runtime=runtime, temporal=temporal)
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(metrics.MetricsMiddleware)
 
     # One line per router; `/v1` routers come from `deps.v1_router` (prefix and bearer token).
