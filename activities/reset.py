@@ -24,6 +24,4 @@ class ResetActivities:
     async def weekly_reset_org(self, job: ResetOrg) -> ResetOrgResult:
         """Open the week for one organization and settle its usage debt, in one transaction."""
         with final_on_bad_input():
-            outcome = await self.meters.reset_org(job.org_id, job.week, job.now)
-        return ResetOrgResult(org_id=outcome.org_id, week=outcome.week, applied=outcome.applied,
-                              settled=outcome.settled, used=outcome.used, quota=outcome.quota)
+            return await self.meters.reset_org(job.org_id, job.week, job.now)

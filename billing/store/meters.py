@@ -42,6 +42,7 @@ from billing.metering import (
     settlement_units,
     thresholds_crossed,
 )
+from billing.models import ResetOrgResult
 from billing.store.accounts import Accounts, check_org_id
 from billing.store.database import Database, Doc
 from billing.store.ledger import Ledger
@@ -78,16 +79,6 @@ class MeterView:
     @property
     def remaining(self) -> int:
         return max(0, self.quota - self.used)
-
-
-@dataclass(frozen=True)
-class ResetOutcome:
-    org_id: str
-    week: str
-    applied: bool
-    settled: int
-    used: int
-    quota: int
 
 
 def _stored_result(record: Doc) -> UsageResult:
@@ -412,20 +403,21 @@ class Meters:
         subscribed = {doc["_id"] async for doc in cursor}
         return [org for org in ids if org in metered or org in subscribed], next_after
 
-    async def reset_org(self, org_id: str, week: str, now: datetime) -> ResetOutcome:
+    async def reset_org(self, org_id: str, week: str, now: datetime) -> ResetOrgResult:
         """Open `week` for one organization: archive older weeks, snapshot the plan, settle the
         usage debt (`settle:<week>`, counted as used in the week). Once per organization and
         week: the meter's `reset_at` and the ledger key make every later run a no-op."""
         check_org_id(org_id)
 
-        async def work(session: AsyncClientSession) -> ResetOutcome:
+        async def work(session: AsyncClientSession) -> ResetOrgResult:
             account = await self.db.accounts.find_one({"_id": org_id}, session=session)
             if account is None:
                 raise OrgNotFound(org_id)
             meter = await self._open_in(session, account, week, now)
             if meter.get("reset_at") is not None:
-                return ResetOutcome(org_id, week, False, meter.get("settled", 0), meter["used"],
-                                    meter["quota"])
+                return ResetOrgResult(org_id=org_id, week=week, applied=False,
+                                      settled=meter.get("settled", 0), used=meter["used"],
+                                      quota=meter["quota"])
             await self.db.meters.update_many(
                 {"org_id": org_id, "week": {"$lt": week}, "archived_at": None},
                 {"$set": {"archived_at": now}},
@@ -449,6 +441,7 @@ class Meters:
             )
             assert after is not None
             await self._threshold_alerts_in(session, after, meter["used"], now)
-            return ResetOutcome(org_id, week, True, settle, after["used"], after["quota"])
+            return ResetOrgResult(org_id=org_id, week=week, applied=True, settled=settle,
+                                  used=after["used"], quota=after["quota"])
 
         return await run_in_transaction(self.db.client, work)

@@ -7,7 +7,6 @@ path of the engine.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -17,7 +16,7 @@ from pydantic import BaseModel
 from billing.clock import utcnow
 from billing.metering import UsageRequest
 from billing.metrics import USAGE_RECORD_SECONDS
-from billing.store.meters import Meters
+from billing.store.meters import Meters, UsageResult
 from billing.store.notifications import list_notifications
 from starter.api.deps import RuntimeDep, StateDep, v1_router
 from starter.api.errors import ErrorResponse
@@ -41,16 +40,6 @@ def meters(state: StateDep) -> Meters:
 
 
 MetersDep = Annotated[Meters, Depends(meters)]
-
-
-class UsageResponse(BaseModel):
-    applied: bool
-    units: int
-    overflow: int
-    week: str
-    used: int
-    quota: int
-    balance: int
 
 
 class MeterResponse(BaseModel):
@@ -78,15 +67,15 @@ class NotificationsResponse(BaseModel):
     notifications: list[Notification]
 
 
-@router.post("/usage", response_model=UsageResponse, summary="Record one usage record")
-async def record_usage(body: UsageRequest, store: MetersDep) -> UsageResponse:
+@router.post("/usage", response_model=UsageResult, summary="Record one usage record")
+async def record_usage(body: UsageRequest, store: MetersDep) -> UsageResult:
     """Counts the record against this ISO week and debits what exceeds the quota from extras.
     Recording the same `(org_id, run_id, step)` again returns the first result with
     `applied: false`."""
     started = time.perf_counter()
     result = await store.record(body, utcnow())
     USAGE_RECORD_SECONDS.labels(str(result.applied).lower()).observe(time.perf_counter() - started)
-    return UsageResponse(**asdict(result))
+    return result
 
 
 @router.get("/orgs/{org}/meter", response_model=MeterResponse, summary="This week's meter")
