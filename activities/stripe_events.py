@@ -238,6 +238,14 @@ class StripeEventActivities:
         lot = await self._purchase_lot(apply, charge=charge)
 
         async def work(session: AsyncClientSession, outcome: Outcome) -> None:
+            if lot is None and se.pack_from(obj) is not None:
+                # The charge names a pack, so its purchase exists and is not credited yet
+                # (Stripe does not order deliveries). Retry, and fail visibly if it never is,
+                # rather than record the refund as unresolved and never claw it back.
+                raise ApplicationError(
+                    f"refund of {charge}: the pack purchase is not credited yet",
+                    type="PURCHASE_NOT_CREDITED_YET",
+                )
             if lot is None:
                 return await self._unresolved_clawback(
                     session, outcome, se.ref_id(obj.get("customer")),

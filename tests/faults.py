@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import httpx
 from pymongo import monitoring
 from temporalio.client import Client, ScheduleActionStartWorkflow, WorkflowFailureError
+from temporalio.service import RPCError, RPCStatusCode
 
 from billing.config import Settings
 from billing.ledger import EntryKind, check_sign
@@ -102,8 +103,10 @@ async def delete_schedules_of(client: Client, task_queue: str) -> list[str]:
         handle = client.get_schedule_handle(definition.id)
         try:
             action = (await handle.describe()).schedule.action
-        except Exception:  # noqa: BLE001 - not there: nothing to delete
-            continue
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                continue
+            raise
         if isinstance(action, ScheduleActionStartWorkflow) and action.task_queue == task_queue:
             await handle.delete()
             deleted.append(definition.id)
@@ -153,10 +156,10 @@ async def outcomes(client: Client, event_ids: list[str], *, timeout_s: float = D
 
 
 async def failures(client: Client, event_ids: list[str], *, timeout_s: float = DEADLINE_S
-                   ) -> dict[str, BaseException]:
+                   ) -> dict[str, WorkflowFailureError]:
     """Wait for every `stripe-<evt id>` workflow to close; the failure of each one that failed."""
 
-    async def one(event_id: str) -> BaseException | None:
+    async def one(event_id: str) -> WorkflowFailureError | None:
         try:
             await client.get_workflow_handle(f"stripe-{event_id}").result()
         except WorkflowFailureError as exc:

@@ -7,9 +7,12 @@ import asyncio
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from faults import (
     FailedCommands,
@@ -30,6 +33,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ActivityError
 from temporalio.service import RPCError, RPCStatusCode
+from temporalio.testing import WorkflowEnvironment
 from test_stripe_failures import activity_attempts
 
 from billing.runtime import Runtime
@@ -53,7 +57,7 @@ def queue(name: str) -> str:
     return f"billing-{name}-{uuid.uuid4().hex[:8]}"
 
 
-async def deliver_all(api: Any, events: list[Obj]) -> Counter[int]:
+async def deliver_all(api: httpx.AsyncClient, events: list[Obj]) -> Counter[int]:
     responses = await asyncio.gather(*(deliver(api, e) for e in events))
     return Counter(r.status_code for r in responses)
 
@@ -167,7 +171,7 @@ async def test_mongodb_down_beyond_the_retry_budget_fails_visibly_and_retry_all_
             failed = await failures(temporal_client, ids)
             assert set(failed) == set(ids)
             for event_id, failure in failed.items():
-                assert isinstance(failure.__cause__, ActivityError), event_id
+                assert isinstance(failure.cause, ActivityError), event_id
                 handle = temporal_client.get_workflow_handle(f"stripe-{event_id}")
                 assert set((await activity_attempts(handle)).values()) == {5}
             await server.start()
@@ -217,25 +221,24 @@ FAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass
 class Faulty:
-    """The engine (app and in-process worker) on a client named `FAULT_APP` whose failed
-    commands are counted."""
+    """The engine (app and in-process worker) on a MongoDB client named `FAULT_APP`, and the
+    commands that client saw fail."""
 
-    def __init__(self, runtime: Runtime, api: Any, seen: FailedCommands) -> None:
-        self.runtime = runtime
-        self.api = api
-        self.seen = seen
+    api: httpx.AsyncClient
+    seen: FailedCommands
 
 
 @pytest.fixture(scope="module")
-async def faulty(runtime: Runtime, temporal_client: Client) -> Any:
+async def faulty(runtime: Runtime, temporal_client: Client) -> AsyncIterator[Faulty]:
     seen = FailedCommands()
     engine = runtime_on(runtime, temporal_task_queue=queue("faults"),
                         client_options={"appname": FAULT_APP, "event_listeners": [seen]})
     try:
         async with app_client(engine, temporal_client) as api, \
                 build_worker(temporal_client, engine):
-            yield Faulty(engine, api, seen)
+            yield Faulty(api, seen)
     finally:
         await engine.db.close()
 
@@ -299,21 +302,22 @@ async def test_temporal_down_answers_503_and_the_same_deliveries_succeed_once_it
     later_ids = [e["id"] for e in later]
     server = await start_temporal(port=port, database_file=state)
 
-    async def assert_refused(api: Any, events: list[Obj]) -> None:
+    async def assert_refused(api: httpx.AsyncClient, events: list[Obj]) -> None:
         refused = await asyncio.gather(*(deliver(api, e) for e in events))
         assert [r.status_code for r in refused] == [503] * len(events)
         assert {r.json()["error"]["code"] for r in refused} == {"TEMPORAL_UNAVAILABLE"}
 
-    def client_of(env: Any) -> Client:
+    def client_of(env: WorkflowEnvironment) -> Client:
         return Client(env.client.service_client, namespace=engine.settings.temporal_namespace,
                       data_converter=pydantic_data_converter)
 
     try:
         # The app connects to TEMPORAL_ADDRESS itself, as `billing serve` does.
         async with app_client(engine, None) as api:
-            async with build_worker(client_of(server), engine):
+            client = client_of(server)
+            async with build_worker(client, engine):
                 assert await deliver_all(api, [first]) == {200: 1}
-                await outcomes(client_of(server), [first["id"]])
+                assert (await outcomes(client, [first["id"]]))[first["id"]].outcome == "applied"
             await server.shutdown()
 
             await assert_refused(api, later)  # connected before the outage

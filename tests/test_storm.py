@@ -2,10 +2,11 @@
 times, shuffled, 32 at a time, through the signed webhook into the real worker.
 
 Stripe promises neither order nor single delivery, so a refund may arrive before its purchase
-(it is then recorded `unresolved` and writes nothing) and an older subscription update after a
-newer one (`stale`). What must hold whatever the order: one workflow per event, the ledger holds
-exactly what the recorded outcomes say they wrote, each key once, every purchase credited once,
-the plan of the newest subscription update, and the ledger invariants.
+(it is then recorded `unresolved` and writes nothing), an older subscription update after a
+newer one (`stale`), and a dispute's reinstatement before its withdrawal (it retries, and fails
+visibly when the withdrawal never applies). What must hold whatever the order: one workflow per
+event, the ledger holds exactly what the recorded outcomes say they wrote, each key once, every
+purchase credited once, the plan of the newest subscription update, and the ledger invariants.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import random
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from pathlib import Path
-
+import httpx
 from faults import (
     WorkerProcess,
     app_client,
     assert_ledger_invariants,
     delete_schedules_of,
+    failures,
     outcomes,
     runtime_on,
     wait_until,
@@ -45,6 +47,7 @@ from stripe_payloads import (
     subscription,
 )
 from temporalio.client import Client
+from temporalio.exceptions import ActivityError, ApplicationError
 
 from billing.runtime import Runtime
 from billing.store.database import Database
@@ -65,7 +68,7 @@ ALLOWED = {
     "charge.refunded": {"applied", "unresolved"},
     "charge.dispute.created": {"applied", "unresolved"},
     "charge.dispute.funds_withdrawn": {"applied", "unresolved"},
-    "charge.dispute.funds_reinstated": {"applied", "ignored", "unresolved"},
+    "charge.dispute.funds_reinstated": {"applied", "unresolved"},
     "customer.subscription.created": {"applied", "stale"},
     "customer.subscription.updated": {"applied", "stale"},
     "invoice.payment_failed": {"applied", "stale"},
@@ -135,7 +138,7 @@ def ledger_lines(written: list[str]) -> list[tuple[str, int]]:
 
 
 async def test_a_redelivery_storm_applies_every_event_exactly_once(
-    stripe_runtime: Runtime, stripe_fake: StripeFake, temporal_client: Client, db: Database,
+    runtime: Runtime, stripe_fake: StripeFake, temporal_client: Client, db: Database,
     tmp_path: Path,
 ) -> None:
     t0 = int(time.time()) - 3600
@@ -148,19 +151,22 @@ async def test_a_redelivery_storm_applies_every_event_exactly_once(
     random.Random(20260506).shuffle(deliveries)
 
     # The worker runs in a process of its own, as deployed: the webhook and this test keep theirs.
-    engine = runtime_on(stripe_runtime, temporal_task_queue=f"billing-storm-{new_id('q')[2:10]}")
+    engine = runtime_on(runtime, temporal_task_queue=f"billing-storm-{new_id('q')[2:10]}")
     worker = WorkerProcess(worker_env(engine.settings, temporal_client,
                                       stripe_api_base=stripe_fake.url), tmp_path / "worker.log")
     gate = asyncio.Semaphore(CONCURRENCY)
 
-    async def send(api: Any, evt: Obj) -> tuple[str, int, str]:
+    async def send(api: httpx.AsyncClient, evt: Obj) -> tuple[str, int, str]:
         async with gate:
             response = await deliver(api, evt)
         return evt["id"], response.status_code, response.json().get("status", "")
 
-    async def recorded() -> bool:
-        # The record is written in the transaction of each event's change.
-        return await db.stripe_events.count_documents({"_id": {"$in": ids}}) == len(ids)
+    async def closed() -> bool:
+        """Every event recorded (in the transaction of its change) or its workflow failed."""
+        recorded = await db.stripe_events.count_documents({"_id": {"$in": ids}})
+        failed = await temporal_client.count_workflows(
+            f'TaskQueue="{engine.settings.temporal_task_queue}" AND ExecutionStatus="Failed"')
+        return recorded + failed.count == len(ids)
 
     try:
         await worker.start()
@@ -168,9 +174,10 @@ async def test_a_redelivery_storm_applies_every_event_exactly_once(
         async with app_client(engine, temporal_client) as api:
             acks = await asyncio.gather(*(send(api, e) for e in deliveries))
         delivered = time.monotonic() - started
-        await wait_until(recorded, "every event to be recorded", timeout_s=600, every_s=0.5)
+        await wait_until(closed, "every workflow to close", timeout_s=600, every_s=0.5)
         elapsed = time.monotonic() - started
-        results = await outcomes(temporal_client, ids)
+        failed = await failures(temporal_client, ids)
+        results = await outcomes(temporal_client, [e for e in ids if e not in failed])
     finally:
         await worker.stop()
         await delete_schedules_of(temporal_client, engine.settings.temporal_task_queue)
@@ -186,8 +193,17 @@ async def test_a_redelivery_storm_applies_every_event_exactly_once(
     assert {eid: dict(c) for eid, c in per_event.items()} == {
         eid: {"started": 1, "duplicate": DELIVERIES - 1} for eid in ids}
 
-    # Each workflow's outcome is one its event may have, and the record agrees with it.
     by_type = {e["id"]: e["type"] for e in events}
+    # The only failures: reinstatements whose withdrawal had not applied after five attempts.
+    for event_id, failure in failed.items():
+        assert isinstance(failure.cause, ActivityError), (event_id, failure)
+        cause = failure.cause.cause
+        assert isinstance(cause, ApplicationError), (event_id, failure)
+        assert (by_type[event_id], cause.type) == (
+            "charge.dispute.funds_reinstated", "DISPUTE_WITHDRAWAL_PENDING")
+    print(f"{len(failed)} reinstatements failed visibly, waiting for their withdrawal")
+
+    # Each workflow's outcome is one its event may have, and the record agrees with it.
     kinds = Counter((by_type[eid], r.outcome) for eid, r in results.items())
     print(sorted(kinds.items()))
     for (kind, outcome), _ in kinds.items():
@@ -195,6 +211,8 @@ async def test_a_redelivery_storm_applies_every_event_exactly_once(
     records = {d["_id"]: d async for d in db.stripe_events.find({"_id": {"$in": ids}})}
     assert {eid: d["outcome"] for eid, d in records.items()} == {
         eid: r.outcome for eid, r in results.items()}
+    reinstated = {f"dispute:{e['data']['object']['id']}:reinstated"
+                  for e in events if e["id"] in failed}
 
     orgs = [s.org for s in storms]
     entries = [e async for e in db.ledger.find({"org_id": {"$in": orgs}})]
@@ -204,6 +222,7 @@ async def test_a_redelivery_storm_applies_every_event_exactly_once(
     stored = Counter((e["org_id"], e["key"], e["amount"]) for e in entries)
     assert stored == claimed
     assert max(Counter((e["org_id"], e["key"]) for e in entries).values()) == 1
+    assert reinstated.isdisjoint(e["key"] for e in entries)  # a failed event wrote nothing
 
     accounts = {a["_id"]: a async for a in db.accounts.find({"_id": {"$in": orgs}})}
     for storm in storms:

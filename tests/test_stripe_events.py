@@ -250,6 +250,27 @@ async def test_refund_of_an_unknown_pack_writes_nothing_and_notifies(
     assert (await notification_types(api, org))["refund.unresolved"] == 1
 
 
+async def test_refund_of_a_pack_delivered_before_its_purchase_waits_for_it(
+    api, stripe_worker, temporal_client, org
+):
+    """The charge names a pack: the purchase exists but is not credited yet, so the refund
+    retries instead of being recorded unresolved, and claws back once the credit lands."""
+    ch, pi = new_id("ch"), new_id("pi")
+    early = event("charge.refunded", charge(ch=ch, pi=pi, meta=metadata(org, PACK),
+                                            refunds=[refund(charge=ch, pi=pi, amount=4900)]))
+    assert (await deliver(api, early)).status_code == 200
+    await asyncio.sleep(1.5)  # the refund has failed its first attempt by now
+    await purchase(api, temporal_client, org, pi=pi, ch=ch)
+    assert (await outcome(temporal_client, early)).outcome == "applied"
+    handle = temporal_client.get_workflow_handle(f"stripe-{early['id']}")
+    history = await handle.fetch_history()
+    attempts = [e.activity_task_started_event_attributes.attempt for e in history.events
+                if e.HasField("activity_task_started_event_attributes")]
+    assert max(attempts) >= 2
+    assert sorted(e["amount"] for e in await entries(api, org)) == [-500000, 500000]
+    assert await balance(api, org) == 0
+
+
 async def test_dispute_lifecycle_claws_back_once_and_reinstates_exactly(
     api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
 ):
