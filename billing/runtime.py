@@ -11,6 +11,9 @@ from billing.store.database import Database
 from billing.store.ledger import Ledger
 
 
+SERVER_SELECTION_TIMEOUT_MS = 5000
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -19,10 +22,14 @@ class Runtime:
 
     @classmethod
     def from_settings(cls, settings: Settings, config: BillingConfig | None = None) -> Runtime:
+        """Every process builds its runtime here. MongoDB server selection gives up after 5 s
+        (the driver waits 30 s): an outage then fails an activity attempt quickly and Temporal's
+        retry policy, not a hidden wait, is the budget."""
         return cls(
             settings=settings,
             config=config or load_config(settings.billing_config),
-            db=Database(settings.mongodb_uri, settings.mongodb_db),
+            db=Database(settings.mongodb_uri, settings.mongodb_db,
+                        serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS),
         )
 
     @cached_property

@@ -94,18 +94,11 @@ def run_until_signal(main: Coroutine[Any, Any, None]) -> None:
 
 
 def _store_runtime() -> Runtime:
-    """Settings from the environment, the configuration file, and a MongoDB client that gives up
-    after a few seconds (a CLI should not hang for the driver's default 30 s)."""
-    from billing.config import Settings, load_config
+    """Settings from the environment and the configuration file (`Runtime.from_settings`)."""
+    from billing.config import Settings
     from billing.runtime import Runtime
-    from billing.store.database import Database
 
-    settings = Settings()
-    return Runtime(
-        settings=settings,
-        config=load_config(settings.billing_config),
-        db=Database(settings.mongodb_uri, settings.mongodb_db, serverSelectionTimeoutMS=5000),
-    )
+    return Runtime.from_settings(Settings())
 
 
 @app.command()
