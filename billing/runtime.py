@@ -10,7 +10,6 @@ from billing.store.accounts import Accounts
 from billing.store.database import Database
 from billing.store.ledger import Ledger
 
-
 SERVER_SELECTION_TIMEOUT_MS = 5000
 
 
