@@ -11,7 +11,7 @@ server:
 - the same at concurrency 1 and with every record overflowing, to show where the time goes.
 
 A command listener on the client counts the MongoDB commands per record (and the write conflicts
-that make a transaction start again). The results and the machine go to BENCHMARKS.md.
+that make a transaction start again). The results go to the `usage` section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -19,23 +19,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
-import platform
-import sys
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
-from pymongo import ReturnDocument, monitoring
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import (
+    TOKEN,
+    CommandCounter,
+    load_average,
+    machine_rows,
+    output_arg,
+    per_op,
+    percentile,
+    stack,
+    write_section,
+)
+from pymongo import ReturnDocument
 
 from billing.clock import utcnow
 from billing.config import EXAMPLE_CONFIG, Settings, load_config
@@ -45,36 +48,9 @@ from billing.store.database import Database
 from billing.store.meters import Meters
 from billing.store.transactions import run_in_transaction
 from starter.api.app import create_app
-from starter.embedded import MongoServer, free_port, wait_for_port
+from starter.embedded import free_port, wait_for_port
 
-TOKEN = "bench-token"
 COSTS = {"llm": 0.0005}  # 1 unit on the pro plan (ratio 2)
-
-
-class CommandCounter(monitoring.CommandListener):
-    """MongoDB commands sent by the client: how many of each, and which failed with what."""
-
-    def __init__(self) -> None:
-        self.sent: Counter[str] = Counter()
-        self.failures: Counter[str] = Counter()
-        self.micros: Counter[str] = Counter()
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        pass
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        self.sent[event.command_name] += 1
-        self.micros[event.command_name] += event.duration_micros
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        self.sent[event.command_name] += 1
-        self.micros[event.command_name] += event.duration_micros
-        self.failures[str(event.failure.get("codeName", event.failure.get("code")))] += 1
-
-    def reset(self) -> None:
-        self.sent.clear()
-        self.failures.clear()
-        self.micros.clear()
 
 
 @dataclass
@@ -93,11 +69,7 @@ class Result:
         return self.ops / self.seconds
 
     def percentile(self, p: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
-
-    def per_op(self, counts: dict[str, int]) -> str:
-        return ", ".join(f"{name} {n / self.ops:.2f}" for name, n in sorted(counts.items()))
+        return percentile(self.latencies, p) * 1000
 
 
 Op = Callable[[int], Awaitable[None]]
@@ -162,39 +134,8 @@ def http_op(client: httpx.AsyncClient, orgs: list[str], tag: str) -> Op:
     return op
 
 
-def machine() -> list[tuple[str, str]]:
-    def first(path: str, prefix: str) -> str:
-        try:
-            for line in Path(path).read_text().splitlines():
-                if line.startswith(prefix):
-                    return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return "unknown"
-
-    mem_kb = first("/proc/meminfo", "MemTotal").split()[0]
-    memory = f"{int(mem_kb) / 1024 / 1024:.1f} GiB" if mem_kb.isdigit() else "unknown"
-
-    def version(package: str) -> str:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    return [
-        ("CPU", first("/proc/cpuinfo", "model name")),
-        ("cores (nproc)", str(os.cpu_count())),
-        ("memory", memory),
-        ("OS", platform.platform()),
-        ("Python", platform.python_version()),
-        ("MongoDB server", "MONGODB_URI" if os.environ.get("MONGODB_URI")
-         else f"SecantusDB {version('secantusdb')} (embedded, one process)"),
-        ("PyMongo", version("pymongo")),
-    ]
-
-
 def report(results: dict[str, Result], baseline: Result, args: argparse.Namespace,
-           load_before: str) -> str:
+           load_before: str, load_after: str) -> str:
     def ratio(key: str) -> float:
         return results[key].rate / baseline.rate
 
@@ -210,8 +151,8 @@ def report(results: dict[str, Result], baseline: Result, args: argparse.Namespac
     def commands(key: str, label: str) -> str:
         r = results[key]
         server_ms = sum(r.micros.values()) / 1000 / r.ops
-        return (f"| {label} | {sum(r.commands.values()) / r.ops:.2f} | {r.per_op(r.commands)} |"
-                f" {conflicts(key):.2f} | {server_ms:.2f} |")
+        return (f"| {label} | {sum(r.commands.values()) / r.ops:.2f} |"
+                f" {per_op(r.commands, r.ops)} | {conflicts(key):.2f} | {server_ms:.2f} |")
 
     def p50(key: str) -> float:
         return results[key].percentile(0.5)
@@ -226,24 +167,16 @@ def report(results: dict[str, Result], baseline: Result, args: argparse.Namespac
     within = sum(results["api_50"].commands.values()) / results["api_50"].ops
     overflowing = sum(results["api_50_overflow"].commands.values()) / results["api_50_overflow"].ops
     lines = [
-        "# Benchmarks",
+        "## Usage records (`bench/usage.py`; SPEC §5.2: one transaction per record)",
         "",
-        "Produced by `python bench/usage.py` (it rewrites this file). Every number comes from one",
-        f"run against one server; each load runs {args.seconds:g} s after a short warm-up, with",
-        f"{args.concurrency} concurrent callers unless the row says otherwise.",
+        f"Each load runs {args.seconds:g} s after a short warm-up, with {args.concurrency}"
+        " concurrent callers unless",
+        "the row says otherwise, against one SecantusDB server. The benchmark, the HTTP app and",
+        "the database server share the machine's cores: compare the rows with each other, not",
+        "with a dedicated MongoDB replica set. Load average: "
+        f"{load_before} at the start, {load_after} at the end.",
         "",
-        "## Machine",
-        "",
-        "| | |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in machine()],
-        f"| load average when the run started | {load_before} |",
-        "",
-        "The benchmark, the HTTP app and the database server share these cores (and, when the",
-        "load average is high, with other work): compare the rows with each other, not with a",
-        "dedicated MongoDB replica set.",
-        "",
-        "## Usage records (SPEC §5.2: one transaction per record)",
+        *machine_rows(temporal=False),
         "",
         "Organizations on the `pro` plan, records within quota (the common case) unless the row",
         "says otherwise. `ratio` is the throughput divided by the baseline's.",
@@ -260,7 +193,7 @@ def report(results: dict[str, Result], baseline: Result, args: argparse.Namespac
         row("api_1_processes", "Python API, 1 organization, one `Meters` per caller"),
         row("api_50_overflow", "Python API, 50 organizations, every record overflowing"),
         "",
-        "## Where the time goes",
+        "### Where the time goes",
         "",
         "MongoDB commands per record (counted by a PyMongo command listener), write conflicts per",
         "record (each restarts that record's transaction) and the time the client waited for the",
@@ -314,13 +247,12 @@ def report(results: dict[str, Result], baseline: Result, args: argparse.Namespac
 
 
 async def main(args: argparse.Namespace) -> None:
-    load_before = " / ".join(f"{n:.2f}" for n in os.getloadavg())
-    server: MongoServer | None = None
-    uri = os.environ.get("MONGODB_URI")
-    if not uri:
-        server = MongoServer(port=free_port())
-        await server.start()
-        uri = server.uri
+    load_before = load_average()
+    async with stack(temporal=False) as s:
+        await measure(s.mongo_uri, args, load_before)
+
+
+async def measure(uri: str, args: argparse.Namespace, load_before: str) -> None:
     counter = CommandCounter()
     name = f"billing_bench_{uuid.uuid4().hex[:8]}"
     db = Database(uri, name, event_listeners=[counter], maxPoolSize=64)
@@ -398,8 +330,8 @@ async def main(args: argparse.Namespace) -> None:
         results["seq_overflow"] = await load("sequential: Meters.record, overflowing",
                                              record_op(meters, free, "so", units=1),
                                              concurrency=1, seconds=short, counter=counter)
-        await asyncio.to_thread(Path(args.output).write_text,
-                                report(results, baseline, args, load_before), encoding="utf-8")
+        write_section("usage", report(results, baseline, args, load_before, load_average()),
+                      args.output)
         print(f"wrote {args.output}")
     finally:
         if http_server is not None and serving is not None:
@@ -407,16 +339,13 @@ async def main(args: argparse.Namespace) -> None:
             await serving
         await db.client.drop_database(name)
         await db.close()
-        if server is not None:
-            await server.stop()
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=8.0, help="measured time per load")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1]
-                                                / "BENCHMARKS.md"))
+    output_arg(parser)
     return parser.parse_args()
 
 

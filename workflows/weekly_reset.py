@@ -52,21 +52,26 @@ class WeeklyResetWorkflow:
         state = params or WeeklyResetInput()
         now = workflow.now()
         week = state.week or iso_week(now)
+        # A sliding window: the next child starts as soon as any running one ends.
+        slots = asyncio.Semaphore(state.concurrency)
+
+        async def bounded(org: str) -> ResetOrgResult | Literal["skipped", "failed"]:
+            async with slots:
+                return await self._reset(org, week, now)
+
         for _ in range(state.pages_per_run):
             page = await call("weekly_reset_page",
                               ResetPage(after=state.after, limit=state.page_size), ResetPageResult)
             ids = page.org_ids
-            for start in range(0, len(ids), state.concurrency):
-                chunk = ids[start:start + state.concurrency]
-                results = await asyncio.gather(*(self._reset(org, week, now) for org in chunk))
-                for org, result in zip(chunk, results, strict=True):
-                    if isinstance(result, ResetOrgResult) and result.applied:
-                        state.orgs += 1
-                        state.settled_units += result.settled
-                    elif result == "failed":
-                        state.failed.append(org)
-                    else:
-                        state.skipped += 1
+            results = await asyncio.gather(*(bounded(org) for org in ids))
+            for org, result in zip(ids, results, strict=True):
+                if isinstance(result, ResetOrgResult) and result.applied:
+                    state.orgs += 1
+                    state.settled_units += result.settled
+                elif result == "failed":
+                    state.failed.append(org)
+                else:
+                    state.skipped += 1
             state.after = page.next_after
             if state.after is None:
                 return WeeklyResetResult(week=week, orgs=state.orgs,

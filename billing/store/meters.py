@@ -432,14 +432,16 @@ class Meters:
                     meta={"week": week},
                 )
                 settle = posted.amount if posted.applied else 0
-            after = await self.db.meters.find_one_and_update(
+            # The meter was read in this transaction (a concurrent change is a write conflict
+            # that restarts it), so the document after the update is known without reading it
+            # back.
+            await self.db.meters.update_one(
                 {"_id": meter["_id"]},
                 {"$set": {"reset_at": now, "settled": settle, "updated_at": now},
                  "$inc": {"used": settle}},
-                return_document=ReturnDocument.AFTER,
                 session=session,
             )
-            assert after is not None
+            after = {**meter, "used": meter["used"] + settle}
             await self._threshold_alerts_in(session, after, meter["used"], now)
             return ResetOrgResult(org_id=org_id, week=week, applied=True, settled=settle,
                                   used=after["used"], quota=after["quota"])
