@@ -7,9 +7,9 @@ cover it, adds to the debt. At all times
     balance == sum(entries) == sum(lot.remaining) - debt.usage - debt.other
 
 `debt.usage` is the part owed because usage was debited without cover; it is the only part the
-weekly settlement may forgive (SPEC §5.3). Everything else (refunds, disputes, admin debits) is
-`debt.other`. A positive entry repays `other` before `usage`, so the settlement can still cover
-the usage part. The store (`billing.store.ledger`) applies these plans in one transaction.
+weekly settlement may forgive (SPEC §5.3). Everything else (refunds and disputes beyond what their
+lot still holds, admin debits) is `debt.other`. A positive entry repays `other` before `usage`, so
+the settlement can still cover the usage part. The store (`billing.store.ledger`) applies these plans in one transaction.
 """
 
 from __future__ import annotations
@@ -113,17 +113,24 @@ class Draw:
     shortfall: int
 
 
-def plan_draw(lots: list[OpenLot], units: int, now: datetime, *, first: str | None = None) -> Draw:
-    """Take `units` from lots in draw order.
+def plan_clawback(lot: OpenLot, units: int) -> Draw:
+    """A refund, dispute or expiry takes `units` from its own lot only (the lot bought with the
+    charge, or the expiring one), even past its expiry. What that lot no longer has becomes debt
+    (SPEC §5.1): the organization's other lots are never touched."""
+    if units <= 0:
+        raise ValueError("a clawback takes positive units")
+    taken = min(lot.remaining, units)
+    return Draw(draws=((lot.id, taken),) if taken else (), shortfall=units - taken)
 
-    `first`, when given, is the lot a refund or dispute claws back from: it is drained before the
-    others, even past its expiry (the clawback takes it before the expiry sweep would). Never fails
-    for lack of balance: what no lot covers is the `shortfall`, which becomes debt.
+
+def plan_draw(lots: list[OpenLot], units: int, now: datetime) -> Draw:
+    """A debit takes `units` from lots in draw order.
+
+    Never fails for lack of balance: what no lot covers is the `shortfall`, which becomes debt.
     """
     if units <= 0:
         raise ValueError("a draw takes positive units")
-    ordered = drawable([lot for lot in lots if lot.id != first], now)
-    ordered[:0] = [lot for lot in lots if lot.id == first and lot.remaining > 0]
+    ordered = drawable(lots, now)
     left = units
     draws: list[tuple[str, int]] = []
     for lot in ordered:

@@ -21,6 +21,7 @@ from billing.ledger import (
     check_sign,
     clawback_units,
     drawable,
+    plan_clawback,
     plan_credit,
     plan_draw,
 )
@@ -174,21 +175,24 @@ def test_debit_beyond_every_lot_is_a_shortfall_not_an_error():
     assert draw.shortfall == 75
 
 
-def test_clawback_drains_its_own_lot_first_even_when_expired():
-    lots = [
-        lot("soon", 100, days=1, seq=1),
-        lot("bought", 50, days=-1, seq=2),
-    ]
-    draw = plan_draw(lots, 120, NOW, first="bought")
-    assert draw.draws == (("bought", 50), ("soon", 70))
-    assert draw.shortfall == 0
+def test_clawback_takes_its_own_lot_only_even_when_expired_and_the_rest_is_debt():
+    draw = plan_clawback(lot("bought", 50, days=-1, seq=2), 120)
+    assert draw.draws == (("bought", 50),)
+    assert draw.shortfall == 70
 
 
-def test_clawback_of_an_empty_lot_draws_from_the_others():
-    lots = [lot("bought", 0, days=None, seq=1), lot("grant", 30, days=None, seq=2)]
-    draw = plan_draw(lots, 50, NOW, first="bought")
-    assert draw.draws == (("grant", 30),)
-    assert draw.shortfall == 20
+def test_clawback_of_an_empty_lot_is_all_debt():
+    draw = plan_clawback(lot("bought", 0, days=None, seq=1), 50)
+    assert draw.draws == ()
+    assert draw.shortfall == 50
+
+
+@settings(max_examples=300)
+@given(remaining=st.integers(0, 10_000), units=st.integers(1, 20_000))
+def test_a_clawback_takes_what_its_lot_has_and_owes_the_rest(remaining, units):
+    draw = plan_clawback(lot("bought", remaining, days=None, seq=1), units)
+    taken = sum(u for _, u in draw.draws)
+    assert taken == min(remaining, units) and draw.shortfall == units - taken
 
 
 @pytest.mark.parametrize("units", [0, -5])
@@ -336,20 +340,18 @@ open_lots = st.lists(
 
 
 @settings(max_examples=300)
-@given(lots=open_lots, units=st.integers(1, 5000), claw=st.booleans())
-def test_a_draw_takes_exactly_the_units_in_draw_order(lots, units, claw):
-    first = lots[0].id if claw and lots else None
-    draw = plan_draw(lots, units, NOW, first=first)
+@given(lots=open_lots, units=st.integers(1, 5000))
+def test_a_draw_takes_exactly_the_units_in_draw_order(lots, units):
+    draw = plan_draw(lots, units, NOW)
     by_id = {x.id: x for x in lots}
     assert sum(u for _, u in draw.draws) + draw.shortfall == units
     assert draw.shortfall >= 0
     assert len({i for i, _ in draw.draws}) == len(draw.draws)
     for lot_id, taken in draw.draws:
         assert 0 < taken <= by_id[lot_id].remaining
-        if lot_id != first:
-            assert by_id[lot_id] in drawable(lots, NOW)
-    order = [x.id for x in drawable([x for x in lots if x.id != first], NOW)]
-    drawn = [i for i, _ in draw.draws if i != first]
+        assert by_id[lot_id] in drawable(lots, NOW)
+    order = [x.id for x in drawable(lots, NOW)]
+    drawn = [i for i, _ in draw.draws]
     assert drawn == order[: len(drawn)]
     # every lot but the last one drawn is emptied; a shortfall means every drawable lot is empty
     for lot_id, taken in draw.draws[:-1]:

@@ -441,7 +441,7 @@ async def test_refund_beyond_the_lot_remaining_becomes_debt(accounts, ledger, db
     assert (await assert_consistent(db, org))["other_debt"] == 0
 
 
-async def test_refund_excess_is_taken_from_other_lots_before_it_becomes_debt(
+async def test_refund_excess_beyond_its_lot_becomes_debt_and_other_lots_are_untouched(
     accounts, ledger, db, org, now
 ):
     await open_account(accounts, org, now)
@@ -451,13 +451,35 @@ async def test_refund_excess_is_taken_from_other_lots_before_it_becomes_debt(
     )
     await debit(ledger, org, now, "r1", 499_000)  # the expiring pack is drawn first
     result = await refund(ledger, org, now, "re_1", lot, PACK_CENTS)
-    assert result.entry["draws"] == [
-        {"lot_id": lot, "units": 1000},
-        {"lot_id": grant, "units": 1000},
-    ]
-    assert result.entry["debt_added"] == 498_000
+    assert result.entry["draws"] == [{"lot_id": lot, "units": 1000}]
+    assert result.entry["debt_added"] == 499_000
+    assert (await lot_doc(db, grant))["remaining"] == 1000
     account = await assert_consistent(db, org)
-    assert (account["balance"], account["other_debt"]) == (-498_000, 498_000)
+    assert (account["balance"], account["other_debt"]) == (-498_000, 499_000)
+
+
+async def test_a_won_dispute_on_a_used_pack_cancels_its_debt_and_leaves_other_packs_alone(
+    accounts, ledger, db, org, now
+):
+    """A used-up pack A disputed then reinstated while pack B sits unused: B is never touched,
+    and the reinstatement repays the dispute's debt instead of opening units that expire."""
+    await open_account(accounts, org, now)
+    pack_a = lot_of(await buy(ledger, org, now, "pi_a", expires_at=now + timedelta(days=10)))
+    held = (await assert_consistent(db, org))["balance"]
+    await debit(ledger, org, now, "r1", held)  # A (and any grant) used up, no debt
+    pack_b = lot_of(await buy(ledger, org, now, "pi_b"))
+    withdrawn = await ledger.clawback(
+        org, key="dispute:dp_1:withdrawn", kind=EntryKind.DISPUTE, lot_id=pack_a,
+        cents=PACK_CENTS, now=now)
+    assert withdrawn.entry["draws"] == [] and withdrawn.entry["debt_added"] == PACK_UNITS
+    assert (await lot_doc(db, pack_b))["remaining"] == PACK_UNITS
+    assert (await assert_consistent(db, org))["balance"] == 0
+    reinstated = await ledger.reinstate(
+        org, key="dispute:dp_1:reinstated", withdrawn_key="dispute:dp_1:withdrawn", now=now)
+    assert reinstated.entry["repaid"] == {"other": PACK_UNITS, "usage": 0}
+    account = await assert_consistent(db, org)
+    assert (account["balance"], account["other_debt"]) == (PACK_UNITS, 0)
+    assert (await lot_doc(db, pack_b))["remaining"] == PACK_UNITS
 
 
 async def test_clawback_from_an_expired_lot_takes_it_before_the_sweep(

@@ -29,6 +29,7 @@ from billing.ledger import (
     OpenLot,
     check_sign,
     clawback_units,
+    plan_clawback,
     plan_credit,
     plan_draw,
 )
@@ -169,16 +170,20 @@ class Ledger:
             entry["repaid"] = {"other": repay.other, "usage": repay.usage}
             debt = Debt(usage=debt.usage - repay.usage, other=debt.other - repay.other)
         else:
-            if kind is EntryKind.EXPIRATION:
-                if claw_lot is None:
-                    raise ValueError("an expiration names its lot")
-                draws: tuple[tuple[str, int], ...] = ((claw_lot, -amount),)
-                shortfall = 0
-            else:
-                planned = plan_draw(
-                    await self._open_lots(session, org_id), -amount, now, first=claw_lot
+            if claw_lot is not None:
+                own = await self.db.lots.find_one({"_id": claw_lot}, session=session)
+                if own is None:
+                    raise NotFound(f"no lot {claw_lot!r}")
+                planned = plan_clawback(
+                    OpenLot(id=claw_lot, remaining=own["remaining"],
+                            expires_at=own.get("expires_at"), seq=own["seq"]),
+                    -amount,
                 )
-                draws, shortfall = planned.draws, planned.shortfall
+            elif kind in (EntryKind.DEBIT, EntryKind.ADJUSTMENT):
+                planned = plan_draw(await self._open_lots(session, org_id), -amount, now)
+            else:
+                raise ValueError(f"a {kind} entry names the lot it takes from")
+            draws, shortfall = planned.draws, planned.shortfall
             for lot_id, units in draws:
                 updated = await self.db.lots.update_one(
                     {"_id": lot_id, "remaining": {"$gte": units}},
