@@ -18,6 +18,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.errors import final_on_bad_input
 from billing import stripe_events as se
+from billing.clock import utcnow
 from billing.ledger import EntryKind
 from billing.metrics import STRIPE_EVENTS
 from billing.models import (
@@ -123,8 +124,10 @@ class StripeEventActivities:
                                                           session=session)
         current = (account or {}).get("plan_id")
         target = plan_id or current or self.runtime.config.default_plan.id
+        # The week is the one this write lands in (a retry may land after the weekly reset),
+        # not the one the workflow started in.
         changed = await self.meters.apply_plan_change_in(session, outcome.org_id, target,
-                                                         outcome.apply.now)
+                                                         utcnow())
         if changed or current != target:
             outcome.written.append(f"plan {current} -> {target}")
 
@@ -383,6 +386,12 @@ class StripeEventActivities:
                 return None
             await self.runtime.accounts.ensure_in(session, org_id, apply.now)
             previous = await self.subscriptions.get(org_id, session) or {}
+            if se.ends_another_subscription(previous.get("stripe_subscription_id"), sub,
+                                            deleted=deleted) and not customer_deleted:
+                # An upgrade by a new subscription cancels the old one: its end must not move
+                # the organization off the plan it now pays for.
+                return outcome.set("ignored", f"subscription {sub.get('id')} ended, but the "
+                                   f"current one is {previous['stripe_subscription_id']}")
             if customer_deleted:
                 choice = se.PlanChoice(config.default_plan.id, "canceled")
                 fields: Obj = {"status": "canceled", "stripe_customer_id": None,
@@ -402,7 +411,7 @@ class StripeEventActivities:
             outcome.written.append(f"subscription status {choice.status}")
             await self._apply_plan(session, outcome, choice)
             if deleted:
-                await self.meters.reset_week_usage_in(session, org_id, apply.now)
+                await self.meters.reset_week_usage_in(session, org_id, utcnow())
                 outcome.written.append("week usage reset")
             if choice.status == "canceled" and previous.get("status") != "canceled":
                 await self._notify(session, outcome, "subscription.expired",

@@ -223,6 +223,13 @@ def plan_for_subscription(config: BillingConfig, sub: Obj, *, deleted: bool = Fa
     return PlanChoice(None, status, tuple(prices))
 
 
+def ends_another_subscription(current: str | None, sub: Obj, *, deleted: bool) -> bool:
+    """The event ends a subscription other than the organization's current one."""
+    sub_id = ref_id(sub.get("id"))
+    ended = deleted or sub.get("status") in ENDED_STATUSES
+    return bool(current and sub_id and sub_id != current and ended)
+
+
 def invoice_subscription(invoice: Obj) -> str | None:
     """`parent.subscription_details.subscription` (newer API), else `subscription`."""
     parent = invoice.get("parent")

@@ -439,6 +439,32 @@ async def test_subscription_checkout_reads_the_real_status_then_deletion_resets(
     assert (view["stripe_customer_id"], view["stripe_subscription_id"]) == (None, None)
 
 
+async def test_the_end_of_a_replaced_subscription_keeps_the_new_plan(
+    api, stripe_worker, temporal_client, org
+):
+    """An upgrade by a new subscription: the old one's cancellation arrives afterwards and must
+    not move the organization to the default plan nor reset its week."""
+    cus, old, new = new_id("cus"), new_id("sub"), new_id("sub")
+    starter = subscription(sub=old, customer=cus, price="price_starter_monthly",
+                           meta=metadata(org))
+    pro = subscription(sub=new, customer=cus, price="price_pro_monthly", meta=metadata(org))
+    for n, obj in enumerate((starter, pro), start=1):
+        result = await send(api, temporal_client,
+                            event("customer.subscription.created", obj, created=T0 + n))
+        assert result.outcome == "applied"
+    usage = await api.post("/v1/usage", json={"org_id": org, "run_id": "r1", "units": 70})
+    assert usage.status_code == 200, usage.text
+    ended = subscription(sub=old, customer=cus, price="price_starter_monthly",
+                         status="canceled", meta=metadata(org))
+    result = await send(api, temporal_client,
+                        event("customer.subscription.deleted", ended, created=T0 + 3))
+    assert result.outcome == "ignored"
+    view = await subscription_view(api, org)
+    assert (view["plan_id"], view["status"], view["stripe_subscription_id"]) == (
+        "pro", "active", new)
+    assert (await api.get(f"/v1/orgs/{org}/meter")).json()["used"] == 70
+
+
 async def test_dunning_moves_long_past_due_to_unpaid_and_spares_recovered(
     api, stripe_worker, temporal_client, stripe_runtime: Runtime, org, db
 ):
