@@ -75,12 +75,15 @@ class StripeEventActivities:
 
     async def _run(self, apply: StripeApply, work: Work) -> StripeEventOutcome:
         """Run `work` and record its outcome in one transaction; an event already recorded
-        (a retried activity, or a redelivery after the workflow history is gone) is a no-op."""
+        (a retried activity, or a redelivery after the workflow history is gone) is a no-op,
+        unless it was recorded `unresolved`."""
         db = self.runtime.db
 
         async def txn(session: AsyncClientSession) -> StripeEventOutcome:
             prior = await events.recorded_in(db, session, apply.event.id)
-            if prior is not None:
+            # An `unresolved` event wrote nothing: running it again (`billing replay`, once what
+            # it lacked, say the purchase of a refunded pack, has arrived) may resolve it.
+            if prior is not None and prior.outcome != "unresolved":
                 return prior.model_copy(update={
                     "outcome": "duplicate", "written": [],
                     "reason": f"event already recorded as {prior.outcome}",

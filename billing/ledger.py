@@ -9,7 +9,8 @@ cover it, adds to the debt. At all times
 `debt.usage` is the part owed because usage was debited without cover; it is the only part the
 weekly settlement may forgive (SPEC §5.3). Everything else (refunds and disputes beyond what their
 lot still holds, admin debits) is `debt.other`. A positive entry repays `other` before `usage`, so
-the settlement can still cover the usage part. The store (`billing.store.ledger`) applies these plans in one transaction.
+the settlement can still cover the usage part. The store (`billing.store.ledger`) applies these
+plans in one transaction.
 """
 
 from __future__ import annotations

@@ -271,6 +271,26 @@ async def test_refund_of_a_pack_delivered_before_its_purchase_waits_for_it(
     assert await balance(api, org) == 0
 
 
+async def test_an_unresolved_refund_run_again_after_its_purchase_claws_back_once(
+    api, stripe_worker, temporal_client, org
+):
+    """A refund whose charge names no pack, delivered before the purchase: unresolved. Run
+    again (as `billing replay` does) once the purchase is credited, it claws back, once."""
+    ch, pi = new_id("ch"), new_id("pi")
+    early = event("charge.refunded", charge(ch=ch, pi=pi, meta=metadata(org),
+                                            refunds=[refund(charge=ch, pi=pi, amount=4900)]))
+    assert (await send(api, temporal_client, early)).outcome == "unresolved"
+    await purchase(api, temporal_client, org, pi=pi, ch=ch)
+    for run in ("again", "and-again"):
+        result = await temporal_client.execute_workflow(
+            StripeEventWorkflow.run, StripeEvent.from_stripe(early),
+            id=f"stripe-{early['id']}-{run}", task_queue=stripe_worker.task_queue,
+            result_type=StripeEventOutcome)
+        assert result.outcome == ("applied" if run == "again" else "duplicate")
+    assert sorted(e["amount"] for e in await entries(api, org)) == [-500000, 500000]
+    assert (await event_view(api, early))["outcome"] == "applied"
+
+
 async def test_dispute_lifecycle_claws_back_once_and_reinstates_exactly(
     api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
 ):

@@ -28,10 +28,11 @@ async def record_in(
     outcome: StripeEventOutcome,
     now: datetime,
 ) -> None:
+    """Record (or, for an event that was `unresolved` and now ran again, overwrite) its outcome."""
     await db.stripe_events.update_one(
         {"_id": event.id},
         {
-            "$setOnInsert": {
+            "$set": {
                 "type": event.type,
                 "created": event.created,
                 "outcome": outcome.outcome,
