@@ -82,8 +82,8 @@ class Run:
         match op:
             case ("topup", int(units), int(cents), (None | int()) as days):
                 terms = LotTerms(
-                    payment_intent=f"pi_{i}",
-                    charge=f"ch_{i}",
+                    payment_intent=f"pi_{i}-{org}",
+                    charge=f"ch_{i}-{org}",
                     price_cents=cents,
                     pack_id="pack",
                     expires_at=self.expiry(days),

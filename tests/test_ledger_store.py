@@ -44,8 +44,8 @@ async def buy(
         amount=units,
         now=now,
         terms=LotTerms(
-            payment_intent=pi,
-            charge=f"ch_{pi}",
+            payment_intent=f"{pi}-{org}",  # Stripe ids are unique: one org per payment intent
+            charge=f"ch_{pi}-{org}",
             price_cents=cents,
             pack_id="pack_500k",
             expires_at=expires_at,
@@ -613,13 +613,15 @@ async def test_entries_are_paged_newest_first(accounts, ledger, org, now):
 async def test_the_purchase_lot_is_found_by_payment_intent_or_charge(accounts, ledger, org, now):
     await open_account(accounts, org, now)
     lot = lot_of(await buy(ledger, org, now, "pi_find"))
-    by_pi = await ledger.find_purchase_lot(org, payment_intent="pi_find", charge=None)
-    by_charge = await ledger.find_purchase_lot(None, payment_intent=None, charge="ch_pi_find")
+    by_pi = await ledger.find_purchase_lot(org, payment_intent=f"pi_find-{org}", charge=None)
+    by_charge = await ledger.find_purchase_lot(None, payment_intent=None,
+                                               charge=f"ch_pi_find-{org}")
     assert by_pi is not None and by_charge is not None
     assert by_pi["_id"] == by_charge["_id"] == lot
     assert await ledger.find_purchase_lot(org, payment_intent=None, charge=None) is None
     assert (
-        await ledger.find_purchase_lot("other-org", payment_intent="pi_find", charge=None) is None
+        await ledger.find_purchase_lot("other-org", payment_intent=f"pi_find-{org}", charge=None)
+        is None
     )
 
 

@@ -518,3 +518,22 @@ async def test_reads_answer_404_and_none(api, stripe_worker, org):
     view = await subscription_view(api, org)
     assert (view["status"], view["plan_id"], view["stripe_customer_id"]) == ("none", "free", None)
     assert (await api.get("/v1/orgs/nobody-here/subscription")).status_code == 404
+
+
+async def test_one_payment_intent_is_credited_once_even_when_two_events_name_two_orgs(
+    api, stripe_worker, temporal_client, org
+):
+    """Session and payment intent metadata disagree on the organization, and both events race:
+    the unique purchase index lets exactly one of them credit."""
+    pi, other = new_id("pi"), f"{org}-other"
+    meta_a, meta_b = metadata(org, PACK), metadata(other, PACK)
+    racing = [
+        event("checkout.session.completed", checkout_session(payment_intent=pi, meta=meta_a)),
+        event("payment_intent.succeeded", payment_intent(pi=pi, meta=meta_b)),
+    ]
+    await asyncio.gather(*(deliver(api, evt) for evt in racing))
+    results = [await outcome(temporal_client, evt) for evt in racing]
+    assert sorted(r.outcome for r in results) == ["applied", "duplicate"]
+    credited = [await balance(api, who) for who in (org, other)
+                if (await api.get(f"/v1/orgs/{who}/balance")).status_code == 200]
+    assert sorted(credited) in ([0, 500000], [500000])

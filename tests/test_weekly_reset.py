@@ -83,7 +83,7 @@ async def test_debt_caused_by_a_refund_is_not_settled(
     await put_on_plan(meters, org, "tiny", now)
     bought = await ledger.write(
         org, key="payment:pi_r", kind=EntryKind.TOPUP, amount=1000, now=now,
-        terms=LotTerms(payment_intent="pi_r", charge="ch_r", price_cents=1000))
+        terms=LotTerms(payment_intent=f"pi_r-{org}", charge=f"ch_r-{org}", price_cents=1000))
     assert bought.entry is not None
     await meters.record(usage(org, "r1", units=1130), now)  # overflow 1030: lot used, debt 30
     await ledger.clawback(org, key="refund:re_1", kind=EntryKind.REFUND,

@@ -24,6 +24,10 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("org_id", ASCENDING), ("remaining", ASCENDING)], name="org_remaining"),
         IndexModel([("expires_at", ASCENDING)], name="expires_at"),
         IndexModel([("payment_intent", ASCENDING)], name="payment_intent"),
+        # One payment intent buys one lot, whichever organization two racing events name.
+        IndexModel([("payment_intent", ASCENDING)], name="one_purchase_per_payment_intent",
+                   unique=True, partialFilterExpression={
+                       "kind": "topup", "payment_intent": {"$type": "string"}}),
         IndexModel([("charge", ASCENDING)], name="charge"),
     ],
     "meters": [
