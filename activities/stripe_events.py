@@ -445,6 +445,10 @@ class StripeEventActivities:
                 return None
             await self.runtime.accounts.ensure_in(session, org_id, apply.now)
             previous = await self.subscriptions.get(org_id, session) or {}
+            current = previous.get("stripe_subscription_id")
+            if current and subscription_id and subscription_id != current:
+                return outcome.set("ignored", f"invoice of subscription {subscription_id}, but "
+                                   f"the current one is {current}")
             fields: Obj = {}
             if customer and not previous.get("stripe_customer_id"):
                 fields["stripe_customer_id"] = customer

@@ -422,6 +422,11 @@ async def test_invoice_and_subscription_families_are_independent_and_past_due_is
                   created=T0 + 101)
     assert (await send(api, temporal_client, newer)).outcome == "applied"
     assert (await subscription_view(api, org))["plan_id"] == "pro"
+    # A failed invoice of another (replaced) subscription of the customer changes nothing.
+    other = event("invoice.payment_failed", invoice(customer=cus, sub=new_id("sub")),
+                  created=T0 + 80)
+    assert (await send(api, temporal_client, other)).outcome == "ignored"
+    assert (await subscription_view(api, org))["status"] == "active"
 
 
 async def test_subscription_checkout_reads_the_real_status_then_deletion_resets(
