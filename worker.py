@@ -17,9 +17,13 @@ from activities.ledger import LedgerActivities
 from activities.reconcile import ReconcileActivities
 from activities.reset import ResetActivities
 from activities.stripe_api import StripeApiActivities
-from activities.stripe_events import StripeEventActivities
+from activities.stripe_disputes import DisputeActivities
+from activities.stripe_invoices import InvoiceActivities
+from activities.stripe_purchases import PurchaseActivities
+from activities.stripe_refunds import RefundActivities
 from billing.config import Settings
 from billing.runtime import Runtime
+from billing.store.subscriptions import Subscriptions
 from starter.schedules import ensure_schedules
 from workflows.admin_adjustment import AdminAdjustmentWorkflow
 from workflows.dunning import DunningWorkflow
@@ -44,7 +48,10 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
     admin = AdminActivities(runtime)
     reset = ResetActivities(runtime)
     stripe_api = StripeApiActivities(runtime.settings)
-    stripe_events = StripeEventActivities(runtime)
+    purchases = PurchaseActivities(runtime)
+    refunds = RefundActivities(runtime)
+    disputes = DisputeActivities(runtime)
+    invoices = InvoiceActivities(runtime)
     dunning = DunningActivities(runtime)
     reconcile = ReconcileActivities(runtime, stripe_api)
     return [
@@ -59,13 +66,15 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
         stripe_api.retrieve_event,
         stripe_api.list_refunds,
         stripe_api.list_line_items,
-        stripe_events.record_outcome,
-        stripe_events.apply_purchase,
-        stripe_events.apply_refunds,
-        stripe_events.apply_dispute,
-        stripe_events.subscription_state,
-        stripe_events.apply_subscription,
-        stripe_events.apply_invoice,
+        stripe_api.find_checkout_sessions,
+        purchases.record_outcome,
+        purchases.apply_purchase,
+        purchases.apply_purchase_failed,
+        refunds.apply_refunds,
+        disputes.apply_dispute,
+        invoices.subscription_state,
+        invoices.apply_subscription,
+        invoices.apply_invoice,
         dunning.dunning_page,
         stripe_api.list_events,
         reconcile.org_page,
@@ -104,6 +113,7 @@ def build_worker(client: Client, runtime: Runtime, task_queue: str | None = None
 async def run_worker(runtime: Runtime) -> None:
     """Connect, prepare the database and schedules, and run until cancelled."""
     await runtime.db.ensure_indexes()
+    await Subscriptions(runtime.db).migrate()
     client = await connect(runtime.settings)
     await ensure_schedules(client, runtime.settings.temporal_task_queue)
     await build_worker(client, runtime).run()

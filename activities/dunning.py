@@ -1,5 +1,5 @@
-"""Dunning (SPEC §5.4): a subscription past due for `unpaid_after_days` becomes `unpaid` and
-drops to the default plan."""
+"""Dunning (SPEC §5.4): a subscription past due for `unpaid_after_days` becomes `unpaid`, and the
+organization drops to the default plan unless another live subscription pays for one."""
 
 from __future__ import annotations
 
@@ -22,13 +22,18 @@ class DunningActivities:
         self.meters = Meters(runtime.db, runtime.config)
 
     async def _mark_unpaid(self, org_id: str, cutoff: datetime, now: datetime) -> bool:
-        """One organization, one transaction; untouched if a payment cleared it meanwhile."""
-        default_plan = self.runtime.config.default_plan.id
+        """One organization, one transaction; untouched if a payment cleared it meanwhile. Its
+        plan is then derived again: another live subscription may still pay for one."""
 
         async def work(session: AsyncClientSession) -> bool:
             if not await self.subscriptions.mark_unpaid_in(session, org_id, cutoff, now):
                 return False
-            await self.meters.apply_plan_change_in(session, org_id, default_plan, now)
+            account = await self.runtime.db.accounts.find_one({"_id": org_id}, {"plan_id": 1},
+                                                              session=session)
+            found = await self.subscriptions.refresh_in(
+                session, org_id, self.runtime.config,
+                current_plan=(account or {}).get("plan_id"), now=now)
+            await self.meters.apply_plan_change_in(session, org_id, found.plan_id, now)
             return True
 
         return await run_in_transaction(self.runtime.db.client, work)

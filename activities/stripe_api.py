@@ -112,6 +112,16 @@ class StripeApiActivities:
             ),
         )
 
+    @activity.defn(name="stripe_find_checkout_sessions")
+    async def find_checkout_sessions(self, payment_intent_id: str) -> list[Obj]:
+        """The Checkout sessions that took a payment intent (at most one in practice)."""
+        return await self._list(
+            f"the Checkout sessions of {payment_intent_id}",
+            lambda: self.client.v1.checkout.sessions.list_async(
+                {"payment_intent": payment_intent_id, "limit": 10}
+            ),
+        )
+
     @activity.defn(name="stripe_list_events")
     async def list_events(self, query: EventListQuery) -> StripeEventPage:
         """One page of events created since `created_gte`, newest first; page on with

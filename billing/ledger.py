@@ -114,14 +114,69 @@ class Draw:
     shortfall: int
 
 
-def plan_clawback(lot: OpenLot, units: int) -> Draw:
-    """A refund, dispute or expiry takes `units` from its own lot only (the lot bought with the
-    charge, or the expiring one), even past its expiry. What that lot no longer has becomes debt
-    (SPEC §5.1): the organization's other lots are never touched."""
+def plan_expiry(lot: OpenLot, units: int) -> Draw:
+    """An expiry takes `units` from its own lot only, even past its expiry."""
     if units <= 0:
-        raise ValueError("a clawback takes positive units")
+        raise ValueError("an expiry takes positive units")
     taken = min(lot.remaining, units)
     return Draw(draws=((lot.id, taken),) if taken else (), shortfall=units - taken)
+
+
+@dataclass(frozen=True)
+class ClawShare:
+    """One lot of a purchase and what a refund or dispute takes back from it."""
+
+    lot: OpenLot
+    units: int
+    #: Units of this lot that repaid usage debt when it opened and have not come back yet.
+    usage_repaid: int = 0
+
+
+@dataclass(frozen=True)
+class Clawback:
+    draws: tuple[tuple[str, int], ...]
+    usage_debt: int
+    other_debt: int
+    #: Per lot of the purchase, the units of its usage-debt repayment that came back.
+    usage_returned: tuple[tuple[str, int], ...]
+
+
+def plan_purchase_clawback(
+    shares: list[ClawShare], others: list[OpenLot], now: datetime
+) -> Clawback:
+    """A refund or dispute takes its units from the lots bought with the charge first; what they
+    no longer hold is drawn from the organization's other lots in debit order, and only what no
+    lot covers becomes debt, so debt never stands beside lots that still hold units (a later
+    expiry can never take units twice).
+
+    Units a purchased lot spent repaying usage debt come back as usage debt (the weekly
+    settlement may still forgive them); the rest of the debt is `other`. Lots cover the `other`
+    part first.
+    """
+    if any(share.units < 0 for share in shares) or not any(share.units for share in shares):
+        raise ValueError("a clawback takes positive units")
+    own = {share.lot.id for share in shares}
+    draws: list[tuple[str, int]] = []
+    returned: list[tuple[str, int]] = []
+    shortfall = usage_origin = 0
+    for share in shares:
+        taken = min(share.lot.remaining, share.units)
+        if taken:
+            draws.append((share.lot.id, taken))
+        short = share.units - taken
+        usage = min(short, share.usage_repaid)
+        if usage:
+            returned.append((share.lot.id, usage))
+        shortfall += short
+        usage_origin += usage
+    debt = 0
+    if shortfall:
+        covered = plan_draw([lot for lot in others if lot.id not in own], shortfall, now)
+        draws.extend(covered.draws)
+        debt = covered.shortfall
+    usage_debt = min(debt, usage_origin)
+    return Clawback(draws=tuple(draws), usage_debt=usage_debt, other_debt=debt - usage_debt,
+                    usage_returned=tuple(returned))
 
 
 def plan_draw(lots: list[OpenLot], units: int, now: datetime) -> Draw:
@@ -146,12 +201,14 @@ def plan_draw(lots: list[OpenLot], units: int, now: datetime) -> Draw:
 def clawback_units(
     *, lot_units: int, lot_price_cents: int, clawed_cents_total: int, already_clawed: int
 ) -> int:
-    """Units a refund or dispute takes back from the lot bought with the charge.
+    """Units a refund or dispute takes back from a lot bought with the charge.
 
     Cumulative rounding: `clawed_total = round_half_up(cents_total * units / price_cents)`, capped
     at what the lot bought, and this clawback is `clawed_total - already_clawed`. Partial refunds
     therefore always add up exactly (1633 + 1633 + 1634 cents of a 4900-cent 500000-unit pack claw
-    back exactly 500000 units), and refunds never claw back more than was bought.
+    back exactly 500000 units), and refunds never claw back more than was bought. For a cart of
+    several packs, `price_cents` is what all its pack lines cost together, so each lot gives back
+    the same share of itself.
     """
     if lot_price_cents <= 0:
         raise ValueError("a purchased lot has a positive price")

@@ -121,14 +121,24 @@ class StripeReplay(BaseModel):
     event_id: str = Field(pattern=r"^evt_[A-Za-z0-9_]{1,250}$")
 
 
+class PurchaseFacts(BaseModel):
+    """What Stripe holds about the payment behind an event: the Checkout session that took it
+    (with its line items), the payment intent and the charge, as far as they exist."""
+
+    payment_intent: str | None = None
+    session: dict[str, Any] | None = None
+    line_items: list[dict[str, Any]] | None = None
+    intent: dict[str, Any] | None = None
+    charge: dict[str, Any] | None = None
+
+
 class StripeApply(BaseModel):
     """One event's effect to apply, with what the workflow read from Stripe to resolve it."""
 
     event: StripeEvent
     now: datetime
     org_id: str | None = None
-    pack_id: str | None = None
-    line_items: list[dict[str, Any]] | None = None
+    purchase: PurchaseFacts | None = None
     subscription: dict[str, Any] | None = None
     refunds: list[dict[str, Any]] | None = None
     payment_intent: str | None = None  # behind a disputed charge, when the payload lacks it
@@ -147,9 +157,22 @@ class StripeEventOutcome(BaseModel):
     written: list[str] = Field(default_factory=list)
 
 
+class StripeStep(BaseModel):
+    """An apply activity's answer: the recorded outcome, or (nothing written) what the workflow
+    must get first: the purchase behind a charge read from Stripe (`needs_purchase`), or a
+    purchase still to be credited (`waiting_for`)."""
+
+    outcome: StripeEventOutcome | None = None
+    needs_purchase: bool = False
+    waiting_for: str | None = None
+
+
 class SubscriptionState(BaseModel):
+    """The organization an invoice belongs to and its subscription's status (None: the engine
+    does not know that subscription)."""
+
     org_id: str | None
-    status: str
+    status: str | None
 
 
 class DunningPage(BaseModel):

@@ -12,7 +12,7 @@ from typing import Any
 
 from billing.config import BillingConfig, ReconcileConfig
 from billing.models import Divergence
-from billing.stripe_events import plan_for_subscription
+from billing.stripe.subscriptions import ENDED_STATUSES, plan_for_subscription
 
 
 def is_divergent(expected: int, actual: int, tolerance: ReconcileConfig) -> bool:
@@ -96,6 +96,8 @@ def subscription_divergences(
         found.append(Divergence(org_id=org_id, check="subscription", kind="status",
                                 subject=subject, expected=choice.status, actual=status,
                                 detail="Stripe's status differs from the engine's"))
+    if choice.status in ENDED_STATUSES or status in ENDED_STATUSES:
+        return found  # an ended subscription pays for no plan
     if choice.plan_id is None:
         found.append(Divergence(org_id=org_id, check="subscription", kind="plan_unresolved",
                                 subject=subject, expected=", ".join(choice.unknown_prices),

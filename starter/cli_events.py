@@ -70,15 +70,22 @@ def failures(
     org: Annotated[str | None, typer.Option("--org", help="only this organization")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """List failed billing workflows (the dead letters), newest first, with their root cause."""
+    """List what needs an operator, newest first: failed billing workflows (the dead letters)
+    with their root cause, then Stripe events recorded `unresolved` with their reason."""
     from billing.config import Settings
-    from starter.operations import connect_client, list_failed
+    from starter.cli import _store_runtime
+    from starter.operations import connect_client, list_failed, list_unresolved
 
     async def run(on_progress: OnProgress) -> list[FailedWorkflow]:
         settings = Settings()
         client = await connect_client(settings)
-        return await list_failed(client, org=org, task_queue=settings.temporal_task_queue,
-                                 on_progress=on_progress)
+        failed = await list_failed(client, org=org, task_queue=settings.temporal_task_queue,
+                                   on_progress=on_progress)
+        runtime = _store_runtime()
+        try:
+            return failed + await list_unresolved(runtime.db, org=org)
+        finally:
+            await runtime.db.close()
 
     with operator_errors(), progress_bars("reading failed workflows") as (on_progress,):
         found = asyncio.run(run(on_progress))
@@ -86,25 +93,26 @@ def failures(
         typer.echo(json.dumps([failed.to_json() for failed in found]))
         return
     if not found:
-        console.print("no failed billing workflows")
+        console.print("no failed billing workflows and no unresolved Stripe events")
         return
-    table = Table(title=f"{len(found)} failed billing workflow(s), newest first")
+    table = Table(title=f"{len(found)} failed workflow(s) and unresolved event(s), newest first")
+    table.add_column("kind", no_wrap=True)
     table.add_column("workflow id", overflow="fold")
     table.add_column("type")
     table.add_column("org", overflow="fold")
     table.add_column("event type")
     table.add_column("failure", overflow="fold")
-    table.add_column("failed at (UTC)", no_wrap=True)
+    table.add_column("at (UTC)", no_wrap=True)
     for failed in found:
         table.add_row(
-            escape(failed.workflow_id), failed.workflow_type, escape(failed.org_id or ""),
+            failed.kind, escape(failed.workflow_id), failed.workflow_type, escape(failed.org_id or ""),
             escape(failed.event_type or ""), escape(failed.failure or ""),
             f"{failed.close_time:%Y-%m-%d %H:%M:%S}" if failed.close_time else "",
         )
     console.print(table)
     console.print("retry one with [bold]billing retry WORKFLOW_ID[/bold], all with "
-                  "[bold]billing retry --all-failed[/bold]; a Stripe event can also be fetched "
-                  "again with [bold]billing replay EVT_ID[/bold]")
+                  "[bold]billing retry --all-failed[/bold]; a Stripe event (failed or unresolved) "
+                  "can be fetched and run again with [bold]billing replay EVT_ID[/bold]")
 
 
 def retry(

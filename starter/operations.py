@@ -47,6 +47,7 @@ from billing.config import Settings
 from billing.errors import BillingError, InvalidInput, NotFound
 from billing.models import StripeEventOutcome, StripeReplay
 from billing.store.accounts import check_org_id
+from billing.store.database import Database, Doc
 from starter.schedules import SCHEDULES
 from worker import connect
 from workflows.search import ORG_ID, STRIPE_EVENT_TYPE
@@ -112,6 +113,9 @@ def _noop(done: int, total: int | None) -> None:
 
 @dataclass(frozen=True)
 class FailedWorkflow:
+    """Something that needs an operator: a failed workflow (`kind` `failed`), or a Stripe event
+    whose outcome was recorded `unresolved` (nothing was written; `failure` says why)."""
+
     workflow_id: str
     run_id: str
     workflow_type: str
@@ -119,6 +123,7 @@ class FailedWorkflow:
     event_type: str | None
     failure: str | None
     close_time: datetime | None
+    kind: str = "failed"
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -220,6 +225,25 @@ async def list_failed(
         )
         for execution, (current, message) in zip(executions, inspected, strict=True)
         if current
+    ]
+
+
+async def list_unresolved(db: Database, *, org: str | None = None) -> list[FailedWorkflow]:
+    """Stripe events recorded `unresolved`, newest first: completed workflows that wrote nothing
+    (an unknown pack, no organization, a purchase that cannot be told), so they need an operator
+    as much as a failure does. `billing replay EVT_ID` runs one again once it can resolve."""
+    query: Doc = {"outcome": "unresolved"}
+    if org is not None:
+        query["org_id"] = check_org_id(org)
+    cursor = db.stripe_events.find(query).sort("recorded_at", -1).limit(1000)
+    return [
+        FailedWorkflow(
+            workflow_id=f"stripe-{doc['_id']}", run_id="", workflow_type="StripeEventWorkflow",
+            org_id=doc.get("org_id"), event_type=doc.get("type"),
+            failure=f"UNRESOLVED: {doc.get('reason') or 'no reason recorded'}",
+            close_time=doc.get("recorded_at"), kind="unresolved",
+        )
+        async for doc in cursor
     ]
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import stripe
 
 from billing.config import BillingConfig
-from billing.stripe_events import HANDLED_TYPES
+from billing.stripe.events import HANDLED_TYPES
 
 Obj = dict[str, Any]
 

@@ -1,7 +1,7 @@
 """A small Stripe API fake on 127.0.0.1 and the fixtures that run the engine against it.
 
 It answers what `localstripe` lacks (subscription retrieval with items, refunds listed by charge,
-checkout line items, events listed by creation time and type) and can answer 500 on demand.
+Checkout sessions listed by payment intent, checkout line items, events listed by creation time and type) and can answer 500 on demand.
 Import the fixtures into a test module with `from stripe_fake import *  # noqa: F403`.
 """
 
@@ -26,7 +26,13 @@ from worker import build_worker
 
 Obj = dict[str, Any]
 
-__all__ = ["APP_NAME", "StripeFake", "api", "stripe_fake", "stripe_runtime", "stripe_worker"]
+__all__ = ["APP_NAME", "StripeFake", "line_item", "api", "stripe_fake", "stripe_runtime", "stripe_worker"]
+
+
+def line_item(price: str, *, quantity: int = 1, amount_total: int = 4900) -> Obj:
+    """A Checkout line item as `GET /v1/checkout/sessions/{id}/line_items` lists it."""
+    return {"id": f"li_{uuid.uuid4().hex[:16]}", "object": "item", "price": {"id": price},
+            "quantity": quantity, "amount_total": amount_total, "amount_subtotal": amount_total}
 
 
 class StripeFake:
@@ -48,6 +54,14 @@ class StripeFake:
         self.objects[obj["id"]] = obj
         return obj
 
+    def checkout(self, session: Obj, lines: list[Obj] | None = None) -> Obj:
+        """Serve a Checkout session and its line items (by default one line of the 500k pack for
+        the session's total), as Stripe keeps them once the customer paid."""
+        self.add(session)
+        self.line_items[session["id"]] = lines if lines is not None else [
+            line_item("price_pack_500k", amount_total=int(session.get("amount_total") or 4900))]
+        return session
+
     @staticmethod
     def _list(url: str, data: list[Obj]) -> web.Response:
         return web.json_response({"object": "list", "url": url, "has_more": False, "data": data})
@@ -68,6 +82,11 @@ class StripeFake:
         parts = path.strip("/").split("/")
         if parts == ["v1", "events"]:
             return self._events(request)
+        if parts == ["v1", "checkout", "sessions"]:
+            pi = request.query.get("payment_intent")
+            return self._list(path, [o for o in self.objects.values()
+                                     if o.get("object") == "checkout.session"
+                                     and o.get("payment_intent") == pi])
         if parts == ["v1", "refunds"]:
             charge = request.query.get("charge", "")
             return self._list(path, self.refunds.get(charge, []))

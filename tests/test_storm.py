@@ -96,7 +96,8 @@ def org_storm(org: str, fake: StripeFake, t0: int) -> OrgStorm:
     for pi, ch in bought:  # 12 purchases without Checkout
         add(event("payment_intent.succeeded", payment_intent(pi=pi, meta=meta, charge=ch)))
     for pi in [pi for pi, _ in bought[:4]] + checkout_only:  # 4 seen twice, 4 through Checkout only
-        add(event("checkout.session.completed", checkout_session(payment_intent=pi, meta=meta)))
+        add(event("checkout.session.completed",
+                  fake.checkout(checkout_session(payment_intent=pi, meta=meta))))
     for pi, ch in bought[4:7]:  # 3 full refunds
         add(event("refund.created", refund(charge=ch, pi=pi, amount=4900)))
     for pi, ch in (bought[7], bought[7], bought[8]):  # half refunds: one lot twice, one once

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from typing import Any
 
 import httpx
+import pytest
 from stripe_fake import *  # noqa: F403
 from stripe_fake import StripeFake
 from stripe_payloads import (
@@ -25,7 +27,7 @@ from stripe_payloads import (
 )
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowFailureError
 
 from billing.models import StripeEvent, StripeEventOutcome
 from billing.runtime import Runtime
@@ -87,12 +89,12 @@ async def purchase(api: httpx.AsyncClient, client: Client, org: str, *, pi: str,
 
 
 async def test_checkout_and_payment_intent_credit_once_under_concurrent_redelivery(
-    api, stripe_worker, temporal_client, org
+    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
 ):
     pi = new_id("pi")
     meta = metadata(org, PACK)
-    session_event = event("checkout.session.completed", checkout_session(payment_intent=pi,
-                                                                         meta=meta))
+    session_event = event("checkout.session.completed",
+                          stripe_fake.checkout(checkout_session(payment_intent=pi, meta=meta)))
     intent_event = event("payment_intent.succeeded", payment_intent(pi=pi, meta=meta))
 
     responses = await asyncio.gather(
@@ -186,7 +188,8 @@ async def test_metadata_fallbacks_payment_intent_then_line_item_price(
     # The session names nobody; the payment intent does, in the seed's spellings.
     pi = stripe_fake.add(payment_intent(pi=new_id("pi"),
                                         meta=metadata(org, PACK, seed_spelling=True)))["id"]
-    first = event("checkout.session.completed", checkout_session(payment_intent=pi, meta={}))
+    first = event("checkout.session.completed",
+                  stripe_fake.checkout(checkout_session(payment_intent=pi, meta={})))
     assert (await send(api, temporal_client, first)).outcome == "applied"
 
     # The session names the org (seed spelling); the pack comes from the line item's price.
@@ -200,15 +203,17 @@ async def test_metadata_fallbacks_payment_intent_then_line_item_price(
     assert (result.outcome, result.org_id) == ("applied", org)
     assert await balance(api, org) == 1000000
 
-    # Two different pack prices in one checkout cannot be told apart later: nothing credited.
+    # Every pack line of a cart is credited, each in its own lot.
     session = checkout_session(payment_intent=None, meta=metadata(org))
     stripe_fake.line_items[session["id"]] = [
         {"id": new_id("li"), "object": "item", "price": {"id": PACK_PRICE}, "quantity": 1},
-        {"id": new_id("li"), "object": "item", "price": {"id": PACK_PRICE}, "quantity": 1},
+        {"id": new_id("li"), "object": "item", "price": {"id": PACK_PRICE}, "quantity": 2},
     ]
-    ambiguous = await send(api, temporal_client, event("checkout.session.completed", session))
-    assert ambiguous.outcome == "unresolved"
-    assert await balance(api, org) == 1000000
+    cart = await send(api, temporal_client, event("checkout.session.completed", session))
+    assert cart.outcome == "applied"
+    assert await balance(api, org) == 2500000
+    keys = [e["key"] for e in await entries(api, org)]
+    assert f"checkout:{session['id']}" in keys and f"checkout:{session['id']}:2" in keys
 
 
 # ---- refunds and disputes ------------------------------------------------------------------------
@@ -235,14 +240,16 @@ async def test_partial_refunds_claw_back_exactly_and_replays_add_nothing(
     assert await balance(api, org) == 0
 
 
-async def test_refund_of_an_unknown_pack_writes_nothing_and_notifies(
+async def test_refund_whose_purchase_cannot_be_told_writes_nothing_and_notifies(
     api, stripe_worker, temporal_client, org
 ):
+    """No lot, and the charge names no payment intent (so no Checkout session can be found):
+    nothing is written and the organization is told (`refund.unresolved`)."""
     assert (await api.put(f"/v1/orgs/{org}")).status_code == 201
     before = await balance(api, org)
-    ch, pi = new_id("ch"), new_id("pi")
-    evt = event("charge.refunded", charge(ch=ch, pi=pi, amount=1234, meta=metadata(org),
-                                          refunds=[refund(charge=ch, pi=pi, amount=1234)]))
+    ch = new_id("ch")
+    evt = event("charge.refunded", charge(ch=ch, pi=None, amount=1234, meta=metadata(org),
+                                          refunds=[refund(charge=ch, pi=None, amount=1234)]))
     result = await send(api, temporal_client, evt)
     assert (result.outcome, result.org_id) == ("unresolved", org)
     assert await balance(api, org) == before
@@ -250,44 +257,85 @@ async def test_refund_of_an_unknown_pack_writes_nothing_and_notifies(
     assert (await notification_types(api, org))["refund.unresolved"] == 1
 
 
-async def test_refund_of_a_pack_delivered_before_its_purchase_waits_for_it(
-    api, stripe_worker, temporal_client, org
+async def test_refund_of_a_charge_that_bought_no_pack_is_ignored(
+    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
 ):
-    """The charge names a pack: the purchase exists but is not credited yet, so the refund
-    retries instead of being recorded unresolved, and claws back once the credit lands."""
     ch, pi = new_id("ch"), new_id("pi")
-    early = event("charge.refunded", charge(ch=ch, pi=pi, meta=metadata(org, PACK),
+    stripe_fake.add(payment_intent(pi=pi, meta=metadata(org)))  # no pack, no Checkout session
+    evt = event("charge.refunded", charge(ch=ch, pi=pi, meta=metadata(org),
+                                          refunds=[refund(charge=ch, pi=pi, amount=4900)]))
+    result = await send(api, temporal_client, evt)
+    assert result.outcome == "ignored", result
+    assert (await api.get(f"/v1/orgs/{org}/balance")).status_code == 404
+
+
+async def waited(client: Client, evt: dict[str, Any]) -> int:
+    """How many times the run looked for its purchase (it waits durably between looks)."""
+    history = await client.get_workflow_handle(f"stripe-{evt['id']}").fetch_history()
+    return sum(1 for e in history.events if e.HasField("timer_started_event_attributes"))
+
+
+async def test_refund_of_a_pack_delivered_before_its_purchase_waits_for_it(
+    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
+):
+    """The payment bought a pack that is not credited yet: the refund waits for it (durably,
+    polling) instead of being recorded, and claws back once the credit lands."""
+    ch, pi = new_id("ch"), new_id("pi")
+    stripe_fake.add(payment_intent(pi=pi, meta=metadata(org, PACK), charge=ch))
+    early = event("charge.refunded", charge(ch=ch, pi=pi, meta=metadata(org),
                                             refunds=[refund(charge=ch, pi=pi, amount=4900)]))
     assert (await deliver(api, early)).status_code == 200
-    await asyncio.sleep(1.5)  # the refund has failed its first attempt by now
+    handle = temporal_client.get_workflow_handle(f"stripe-{early['id']}")
+    for _ in range(50):
+        if await handle.query("waiting_for"):
+            break
+        await asyncio.sleep(0.1)
+    assert "to be credited" in (await handle.query("waiting_for") or "")
+    assert (await event_view(api, early))["status"] == "RUNNING"
     await purchase(api, temporal_client, org, pi=pi, ch=ch)
     assert (await outcome(temporal_client, early)).outcome == "applied"
-    handle = temporal_client.get_workflow_handle(f"stripe-{early['id']}")
-    history = await handle.fetch_history()
-    attempts = [e.activity_task_started_event_attributes.attempt for e in history.events
-                if e.HasField("activity_task_started_event_attributes")]
-    assert max(attempts) >= 2
+    assert await waited(temporal_client, early) >= 1
     assert sorted(e["amount"] for e in await entries(api, org)) == [-500000, 500000]
     assert await balance(api, org) == 0
 
 
-async def test_an_unresolved_refund_run_again_after_its_purchase_claws_back_once(
-    api, stripe_worker, temporal_client, org
+async def test_a_refund_whose_purchase_never_comes_fails_visibly_after_72_hours(
+    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
 ):
-    """A refund whose charge names no pack, delivered before the purchase: unresolved. Run
-    again (as `billing replay` does) once the purchase is credited, it claws back, once."""
     ch, pi = new_id("ch"), new_id("pi")
-    early = event("charge.refunded", charge(ch=ch, pi=pi, meta=metadata(org),
-                                            refunds=[refund(charge=ch, pi=pi, amount=4900)]))
-    assert (await send(api, temporal_client, early)).outcome == "unresolved"
-    await purchase(api, temporal_client, org, pi=pi, ch=ch)
+    stripe_fake.add(payment_intent(pi=pi, meta=metadata(org, PACK), charge=ch))
+    late = event("refund.created", refund(charge=ch, pi=pi, amount=4900),
+                 created=int(time.time()) - 73 * 3600)
+    assert (await deliver(api, late)).status_code == 200
+    with pytest.raises(WorkflowFailureError) as failed:
+        await outcome(temporal_client, late)
+    assert "PURCHASE_NOT_CREDITED" in str(failed.value.cause) or \
+        "still waiting" in str(failed.value.cause)
+    assert (await event_view(api, late))["status"] == "FAILED"
+
+
+async def test_an_unresolved_purchase_run_again_after_its_customer_is_linked_credits_once(
+    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
+):
+    """A paid checkout naming no organization, of a customer not linked yet: unresolved. Run
+    again (as `billing replay` does) once a subscription links the customer, it credits, once."""
+    cus, pi = new_id("cus"), new_id("pi")
+    stripe_fake.add(payment_intent(pi=pi, meta={}))
+    session = checkout_session(payment_intent=pi, meta={}, customer=cus)
+    early = event("checkout.session.completed", stripe_fake.checkout(session))
+    first = await send(api, temporal_client, early)
+    assert first.outcome == "unresolved"
+    link = event("customer.subscription.created",
+                 subscription(sub=new_id("sub"), customer=cus, price="price_pro_monthly",
+                              meta=metadata(org)))
+    assert (await send(api, temporal_client, link)).outcome == "applied"
     for run in ("again", "and-again"):
         result = await temporal_client.execute_workflow(
             StripeEventWorkflow.run, StripeEvent.from_stripe(early),
             id=f"stripe-{early['id']}-{run}", task_queue=stripe_worker.task_queue,
             result_type=StripeEventOutcome)
         assert result.outcome == ("applied" if run == "again" else "duplicate")
-    assert sorted(e["amount"] for e in await entries(api, org)) == [-500000, 500000]
+    assert [e["amount"] for e in await entries(api, org)] == [500000]
     assert (await event_view(api, early))["outcome"] == "applied"
 
 
@@ -322,29 +370,23 @@ async def test_dispute_lifecycle_claws_back_once_and_reinstates_exactly(
     assert [notes[t] for t in ("dispute.opened", "dispute.lost", "dispute.reinstated")] == [1, 1, 1]
 
 
-async def test_reinstatement_before_its_withdrawal_waits_for_it(
-    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
+async def test_reinstatement_before_its_withdrawal_voids_it(
+    api, stripe_worker, temporal_client, org
 ):
-    """Stripe does not order deliveries: a reinstatement that arrives first is retried until the
-    withdrawal is applied, so the pair nets to zero instead of clawing back for good."""
+    """Stripe does not order deliveries: a reinstatement that arrives first voids the
+    withdrawal, so the pair nets to zero whichever lands first and nothing is clawed back."""
     pi, ch, dp = new_id("pi"), new_id("ch"), new_id("dp")
     await purchase(api, temporal_client, org, pi=pi, ch=ch)
     reinstated = event("charge.dispute.funds_reinstated",
                        dispute(dp=dp, ch=ch, pi=pi, amount=4900, status="won"))
     withdrawn = event("charge.dispute.funds_withdrawn",
                       dispute(dp=dp, ch=ch, pi=pi, amount=4900, status="needs_response"))
-    assert (await deliver(api, reinstated)).status_code == 200
-    await asyncio.sleep(1.5)  # the reinstatement has failed its first attempt by now
-    assert (await send(api, temporal_client, withdrawn)).outcome == "applied"
-    assert (await outcome(temporal_client, reinstated)).outcome == "applied"
-    handle = temporal_client.get_workflow_handle(f"stripe-{reinstated['id']}")
-    history = await handle.fetch_history()
-    attempts = [e.activity_task_started_event_attributes.attempt for e in history.events
-                if e.HasField("activity_task_started_event_attributes")]
-    assert max(attempts) >= 2  # it did arrive first, and waited
-    amounts = sorted(e["amount"] for e in await entries(api, org))
-    assert amounts == [-500000, 500000, 500000]
+    assert (await send(api, temporal_client, reinstated)).outcome == "applied"
+    assert (await send(api, temporal_client, withdrawn)).outcome == "duplicate"
+    assert [e["amount"] for e in await entries(api, org)] == [500000]
     assert await balance(api, org) == 500000
+    notes = await notification_types(api, org)
+    assert (notes["dispute.reinstated"], notes["dispute.lost"]) == (1, 1)
 
 
 # ---- subscriptions and invoices ------------------------------------------------------------------
@@ -422,11 +464,16 @@ async def test_invoice_and_subscription_families_are_independent_and_past_due_is
                   created=T0 + 101)
     assert (await send(api, temporal_client, newer)).outcome == "applied"
     assert (await subscription_view(api, org))["plan_id"] == "pro"
-    # A failed invoice of another (replaced) subscription of the customer changes nothing.
-    other = event("invoice.payment_failed", invoice(customer=cus, sub=new_id("sub")),
+    # A failed invoice of another subscription of the customer, ended (Stripe says so when the
+    # engine asks about a subscription it never heard of), changes no status: it notifies.
+    replaced = stripe_fake.add(subscription(sub=new_id("sub"), customer=cus,
+                                            price="price_starter_monthly", status="canceled"))
+    other = event("invoice.payment_failed", invoice(customer=cus, sub=replaced["id"]),
                   created=T0 + 80)
-    assert (await send(api, temporal_client, other)).outcome == "ignored"
+    result = await send(api, temporal_client, other)
+    assert result.outcome == "applied" and "notification payment.failed" in result.written
     assert (await subscription_view(api, org))["status"] == "active"
+    assert (await notification_types(api, org))["payment.failed"] == 3
 
 
 async def test_subscription_checkout_reads_the_real_status_then_deletion_resets(
@@ -483,7 +530,7 @@ async def test_the_end_of_a_replaced_subscription_keeps_the_new_plan(
                          status="canceled", meta=metadata(org))
     result = await send(api, temporal_client,
                         event("customer.subscription.deleted", ended, created=T0 + 3))
-    assert result.outcome == "ignored"
+    assert result.outcome == "applied"
     view = await subscription_view(api, org)
     assert (view["plan_id"], view["status"], view["stripe_subscription_id"]) == (
         "pro", "active", new)
@@ -503,9 +550,12 @@ async def test_dunning_moves_long_past_due_to_unpaid_and_spares_recovered(
     for who, status in ((org, "past_due"), (recovered, "active")):
         assert (await api.put(f"/v1/orgs/{who}")).status_code == 201
         await db.accounts.update_one({"_id": who}, {"$set": {"plan_id": "pro"}})
+        since = long_ago if status == "past_due" else None
         await db.subscriptions.insert_one({"_id": who, "status": status,
-                                           "past_due_since": long_ago if status == "past_due"
-                                           else None})
+                                           "past_due_since": since})
+        await db.stripe_subscriptions.insert_one({"_id": new_id("sub"), "org_id": who,
+                                                  "status": status, "plan_id": "pro",
+                                                  "past_due_since": since})
     result = await temporal_client.execute_workflow(
         DunningWorkflow.run, id=f"dunning-test-{org}", result_type=DunningPageResult,
         task_queue=stripe_runtime.settings.temporal_task_queue)
@@ -526,14 +576,15 @@ async def test_reads_answer_404_and_none(api, stripe_worker, org):
 
 
 async def test_one_payment_intent_is_credited_once_even_when_two_events_name_two_orgs(
-    api, stripe_worker, temporal_client, org
+    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
 ):
     """Session and payment intent metadata disagree on the organization, and both events race:
     the unique purchase index lets exactly one of them credit."""
     pi, other = new_id("pi"), f"{org}-other"
     meta_a, meta_b = metadata(org, PACK), metadata(other, PACK)
     racing = [
-        event("checkout.session.completed", checkout_session(payment_intent=pi, meta=meta_a)),
+        event("checkout.session.completed",
+              stripe_fake.checkout(checkout_session(payment_intent=pi, meta=meta_a))),
         event("payment_intent.succeeded", payment_intent(pi=pi, meta=meta_b)),
     ]
     await asyncio.gather(*(deliver(api, evt) for evt in racing))

@@ -48,7 +48,7 @@ from workflows.common import FAIL_ON, call
 from workflows.stripe_event import StripeEventWorkflow, stripe_workflow_id
 
 with workflow.unsafe.imports_passed_through():
-    from billing.stripe_events import HANDLED_TYPES
+    from billing.stripe.events import HANDLED_TYPES
 
 
 def _orgs(divergences: list[Divergence]) -> int:

@@ -1,39 +1,68 @@
 """`StripeEventWorkflow` (id `stripe-<evt id>`): one verified Stripe event, applied once.
 
-The workflow only decides: which Stripe reads the payload needs (a subscription's real status, a
-payment intent's metadata, line items, the refunds of a charge) and which apply activity writes
-the effect. Each apply activity is one MongoDB transaction that also records the outcome.
-A run started with a `StripeReplay` (`billing replay`) first retrieves its event from Stripe.
+The workflow only decides which Stripe reads an event needs (a subscription's real status, the
+Checkout session behind a payment and its line items, the refunds of a charge) and which apply
+activity writes the effect; `ROUTES` maps every handled event type to its handler. Each apply
+activity is one MongoDB transaction that also records the outcome.
+
+A refund or dispute of a purchase that is not credited yet (Stripe does not order deliveries)
+waits for it durably, polling with backoff for up to 72 hours after the event (Stripe's own
+redelivery window), then fails visibly. A run started with a `StripeReplay` (`billing replay`)
+first retrieves its event from Stripe.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
+from temporalio.exceptions import ApplicationError
 
 from billing.models import (
+    PurchaseFacts,
     StripeApply,
     StripeEvent,
     StripeEventOutcome,
     StripeReplay,
+    StripeStep,
     SubscriptionState,
 )
 from workflows.common import FAIL_ON, call
 from workflows.search import ORG_ID, STRIPE_EVENT_TYPE
 
 with workflow.unsafe.imports_passed_through():
-    from billing import stripe_events as se
+    from billing.stripe import events as ev
+    from billing.stripe.invoices import invoice_subscription, invoice_subscription_metadata
+    from billing.stripe.objects import expanded, org_from, pack_from, ref_id
+    from billing.stripe.purchases import PAID_STATUSES
+    from billing.stripe.refunds import charge_refunds
+    from billing.stripe.subscriptions import DELINQUENT_STATUSES
 
 Obj = dict[str, Any]
+
+#: How long a refund or dispute waits for its purchase to be credited, from the event's
+#: `created`: Stripe retries a delivery for up to 3 days.
+PURCHASE_WAIT = timedelta(hours=72)
+FIRST_POLL = timedelta(seconds=2)
+LONGEST_POLL = timedelta(minutes=15)
 
 
 def stripe_workflow_id(event_id: str) -> str:
     return f"stripe-{event_id}"
 
 
+async def _step(activity: str, apply: StripeApply) -> StripeStep:
+    return await call(activity, apply, StripeStep)
+
+
 async def _outcome(activity: str, apply: StripeApply) -> StripeEventOutcome:
-    return await call(activity, apply, StripeEventOutcome)
+    step = await _step(activity, apply)
+    if step.outcome is None:
+        raise ApplicationError(f"{activity} asked for more than this event gives",
+                               type="UNEXPECTED_STEP", non_retryable=True)
+    return step.outcome
 
 
 async def _record(apply: StripeApply, outcome: str, reason: str) -> StripeEventOutcome:
@@ -52,100 +81,176 @@ async def _list(activity: str, stripe_id: str) -> list[Obj]:
     return found
 
 
-def _expanded(value: object) -> Obj | None:
-    return value if isinstance(value, dict) else None
+async def _purchase_facts(payment_intent: str | None, *, session: Obj | None = None,
+                          intent: Obj | None = None, charge: Obj | None = None) -> PurchaseFacts:
+    """What Stripe holds about a payment: its payment intent, the Checkout session that took it
+    (found through the API when not given) and that session's line items (always listed: they
+    carry the quantities)."""
+    if session is None and payment_intent is not None:
+        sessions = await _list("stripe_find_checkout_sessions", payment_intent)
+        session = next((s for s in sessions if s.get("mode") == "payment"), None)
+    if intent is None and payment_intent is not None and not (
+            session is not None and org_from(session) and pack_from(session)):
+        intent = expanded((session or {}).get("payment_intent")) or await _read(
+            "stripe_retrieve_payment_intent", payment_intent)
+    line_items = None
+    if session is not None:
+        line_items = await _list("stripe_list_line_items", str(session["id"]))
+    return PurchaseFacts(payment_intent=payment_intent, session=session, line_items=line_items,
+                         intent=intent, charge=charge)
 
 
 @workflow.defn(failure_exception_types=FAIL_ON)
 class StripeEventWorkflow:
+    def __init__(self) -> None:
+        self._waiting_for: str | None = None
+
+    @workflow.query
+    def waiting_for(self) -> str | None:
+        """What the run is waiting for (a purchase to be credited), None when it is not."""
+        return self._waiting_for
+
     @workflow.run
     async def run(self, event: StripeEvent | StripeReplay) -> StripeEventOutcome:
         if isinstance(event, StripeReplay):
             event = await call("stripe_retrieve_event", event.event_id, StripeEvent)
         obj = event.object
-        org = se.org_from(obj, se.invoice_subscription_metadata(obj))
+        org = org_from(obj, invoice_subscription_metadata(obj))
         attributes = [STRIPE_EVENT_TYPE.value_set(event.type)]
         if org is not None:
             attributes.append(ORG_ID.value_set(org))
         workflow.upsert_search_attributes(attributes)
-        result = await self._handle(StripeApply(event=event, now=workflow.now(), org_id=org))
+        apply = StripeApply(event=event, now=workflow.now(), org_id=org)
+        handler = ROUTES.get(event.type)
+        if handler is None:
+            result = await _record(apply, "ignored", f"event type {event.type} is not handled")
+        else:
+            result = await handler(self, apply)
         if result.org_id is not None and result.org_id != org:
             workflow.upsert_search_attributes([ORG_ID.value_set(result.org_id)])
         return result
 
-    async def _handle(self, apply: StripeApply) -> StripeEventOutcome:
-        kind = apply.event.type
-        obj = apply.event.object
-        if kind == "checkout.session.completed":
-            return await self._checkout(apply)
-        if kind == "payment_intent.succeeded":
-            return await _outcome("apply_stripe_purchase",
-                                  apply.model_copy(update={"pack_id": se.pack_from(obj)}))
-        if kind in se.SUBSCRIPTION_TYPES:
-            return await _outcome("apply_stripe_subscription", apply)
-        if kind == se.INVOICE_FAILED:
-            return await _outcome("apply_stripe_invoice", apply)
-        if kind in se.INVOICE_PAID_TYPES:
-            return await self._invoice_paid(apply)
-        if kind in se.REFUND_TYPES:
-            refunds = [obj] if kind == "refund.created" else se.charge_refunds(obj)
-            if refunds is None:
-                refunds = await _list("stripe_list_refunds", str(obj["id"]))
-            return await _outcome("apply_stripe_refunds",
-                                  apply.model_copy(update={"refunds": refunds}))
-        if kind in se.DISPUTE_TYPES:
-            return await self._dispute(apply)
-        return await _record(apply, "ignored", f"event type {kind} is not handled")
+    # ---- purchases ---------------------------------------------------------------------------
 
     async def _checkout(self, apply: StripeApply) -> StripeEventOutcome:
         session = apply.event.object
         mode = session.get("mode")
         if mode == "subscription":
-            # Never assume `active`: read the subscription's real status from Stripe.
-            subscription_id = se.ref_id(session.get("subscription"))
-            if subscription_id is None:
-                return await _record(apply, "unresolved",
-                                     "subscription checkout names no subscription")
-            sub = await _read("stripe_retrieve_subscription", subscription_id)
-            return await _outcome("apply_stripe_subscription", apply.model_copy(
-                update={"subscription": sub, "org_id": apply.org_id or se.org_from(sub)}))
+            return await self._subscription_checkout(apply)
         if mode != "payment":
             return await _record(apply, "ignored", f"checkout mode {mode} buys nothing")
-        if session.get("payment_status") != "paid":
-            return await _record(apply, "ignored",
-                                 f"checkout payment status is {session.get('payment_status')}")
-        org, pack = apply.org_id, se.pack_from(session)
-        payment_intent = se.ref_id(session.get("payment_intent"))
-        if (org is None or pack is None) and payment_intent is not None:
-            intent = _expanded(session.get("payment_intent")) or await _read(
-                "stripe_retrieve_payment_intent", payment_intent)
-            org, pack = org or se.org_from(intent), pack or se.pack_from(intent)
-        line_items: list[Obj] | None = None
-        if pack is None:
-            line_items = await _list("stripe_list_line_items", str(session["id"]))
-        return await _outcome("apply_stripe_purchase", apply.model_copy(
-            update={"org_id": org, "pack_id": pack, "line_items": line_items}))
+        if apply.event.type == ev.CHECKOUT_ASYNC_FAILED:
+            return await _outcome("apply_stripe_purchase_failed", apply)
+        status = session.get("payment_status")
+        if status not in PAID_STATUSES:
+            return await _record(apply, "ignored", f"checkout payment status is {status}: "
+                                 "a delayed payment method credits when it succeeds")
+        facts = await _purchase_facts(ref_id(session.get("payment_intent")), session=session)
+        return await _outcome("apply_stripe_purchase", apply.model_copy(update={
+            "purchase": facts, "org_id": apply.org_id or org_from(facts.intent)}))
 
-    async def _invoice_paid(self, apply: StripeApply) -> StripeEventOutcome:
+    async def _payment_intent(self, apply: StripeApply) -> StripeEventOutcome:
+        intent = apply.event.object
+        facts = await _purchase_facts(ref_id(intent.get("id")), intent=intent)
+        return await _outcome("apply_stripe_purchase", apply.model_copy(update={
+            "purchase": facts, "org_id": apply.org_id or org_from(facts.session)}))
+
+    # ---- subscriptions and invoices ----------------------------------------------------------
+
+    async def _subscription_checkout(self, apply: StripeApply) -> StripeEventOutcome:
+        """Never assume `active`: read the subscription's real status from Stripe."""
+        subscription_id = ref_id(apply.event.object.get("subscription"))
+        if subscription_id is None:
+            return await _record(apply, "unresolved",
+                                 "subscription checkout names no subscription")
+        sub = await _read("stripe_retrieve_subscription", subscription_id)
+        return await _outcome("apply_stripe_subscription", apply.model_copy(
+            update={"subscription": sub, "org_id": apply.org_id or org_from(sub)}))
+
+    async def _subscription(self, apply: StripeApply) -> StripeEventOutcome:
+        return await _outcome("apply_stripe_subscription", apply)
+
+    async def _invoice(self, apply: StripeApply) -> StripeEventOutcome:
+        """Read the invoice's subscription from Stripe when the engine does not know it yet, or
+        when a payment recovers it (its plan may have changed meanwhile)."""
         state = await call("stripe_subscription_state", apply, SubscriptionState)
-        subscription_id = se.invoice_subscription(apply.event.object)
+        subscription_id = invoice_subscription(apply.event.object)
+        recovers = (apply.event.type in ev.INVOICE_PAID_TYPES
+                    and state.status in DELINQUENT_STATUSES)
         sub: Obj | None = None
-        if state.status in se.DELINQUENT_STATUSES and subscription_id is not None:
+        if subscription_id is not None and (state.status is None or recovers):
             sub = await _read("stripe_retrieve_subscription", subscription_id)
         return await _outcome("apply_stripe_invoice", apply.model_copy(
             update={"org_id": apply.org_id or state.org_id, "subscription": sub}))
 
+    # ---- refunds and disputes ----------------------------------------------------------------
+
+    async def _refund(self, apply: StripeApply) -> StripeEventOutcome:
+        obj = apply.event.object
+        if apply.event.type == ev.CHARGE_REFUNDED:
+            refunds = charge_refunds(obj)
+            if refunds is None:
+                refunds = await _list("stripe_list_refunds", str(obj["id"]))
+        else:
+            refunds = [obj]
+        return await self._clawback("apply_stripe_refunds",
+                                    apply.model_copy(update={"refunds": refunds}))
+
     async def _dispute(self, apply: StripeApply) -> StripeEventOutcome:
-        """A dispute names its charge; the purchase lot is found by payment intent, so read the
+        """A dispute names its charge; purchase lots are found by payment intent, so read the
         charge when the payload does not name one."""
         dispute = apply.event.object
-        charge_id = se.ref_id(dispute.get("charge"))
-        if se.ref_id(dispute.get("payment_intent")) is None and charge_id is not None:
-            charge = _expanded(dispute.get("charge"))
-            if charge is None:
-                charge = await _read("stripe_retrieve_charge", charge_id)
+        charge_id = ref_id(dispute.get("charge"))
+        if ref_id(dispute.get("payment_intent")) is None and charge_id is not None:
+            charge = expanded(dispute.get("charge")) or await _read("stripe_retrieve_charge",
+                                                                     charge_id)
             apply = apply.model_copy(update={
-                "payment_intent": se.ref_id(charge.get("payment_intent")),
-                "org_id": apply.org_id or se.org_from(charge),
+                "payment_intent": ref_id(charge.get("payment_intent")),
+                "org_id": apply.org_id or org_from(charge),
             })
-        return await _outcome("apply_stripe_dispute", apply)
+        return await self._clawback("apply_stripe_dispute", apply)
+
+    async def _clawback(self, activity: str, apply: StripeApply) -> StripeEventOutcome:
+        """Apply a refund or dispute; when its purchase is not credited yet, read what Stripe
+        holds about it once, then wait for the credit (polling with backoff) until 72 hours after
+        the event, and fail visibly past that."""
+        deadline = datetime.fromtimestamp(apply.event.created, UTC) + PURCHASE_WAIT
+        poll = FIRST_POLL
+        while True:
+            step = await _step(activity, apply)
+            if step.outcome is not None:
+                return step.outcome
+            if step.needs_purchase and apply.purchase is None:
+                apply = apply.model_copy(update={"purchase": await self._purchase_behind(apply)})
+                continue
+            left = deadline - workflow.now()
+            if left <= timedelta(0):
+                raise ApplicationError(
+                    f"{apply.event.type} {apply.event.id}: still waiting for "
+                    f"{step.waiting_for} {PURCHASE_WAIT} after the event",
+                    type="PURCHASE_NOT_CREDITED", non_retryable=True)
+            self._waiting_for = step.waiting_for
+            await workflow.sleep(min(poll, left))
+            self._waiting_for = None
+            poll = min(poll * 2, LONGEST_POLL)
+
+    async def _purchase_behind(self, apply: StripeApply) -> PurchaseFacts:
+        obj = apply.event.object
+        charge = obj if apply.event.type == ev.CHARGE_REFUNDED else None
+        payment_intent = apply.payment_intent or ref_id(obj.get("payment_intent"))
+        return await _purchase_facts(payment_intent, charge=charge)
+
+
+Handler = Callable[[StripeEventWorkflow, StripeApply], Awaitable[StripeEventOutcome]]
+
+#: Every handled event type and its handler (SPEC §5.5); any other type is recorded `ignored`.
+ROUTES: dict[str, Handler] = {
+    **dict.fromkeys(ev.CHECKOUT_TYPES, StripeEventWorkflow._checkout),
+    ev.PAYMENT_INTENT_SUCCEEDED: StripeEventWorkflow._payment_intent,
+    **dict.fromkeys(ev.SUBSCRIPTION_TYPES | {ev.CUSTOMER_DELETED},
+                    StripeEventWorkflow._subscription),
+    **dict.fromkeys(ev.INVOICE_TYPES, StripeEventWorkflow._invoice),
+    **dict.fromkeys(ev.REFUND_TYPES, StripeEventWorkflow._refund),
+    **dict.fromkeys(ev.DISPUTE_TYPES, StripeEventWorkflow._dispute),
+}
+assert set(ROUTES) == ev.HANDLED_TYPES

@@ -8,7 +8,7 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import CollectionInvalid
+from pymongo.errors import CollectionInvalid, OperationFailure
 
 Doc = dict[str, Any]
 
@@ -24,9 +24,10 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("org_id", ASCENDING), ("remaining", ASCENDING)], name="org_remaining"),
         IndexModel([("expires_at", ASCENDING)], name="expires_at"),
         IndexModel([("payment_intent", ASCENDING)], name="payment_intent"),
-        # One payment intent buys one lot, whichever organization two racing events name.
-        IndexModel([("payment_intent", ASCENDING)], name="one_purchase_per_payment_intent",
-                   unique=True, partialFilterExpression={
+        # One payment intent buys one lot per pack line, whichever organization two racing
+        # events name.
+        IndexModel([("payment_intent", ASCENDING), ("line", ASCENDING)],
+                   name="one_lot_per_purchase_line", unique=True, partialFilterExpression={
                        "kind": "topup", "payment_intent": {"$type": "string"}}),
         IndexModel([("charge", ASCENDING)], name="charge"),
     ],
@@ -42,7 +43,11 @@ INDEXES: dict[str, list[IndexModel]] = {
     "subscriptions": [
         IndexModel([("stripe_customer_id", ASCENDING)], name="stripe_customer"),
         IndexModel([("stripe_subscription_id", ASCENDING)], name="stripe_subscription"),
-        IndexModel([("status", ASCENDING), ("past_due_since", ASCENDING)], name="dunning"),
+    ],
+    "stripe_subscriptions": [
+        IndexModel([("org_id", ASCENDING)], name="org"),
+        IndexModel([("status", ASCENDING), ("past_due_since", ASCENDING), ("org_id", ASCENDING)],
+                   name="dunning"),
     ],
     "notifications": [
         IndexModel([("org_id", ASCENDING), ("key", ASCENDING)], unique=True, name="org_key"),
@@ -51,9 +56,16 @@ INDEXES: dict[str, list[IndexModel]] = {
     "stripe_events": [
         IndexModel([("org_id", ASCENDING)], name="org"),
         IndexModel([("created", ASCENDING)], name="created"),
+        IndexModel([("outcome", ASCENDING), ("recorded_at", DESCENDING)], name="unresolved",
+                   partialFilterExpression={"outcome": "unresolved"}),
     ],
     "reports": [IndexModel([("created_at", DESCENDING)], name="time")],
 }
+
+
+#: Indexes of earlier releases that a newer one replaced; dropped at start.
+RETIRED_INDEXES = {"lots": ["one_purchase_per_payment_intent"],
+                   "subscriptions": ["dunning"]}
 
 
 class Database:
@@ -93,6 +105,10 @@ class Database:
         return self.db["subscriptions"]
 
     @property
+    def stripe_subscriptions(self) -> AsyncCollection[Doc]:
+        return self.db["stripe_subscriptions"]
+
+    @property
     def notifications(self) -> AsyncCollection[Doc]:
         return self.db["notifications"]
 
@@ -111,6 +127,9 @@ class Database:
             if name not in existing:
                 with contextlib.suppress(CollectionInvalid):  # another process was first
                     await self.db.create_collection(name)
+            for retired in RETIRED_INDEXES.get(name, []):
+                with contextlib.suppress(OperationFailure):  # already gone
+                    await self.db[name].drop_index(retired)
             await self.db[name].create_indexes(indexes)
 
     async def ping(self) -> None:

@@ -24,14 +24,17 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from billing.errors import InvalidInput, NotFound, OrgNotFound
 from billing.ledger import (
+    Clawback,
+    ClawShare,
     Debt,
     EntryKind,
     OpenLot,
     check_sign,
     clawback_units,
-    plan_clawback,
     plan_credit,
     plan_draw,
+    plan_expiry,
+    plan_purchase_clawback,
 )
 from billing.metrics import LEDGER_ENTRIES
 from billing.store.database import Database, Doc
@@ -48,6 +51,7 @@ class LotTerms:
     checkout_session: str | None = None
     pack_id: str | None = None
     price_cents: int | None = None
+    line: int | None = None  # the pack line of the purchase (1-based)
     source_lot: str | None = None
 
 
@@ -61,6 +65,11 @@ class LedgerResult:
     @property
     def amount(self) -> int:
         return int(self.entry["amount"]) if self.entry else 0
+
+
+def _open_lot(doc: Doc) -> OpenLot:
+    return OpenLot(id=doc["_id"], remaining=doc["remaining"], expires_at=doc.get("expires_at"),
+                   seq=doc["seq"])
 
 
 def _debt(account: Doc) -> Debt:
@@ -100,12 +109,7 @@ class Ledger:
             {"remaining": 1, "expires_at": 1, "seq": 1},
             session=session,
         )
-        return [
-            OpenLot(
-                id=d["_id"], remaining=d["remaining"], expires_at=d.get("expires_at"), seq=d["seq"]
-            )
-            async for d in cursor
-        ]
+        return [_open_lot(d) async for d in cursor]
 
     async def post_in(
         self,
@@ -118,10 +122,14 @@ class Ledger:
         now: datetime,
         memo: str = "",
         terms: LotTerms | None = None,
-        claw_lot: str | None = None,
+        claw: Clawback | None = None,
+        lot_id: str | None = None,
         meta: dict[str, Any] | None = None,
     ) -> LedgerResult:
-        """Write one entry on a locked account (`lock_in` result): lots, debt, balance, entry."""
+        """Write one entry on a locked account (`lock_in` result): lots, debt, balance, entry.
+
+        A negative entry draws as planned by `claw` (a refund or dispute), from its own lot
+        `lot_id` (an expiry), or in debit order (a debit or an admin debit)."""
         check_sign(kind, amount)
         org_id = account["_id"]
         seq = int(account["seq"])
@@ -152,6 +160,8 @@ class Ledger:
                     "units": amount,
                     "remaining": repay.lot_remaining,
                     "repaid_debt": repay.other + repay.usage,
+                    "repaid_usage": repay.usage,
+                    "line": lot_terms.line,
                     "expires_at": lot_terms.expires_at,
                     "payment_intent": lot_terms.payment_intent,
                     "charge": lot_terms.charge,
@@ -162,6 +172,7 @@ class Ledger:
                     "clawbacks": [],
                     "clawback_cents": 0,
                     "clawed_units": 0,
+                    "usage_returned": 0,
                     "created_at": now,
                 },
                 session=session,
@@ -170,36 +181,34 @@ class Ledger:
             entry["repaid"] = {"other": repay.other, "usage": repay.usage}
             debt = Debt(usage=debt.usage - repay.usage, other=debt.other - repay.other)
         else:
-            if claw_lot is not None:
-                own = await self.db.lots.find_one({"_id": claw_lot}, session=session)
-                if own is None:
-                    raise NotFound(f"no lot {claw_lot!r}")
-                planned = plan_clawback(
-                    OpenLot(id=claw_lot, remaining=own["remaining"],
-                            expires_at=own.get("expires_at"), seq=own["seq"]),
-                    -amount,
-                )
-            elif kind in (EntryKind.DEBIT, EntryKind.ADJUSTMENT):
-                planned = plan_draw(await self._open_lots(session, org_id), -amount, now)
+            if claw is not None:
+                draws, usage_added, other_added = claw.draws, claw.usage_debt, claw.other_debt
             else:
-                raise ValueError(f"a {kind} entry names the lot it takes from")
-            draws, shortfall = planned.draws, planned.shortfall
-            for lot_id, units in draws:
+                if lot_id is not None:
+                    own = await self.db.lots.find_one({"_id": lot_id}, session=session)
+                    if own is None:
+                        raise NotFound(f"no lot {lot_id!r}")
+                    planned = plan_expiry(_open_lot(own), -amount)
+                elif kind in (EntryKind.DEBIT, EntryKind.ADJUSTMENT):
+                    planned = plan_draw(await self._open_lots(session, org_id), -amount, now)
+                else:
+                    raise ValueError(f"a {kind} entry names the lots it takes from")
+                draws = planned.draws
+                usage_added = planned.shortfall if kind is EntryKind.DEBIT else 0
+                other_added = planned.shortfall - usage_added
+            for drawn_lot, units in draws:
                 updated = await self.db.lots.update_one(
-                    {"_id": lot_id, "remaining": {"$gte": units}},
+                    {"_id": drawn_lot, "remaining": {"$gte": units}},
                     {"$inc": {"remaining": -units}},
                     session=session,
                 )
                 if updated.matched_count != 1:
-                    raise RuntimeError(f"lot {lot_id} changed under a locked account")
-            entry["draws"] = [{"lot_id": lot_id, "units": units} for lot_id, units in draws]
-            entry["lot_id"] = claw_lot
-            if shortfall:
-                entry["debt_added"] = shortfall
-                if kind is EntryKind.DEBIT:
-                    debt = Debt(usage=debt.usage + shortfall, other=debt.other)
-                else:
-                    debt = Debt(usage=debt.usage, other=debt.other + shortfall)
+                    raise RuntimeError(f"lot {drawn_lot} changed under a locked account")
+            entry["draws"] = [{"lot_id": drawn, "units": units} for drawn, units in draws]
+            entry["lot_id"] = lot_id
+            if usage_added or other_added:
+                entry["debt_added"] = usage_added + other_added
+                debt = Debt(usage=debt.usage + usage_added, other=debt.other + other_added)
         balance = int(account["balance"]) + amount
         entry["balance_after"] = balance
         if meta:
@@ -268,18 +277,19 @@ class Ledger:
         *,
         key: str,
         kind: EntryKind,
-        lot_id: str,
+        lot_ids: list[str],
         cents: int,
         now: datetime,
         memo: str = "",
         meta: dict[str, Any] | None = None,
     ) -> LedgerResult:
-        """Refund or dispute of `cents` against the lot bought with the charge.
+        """Refund or dispute of `cents` against the lots bought with the charge (one per pack
+        line of the purchase), as planned by `billing.ledger.plan_purchase_clawback`.
 
-        Rounding is cumulative (`billing.ledger.clawback_units`).
-
-        The lot keeps each clawback `{key, cents, units}`, so the cumulative total is exact even
-        when a clawback rounds to zero units and writes no entry.
+        Rounding is cumulative (`billing.ledger.clawback_units`). Each lot keeps each clawback
+        `{key, cents, units, usage}`, so the cumulative total is exact even when a clawback rounds
+        to zero units and writes no entry, and a reversal gives back exactly what it took. A key
+        already there (applied, or voided by a reversal that came first) is a no-op.
         """
         if kind not in (EntryKind.REFUND, EntryKind.DISPUTE):
             raise ValueError("a clawback is a refund or a dispute")
@@ -289,51 +299,53 @@ class Ledger:
         if existing is not None:
             return await self._unapplied(session, existing)
         account = await self.lock_in(session, org_id)
-        lot = await self.db.lots.find_one({"_id": lot_id, "org_id": org_id}, session=session)
-        if lot is None or not lot.get("price_cents"):
-            raise NotFound(f"no purchased lot {lot_id!r} for organization {org_id!r}")
-        if any(c["key"] == key for c in lot["clawbacks"]):
+        lots = await self._purchase_lots_in(session, org_id, lot_ids)
+        if _recorded(lots, key):
             return LedgerResult(False, None, int(account["balance"]))
-        units = clawback_units(
-            lot_units=lot["units"],
-            lot_price_cents=lot["price_cents"],
-            clawed_cents_total=lot["clawback_cents"] + cents,
-            already_clawed=lot["clawed_units"],
-        )
-        await self.db.lots.update_one(
-            {"_id": lot_id},
-            {
-                "$push": {"clawbacks": {"key": key, "cents": cents, "units": units}},
-                "$inc": {"clawback_cents": cents, "clawed_units": units},
-            },
-            session=session,
-        )
-        if units == 0:
+        price = sum(int(lot["price_cents"]) for lot in lots)
+        cents_total = int(lots[0]["clawback_cents"]) + cents
+        shares = [
+            ClawShare(
+                lot=_open_lot(lot),
+                units=clawback_units(lot_units=lot["units"], lot_price_cents=price,
+                                     clawed_cents_total=cents_total,
+                                     already_clawed=lot["clawed_units"]),
+                usage_repaid=int(lot.get("repaid_usage", 0)) - int(lot.get("usage_returned", 0)),
+            )
+            for lot in lots
+        ]
+        total = sum(share.units for share in shares)
+        plan = (plan_purchase_clawback(shares, await self._open_lots(session, org_id), now)
+                if total else None)
+        returned = dict(plan.usage_returned) if plan else {}
+        for share in shares:
+            usage = returned.get(share.lot.id, 0)
+            await self.db.lots.update_one(
+                {"_id": share.lot.id},
+                {
+                    "$push": {"clawbacks": {"key": key, "cents": cents, "units": share.units,
+                                            "usage": usage}},
+                    "$inc": {"clawback_cents": cents, "clawed_units": share.units,
+                             "usage_returned": usage},
+                },
+                session=session,
+            )
+        if plan is None:
             return LedgerResult(False, None, int(account["balance"]), {"clawed_units": 0})
         return await self.post_in(
-            session, account, key=key, kind=kind, amount=-units, now=now, memo=memo,
-            claw_lot=lot_id, meta={**(meta or {}), "cents": cents},
+            session, account, key=key, kind=kind, amount=-total, now=now, memo=memo,
+            claw=plan, lot_id=lots[0]["_id"], meta={**(meta or {}), "cents": cents},
         )
 
-    async def clawback(
-        self,
-        org_id: str,
-        *,
-        key: str,
-        kind: EntryKind,
-        lot_id: str,
-        cents: int,
-        now: datetime,
-        memo: str = "",
-        meta: dict[str, Any] | None = None,
-    ) -> LedgerResult:
-        async def work(session: AsyncClientSession) -> LedgerResult:
-            return await self.clawback_in(
-                session, org_id, key=key, kind=kind, lot_id=lot_id, cents=cents, now=now,
-                memo=memo, meta=meta,
-            )
-
-        return await run_in_transaction(self.db.client, work)
+    async def _purchase_lots_in(
+        self, session: AsyncClientSession, org_id: str, lot_ids: list[str]
+    ) -> list[Doc]:
+        cursor = self.db.lots.find({"_id": {"$in": lot_ids}, "org_id": org_id}, session=session)
+        lots = sorted([doc async for doc in cursor], key=lambda lot: lot["seq"])
+        if not lots or len(lots) != len(set(lot_ids)) or not all(
+                lot.get("price_cents") for lot in lots):
+            raise NotFound(f"no purchased lots {lot_ids!r} for organization {org_id!r}")
+        return lots
 
     async def reinstate_in(
         self,
@@ -342,55 +354,59 @@ class Ledger:
         *,
         key: str,
         withdrawn_key: str,
+        lot_ids: list[str],
         now: datetime,
         memo: str = "",
     ) -> LedgerResult:
-        """Give back exactly what the clawback `withdrawn_key` took (a won dispute).
+        """Give back exactly what the clawback `withdrawn_key` took from the purchase's lots (a
+        won dispute, a failed or canceled refund).
 
-        The units come back as a new `reinstatement` lot with the original lot's expiry, and the
-        original lot's cumulative clawback forgets the dispute's cents.
+        The units come back as a new `reinstatement` lot with the first purchased lot's expiry,
+        and the lots' cumulative clawback forgets the clawback's cents. When the clawback has not
+        happened yet (Stripe delivered the reversal first), it is voided instead: it will never
+        apply, and the reversal writes no entry (`notes["voided"]`).
         """
         existing = await self.existing_in(session, org_id, key)
         if existing is not None:
             return await self._unapplied(session, existing)
         account = await self.lock_in(session, org_id)
-        lot = await self.db.lots.find_one(
-            {"org_id": org_id, "clawbacks.key": withdrawn_key}, session=session
-        )
-        if lot is None:
-            return LedgerResult(False, None, int(account["balance"]), {"reason": "not_withdrawn"})
-        if any(c["key"] == key for c in lot["clawbacks"]):
-            return LedgerResult(False, None, int(account["balance"]))
-        taken = next(c for c in lot["clawbacks"] if c["key"] == withdrawn_key)
-        await self.db.lots.update_one(
-            {"_id": lot["_id"]},
-            {
-                "$push": {
-                    "clawbacks": {"key": key, "cents": -taken["cents"], "units": -taken["units"]}
+        balance = int(account["balance"])
+        lots = await self._purchase_lots_in(session, org_id, lot_ids)
+        if _recorded(lots, key):
+            return LedgerResult(False, None, balance)
+        if not _recorded(lots, withdrawn_key):
+            for lot in lots:
+                await self.db.lots.update_one({"_id": lot["_id"]}, {"$push": {"clawbacks": {
+                    "$each": [{"key": withdrawn_key, "cents": 0, "units": 0, "usage": 0,
+                               "voided_by": key},
+                              {"key": key, "cents": 0, "units": 0, "usage": 0}]}}},
+                    session=session)
+            return LedgerResult(False, None, balance, {"voided": True})
+        total = 0
+        for lot in lots:
+            taken = next(c for c in lot["clawbacks"] if c["key"] == withdrawn_key)
+            usage = int(taken.get("usage", 0))
+            total += int(taken["units"])
+            await self.db.lots.update_one(
+                {"_id": lot["_id"]},
+                {
+                    "$push": {"clawbacks": {"key": key, "cents": -taken["cents"],
+                                            "units": -taken["units"], "usage": -usage}},
+                    "$inc": {"clawback_cents": -taken["cents"], "clawed_units": -taken["units"],
+                             "usage_returned": -usage},
                 },
-                "$inc": {"clawback_cents": -taken["cents"], "clawed_units": -taken["units"]},
-            },
-            session=session,
-        )
-        if taken["units"] == 0:
-            return LedgerResult(False, None, int(account["balance"]), {"reinstated_units": 0})
+                session=session,
+            )
+        if total == 0:
+            return LedgerResult(False, None, balance, {"reinstated_units": 0})
+        first = lots[0]
         return await self.post_in(
-            session, account, key=key, kind=EntryKind.REINSTATEMENT, amount=taken["units"],
+            session, account, key=key, kind=EntryKind.REINSTATEMENT, amount=total,
             now=now, memo=memo,
-            terms=LotTerms(expires_at=lot.get("expires_at"), source_lot=lot["_id"],
-                           charge=lot.get("charge"), payment_intent=lot.get("payment_intent")),
+            terms=LotTerms(expires_at=first.get("expires_at"), source_lot=first["_id"],
+                           charge=first.get("charge"), payment_intent=first.get("payment_intent")),
             meta={"withdrawn_key": withdrawn_key},
         )
-
-    async def reinstate(
-        self, org_id: str, *, key: str, withdrawn_key: str, now: datetime, memo: str = ""
-    ) -> LedgerResult:
-        async def work(session: AsyncClientSession) -> LedgerResult:
-            return await self.reinstate_in(
-                session, org_id, key=key, withdrawn_key=withdrawn_key, now=now, memo=memo
-            )
-
-        return await run_in_transaction(self.db.client, work)
 
     async def expire(self, org_id: str, lot_id: str, now: datetime) -> LedgerResult:
         """Remove what is left of an expired lot (`expire:<lot id>`).
@@ -411,7 +427,7 @@ class Ledger:
                 return LedgerResult(False, None, int(account["balance"]))
             return await self.post_in(
                 session, account, key=key, kind=EntryKind.EXPIRATION, amount=-lot["remaining"],
-                now=now, memo="credit lot expired", claw_lot=lot_id,
+                now=now, memo="credit lot expired", lot_id=lot_id,
             )
 
         return await run_in_transaction(self.db.client, work)
@@ -441,18 +457,25 @@ class Ledger:
         cursor = self.db.ledger.find(query).sort("seq", -1).limit(limit)
         return [doc async for doc in cursor]
 
-    async def find_purchase_lot(
-        self, org_id: str | None, *, payment_intent: str | None, charge: str | None
-    ) -> Doc | None:
-        """The lot bought with a payment intent or charge (what refunds and disputes claw from)."""
-        ors: list[Doc] = []
-        if payment_intent:
-            ors.append({"payment_intent": payment_intent})
-        if charge:
-            ors.append({"charge": charge})
-        if not ors:
-            return None
-        query: Doc = {"$or": ors, "price_cents": {"$gt": 0}, "kind": EntryKind.TOPUP.value}
-        if org_id:
-            query["org_id"] = org_id
-        return await self.db.lots.find_one(query)
+    async def find_purchase_lots(
+        self, *, payment_intent: str | None, charge: str | None,
+        session: AsyncClientSession | None = None,
+    ) -> list[Doc]:
+        """The lots bought with a payment intent or charge, one per pack line (what refunds and
+        disputes claw back from). Payment intent and charge ids are unique across Stripe, so the
+        lots also tell whose purchase it was."""
+        for field_name, value in (("payment_intent", payment_intent), ("charge", charge)):
+            if not value:
+                continue
+            cursor = self.db.lots.find(
+                {field_name: value, "kind": EntryKind.TOPUP.value, "price_cents": {"$gt": 0}},
+                session=session,
+            )
+            found = sorted([doc async for doc in cursor], key=lambda lot: lot["seq"])
+            if found:
+                return found
+        return []
+
+
+def _recorded(lots: list[Doc], key: str) -> bool:
+    return any(c["key"] == key for lot in lots for c in lot["clawbacks"])

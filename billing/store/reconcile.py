@@ -19,8 +19,8 @@ from billing.models import Divergence, ReconcileReport, SubscriptionRef
 from billing.reconcile import LedgerState, LotState
 from billing.store.database import Database, Doc
 from billing.store.notifications import notify
-from billing.store.subscriptions import STATUS_NONE
 from billing.store.transactions import run_in_transaction
+from billing.stripe.subscriptions import STATUS_NONE
 from billing.weeks import week_start
 
 REPORT_KIND = "reconcile"
@@ -88,9 +88,8 @@ class ReconcileStore:
                 lots[lot["org_id"]].append(LotState(
                     id=lot["_id"], units=int(lot["units"]), remaining=int(lot["remaining"]),
                     repaid_debt=int(lot.get("repaid_debt", 0)), drawn=drawn.get(lot["_id"], 0)))
-            subscriptions = [doc async for doc in db.subscriptions.find(
-                {"_id": orgs, "stripe_subscription_id": {"$nin": [None, ""]}},
-                {"status": 1, "stripe_subscription_id": 1}, session=session)]
+            subscriptions = [doc async for doc in db.stripe_subscriptions.find(
+                {"org_id": orgs}, {"org_id": 1, "status": 1, "plan_id": 1}, session=session)]
             readings = [
                 OrgReadings(
                     ledger=LedgerState(
@@ -104,10 +103,10 @@ class ReconcileStore:
                 for org, account in sorted(accounts.items())
             ]
             refs = [
-                SubscriptionRef(org_id=doc["_id"], subscription_id=doc["stripe_subscription_id"],
+                SubscriptionRef(org_id=doc["org_id"], subscription_id=str(doc["_id"]),
                                 status=doc.get("status") or STATUS_NONE,
-                                plan_id=accounts.get(doc["_id"], {}).get("plan_id"))
-                for doc in sorted(subscriptions, key=lambda d: str(d["_id"]))
+                                plan_id=doc.get("plan_id"))
+                for doc in sorted(subscriptions, key=lambda d: (str(d["org_id"]), str(d["_id"])))
             ]
             return PageReadings(orgs=readings, subscriptions=refs)
 

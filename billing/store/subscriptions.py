@@ -1,9 +1,15 @@
-"""Subscription state per organization (SPEC §5.4): one `subscriptions` document, `_id` = org id.
+"""Subscription state (SPEC §5.4), kept per Stripe subscription and derived per organization.
 
-Fields: `status` (`none` when the document is absent), `past_due_since`, `current_period_start`,
-`stripe_customer_id`, `stripe_subscription_id`, and one ordering marker per event family
-(`markers.subscription`, `markers.invoice`: `{created, event_id}`). The plan itself is the
-account's `plan_id`; plan changes go through `billing.store.meters.apply_plan_change_in`.
+- `stripe_subscriptions`, `_id` = the Stripe subscription id: `org_id`, `customer`, `status`,
+  `plan_id` (the plan its prices pay for; kept when a price is unknown), `past_due_since`,
+  `current_period_start`, and one ordering marker per event family (`markers.subscription`,
+  `markers.invoice`: `{created, event_id}`), so events of two subscriptions never make each other
+  stale.
+- `subscriptions`, `_id` = the organization id: the standing derived from all of them
+  (`billing.stripe.subscriptions.standing`): `status` (`none` when the document is absent),
+  `past_due_since`, `current_period_start`, `stripe_subscription_id` (the subscription giving the
+  plan) and `stripe_customer_id` (the customer link of SPEC §5.5). The plan itself is the
+  account's `plan_id`, changed through `billing.store.meters.apply_plan_change_in`.
 """
 
 from __future__ import annotations
@@ -13,10 +19,19 @@ from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
+from billing.config import BillingConfig
 from billing.store.database import Database, Doc
-from billing.stripe_events import Marker
+from billing.stripe.events import Marker
+from billing.stripe.subscriptions import Standing, SubscriptionView, standing
 
-STATUS_NONE = "none"
+
+def view(doc: Doc) -> SubscriptionView:
+    marker = Marker.from_doc((doc.get("markers") or {}).get("subscription"))
+    return SubscriptionView(
+        id=str(doc["_id"]), status=str(doc.get("status") or "incomplete"),
+        plan_id=doc.get("plan_id"), past_due_since=doc.get("past_due_since"),
+        period_start=doc.get("current_period_start"), since=marker.created if marker else 0,
+    )
 
 
 class Subscriptions:
@@ -24,7 +39,14 @@ class Subscriptions:
         self.db = db
 
     async def get(self, org_id: str, session: AsyncClientSession | None = None) -> Doc | None:
+        """The organization's standing."""
         return await self.db.subscriptions.find_one({"_id": org_id}, session=session)
+
+    async def subscription(
+        self, subscription_id: str, session: AsyncClientSession | None = None
+    ) -> Doc | None:
+        return await self.db.stripe_subscriptions.find_one({"_id": subscription_id},
+                                                           session=session)
 
     async def org_for_customer(
         self, customer_id: str | None, session: AsyncClientSession | None = None
@@ -41,43 +63,109 @@ class Subscriptions:
     def marker(doc: Doc | None, family: str) -> Marker | None:
         return Marker.from_doc(((doc or {}).get("markers") or {}).get(family))
 
-    async def update_in(
+    async def save_in(
+        self,
+        session: AsyncClientSession,
+        subscription_id: str,
+        org_id: str,
+        *,
+        fields: dict[str, Any],
+        now: datetime,
+        family: str | None = None,
+        marker: Marker | None = None,
+    ) -> None:
+        """Set one subscription's `fields` and advance its family's marker (the caller checked
+        it is newer)."""
+        update: dict[str, Any] = {**fields, "org_id": org_id, "updated_at": now}
+        if family is not None and marker is not None:
+            update[f"markers.{family}"] = marker.to_doc()
+        await self.db.stripe_subscriptions.update_one(
+            {"_id": subscription_id},
+            {"$set": update, "$setOnInsert": {"created_at": now}},
+            upsert=True,
+            session=session,
+        )
+
+    async def of_org(self, org_id: str, session: AsyncClientSession | None = None) -> list[Doc]:
+        cursor = self.db.stripe_subscriptions.find({"org_id": org_id}, session=session)
+        return [doc async for doc in cursor]
+
+    async def refresh_in(
         self,
         session: AsyncClientSession,
         org_id: str,
+        config: BillingConfig,
         *,
-        family: str,
-        marker: Marker,
-        fields: dict[str, Any],
+        current_plan: str | None,
         now: datetime,
-    ) -> None:
-        """Set `fields` and advance the family's marker (the caller checked it is newer)."""
+        link: dict[str, Any] | None = None,
+    ) -> Standing:
+        """Derive the organization's standing from all its subscriptions and write it (with the
+        customer `link` fields, when given). Returns it; the caller moves the plan."""
+        subs = [view(doc) for doc in await self.of_org(org_id, session)]
+        found = standing(config, subs, current_plan=current_plan)
         await self.db.subscriptions.update_one(
             {"_id": org_id},
             {
-                "$set": {**fields, f"markers.{family}": marker.to_doc(), "updated_at": now},
+                "$set": {
+                    "status": found.status,
+                    "past_due_since": found.past_due_since,
+                    "current_period_start": found.period_start,
+                    "stripe_subscription_id": found.subscription_id,
+                    "updated_at": now,
+                    **(link or {}),
+                },
                 "$setOnInsert": {"created_at": now},
             },
             upsert=True,
             session=session,
         )
+        return found
 
     async def past_due_page(self, cutoff: datetime, after: str | None, limit: int) -> list[str]:
-        """Organizations past due since `cutoff` or earlier, paged by id (dunning)."""
+        """Organizations with a subscription past due since `cutoff` or earlier, paged by id
+        (dunning)."""
         query: Doc = {"status": "past_due", "past_due_since": {"$lte": cutoff}}
         if after is not None:
-            query["_id"] = {"$gt": after}
-        cursor = self.db.subscriptions.find(query, {"_id": 1}).sort("_id", 1).limit(limit)
-        return [str(doc["_id"]) async for doc in cursor]
+            query["org_id"] = {"$gt": after}
+        cursor = self.db.stripe_subscriptions.find(query, {"org_id": 1}).sort("org_id", 1)
+        orgs: list[str] = []
+        async for doc in cursor:
+            if doc["org_id"] not in orgs:
+                orgs.append(str(doc["org_id"]))
+            if len(orgs) == limit:
+                break
+        return orgs
 
     async def mark_unpaid_in(
         self, session: AsyncClientSession, org_id: str, cutoff: datetime, now: datetime
     ) -> bool:
-        """`past_due` -> `unpaid`, only if it is still past due since `cutoff` at write time
-        (a payment that just arrived leaves it alone)."""
-        result = await self.db.subscriptions.update_one(
-            {"_id": org_id, "status": "past_due", "past_due_since": {"$lte": cutoff}},
+        """`past_due` -> `unpaid` for the organization's subscriptions still past due since
+        `cutoff` at write time (a payment that just arrived leaves them alone)."""
+        result = await self.db.stripe_subscriptions.update_many(
+            {"org_id": org_id, "status": "past_due", "past_due_since": {"$lte": cutoff}},
             {"$set": {"status": "unpaid", "unpaid_at": now, "updated_at": now}},
             session=session,
         )
-        return result.modified_count == 1
+        return result.modified_count > 0
+
+    async def migrate(self) -> int:
+        """Give every organization whose standing names a subscription that has no state of its
+        own yet (written before subscriptions were kept one by one) that state. Idempotent."""
+        moved = 0
+        cursor = self.db.subscriptions.find({"stripe_subscription_id": {"$type": "string"}})
+        async for doc in cursor:
+            account = await self.db.accounts.find_one({"_id": doc["_id"]}, {"plan_id": 1})
+            result = await self.db.stripe_subscriptions.update_one(
+                {"_id": doc["stripe_subscription_id"]},
+                {"$setOnInsert": {
+                    "org_id": doc["_id"], "customer": doc.get("stripe_customer_id"),
+                    "status": doc.get("status"), "plan_id": (account or {}).get("plan_id"),
+                    "past_due_since": doc.get("past_due_since"),
+                    "current_period_start": doc.get("current_period_start"),
+                    "markers": doc.get("markers") or {}, "created_at": doc.get("created_at"),
+                }},
+                upsert=True,
+            )
+            moved += result.upserted_id is not None
+        return moved

@@ -12,7 +12,8 @@ from temporalio.service import RPCError, RPCStatusCode
 from billing.errors import NotFound
 from billing.models import StripeOutcomeKind
 from billing.store import events
-from billing.store.subscriptions import STATUS_NONE, Subscriptions
+from billing.store.subscriptions import Subscriptions
+from billing.stripe.subscriptions import STATUS_NONE
 from starter.api.deps import StateDep, TemporalUnavailable, temporal_client, v1_router
 from starter.api.errors import ErrorResponse
 from workflows.search import ORG_ID

@@ -29,7 +29,9 @@ from temporalio.service import RPCError
 from billing.errors import BillingError
 from billing.metrics import STRIPE_WEBHOOKS
 from billing.models import StripeEvent
-from billing.stripe_events import invoice_subscription_metadata, is_handled, org_from
+from billing.stripe.events import is_handled
+from billing.stripe.invoices import invoice_subscription_metadata
+from billing.stripe.objects import org_from
 from starter.api.deps import StateDep, TemporalUnavailable, temporal_client
 from starter.api.errors import ErrorResponse
 from workflows.search import ORG_ID, STRIPE_EVENT_TYPE

@@ -1,0 +1,63 @@
+"""The dispute lifecycle (SPEC §5.1): `charge.dispute.created|funds_withdrawn|funds_reinstated|
+closed`."""
+
+from __future__ import annotations
+
+from pymongo.asynchronous.client_session import AsyncClientSession
+from temporalio import activity
+
+from activities.stripe_frame import Outcome, StripeFrame
+from billing.ledger import EntryKind
+from billing.models import StripeApply, StripeStep
+from billing.stripe.disputes import DisputeAction, dispute_action, reinstated_key, withdrawn_key
+from billing.stripe.objects import amount, ref_id
+
+
+class DisputeActivities(StripeFrame):
+    @activity.defn(name="apply_stripe_dispute")
+    async def apply_dispute(self, apply: StripeApply) -> StripeStep:
+        """Opened: notify. Funds withdrawn or lost: claw back the disputed amount once. Funds
+        reinstated or won: give back exactly what was clawed back (or, delivered before the
+        withdrawal, void it so it never applies)."""
+        ledger = self.runtime.ledger
+        dispute = apply.event.object
+        dp = ref_id(dispute.get("id"))
+        charge = ref_id(dispute.get("charge"))
+        action = dispute_action(apply.event.type, dispute)
+        payload = {"dispute": dp, "charge": charge, "amount": dispute.get("amount"),
+                   "reason": dispute.get("reason"), "status": dispute.get("status")}
+
+        async def work(session: AsyncClientSession, outcome: Outcome) -> None:
+            if dp is None:
+                return outcome.set("unresolved", "the dispute has no id")
+            if action is DisputeAction.NONE:
+                return outcome.set("ignored",
+                                   f"dispute closed as {dispute.get('status')}: nothing to do")
+            lots = await self._purchase_lots(session, outcome, charge=charge,
+                                             what=f"dispute {dp}")
+            if not lots:
+                return None
+            org_id = lots[0]["org_id"]
+            lot_ids = [lot["_id"] for lot in lots]
+            if action is DisputeAction.OPEN:
+                return await self._notify(session, outcome, "dispute.opened",
+                                          f"dispute.opened:{dp}", payload)
+            if action is DisputeAction.WITHDRAW:
+                result = await ledger.clawback_in(
+                    session, org_id, key=withdrawn_key(dp), kind=EntryKind.DISPUTE,
+                    lot_ids=lot_ids, cents=amount(dispute.get("amount")), now=apply.now,
+                    memo=f"dispute {dp} funds withdrawn", meta={"stripe_event": apply.event.id},
+                )
+                note = "dispute.lost"
+            else:
+                result = await ledger.reinstate_in(
+                    session, org_id, key=reinstated_key(dp), withdrawn_key=withdrawn_key(dp),
+                    lot_ids=lot_ids, now=apply.now, memo=f"dispute {dp} funds reinstated",
+                )
+                note = "dispute.reinstated"
+            outcome.ledger(result)
+            if not (result.applied or result.notes):
+                outcome.set("duplicate", f"dispute {dp} already {action.value}")
+            return await self._notify(session, outcome, note, f"{note}:{dp}", payload)
+
+        return await self._run(apply, work)

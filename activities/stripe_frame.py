@@ -1,0 +1,201 @@
+"""What every Stripe apply activity shares (SPEC §5.5, §6): each activity is ONE MongoDB
+transaction holding the event's whole effect (the ledger change, the subscription state and its
+ordering marker, the notifications) and the `stripe_events` record of its outcome. A crash at any
+point leaves either all of it or none of it, and a retried activity finds the record and writes
+nothing twice.
+
+The family modules (`stripe_purchases`, `stripe_refunds`, `stripe_disputes`,
+`stripe_subscriptions`, `stripe_invoices`) only read, call a decision of `billing.stripe`, and
+write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo.asynchronous.client_session import AsyncClientSession
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.errors import final_on_bad_input
+from billing.clock import utcnow
+from billing.metrics import STRIPE_EVENTS
+from billing.models import StripeApply, StripeEventOutcome, StripeOutcomeKind, StripeStep
+from billing.runtime import Runtime
+from billing.store import events
+from billing.store.database import Doc
+from billing.store.ledger import LedgerResult
+from billing.store.meters import Meters
+from billing.store.notifications import notify
+from billing.store.subscriptions import Subscriptions
+from billing.store.transactions import run_in_transaction
+from billing.stripe.objects import pack_from, ref_id
+from billing.stripe.purchases import Verdict, resolve_purchase
+
+Obj = dict[str, Any]
+
+
+class NotYet(Exception):
+    """Raised inside the transaction when the event cannot be applied yet: the transaction is
+    dropped (nothing written, nothing recorded) and the workflow is told what to get first."""
+
+    def __init__(self, step: StripeStep) -> None:
+        super().__init__(step.waiting_for or "needs the purchase")
+        self.step = step
+
+
+class Outcome:
+    """The outcome being built inside a transaction: what was decided and what was written."""
+
+    def __init__(self, apply: StripeApply) -> None:
+        self.apply = apply
+        self.kind: StripeOutcomeKind = "applied"
+        self.org_id: str | None = apply.org_id
+        self.reason: str | None = None
+        self.written: list[str] = []
+
+    def set(self, kind: StripeOutcomeKind, reason: str | None = None) -> None:
+        self.kind = kind
+        self.reason = reason
+
+    def ledger(self, result: LedgerResult) -> None:
+        if result.applied and result.entry is not None:
+            entry = result.entry
+            self.written.append(f"ledger {entry['key']} {entry['amount']:+d}")
+
+    def result(self) -> StripeEventOutcome:
+        return StripeEventOutcome(
+            event_id=self.apply.event.id, type=self.apply.event.type, outcome=self.kind,
+            org_id=self.org_id, reason=self.reason, written=self.written,
+        )
+
+
+Work = Callable[[AsyncClientSession, Outcome], Awaitable[None]]
+
+
+class StripeFrame:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.subscriptions = Subscriptions(runtime.db)
+        self.meters = Meters(runtime.db, runtime.config)
+
+    async def _run(self, apply: StripeApply, work: Work) -> StripeStep:
+        """Run `work` and record its outcome in one transaction; an event already recorded
+        (a retried activity, or a redelivery after the workflow history is gone) is a no-op,
+        unless it was recorded `unresolved`."""
+        db = self.runtime.db
+
+        async def txn(session: AsyncClientSession) -> StripeEventOutcome:
+            prior = await events.recorded_in(db, session, apply.event.id)
+            # An `unresolved` event wrote nothing: running it again (`billing replay`, once what
+            # it lacked has arrived) may resolve it.
+            if prior is not None and prior.outcome != "unresolved":
+                return prior.model_copy(update={
+                    "outcome": "duplicate", "written": [],
+                    "reason": f"event already recorded as {prior.outcome}",
+                })
+            outcome = Outcome(apply)
+            await work(session, outcome)
+            result = outcome.result()
+            await events.record_in(db, session, apply.event, result, apply.now)
+            return result
+
+        with final_on_bad_input():
+            try:
+                result = await run_in_transaction(db.client, txn)
+            except NotYet as wait:
+                return wait.step
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
+                # A Stripe object without a field its type always has, or with a number beyond
+                # the 64 bits MongoDB stores: no retry can fix it.
+                raise ApplicationError(f"malformed {apply.event.type} object: {exc!r}",
+                                       type="MALFORMED_STRIPE_OBJECT",
+                                       non_retryable=True) from exc
+        STRIPE_EVENTS.labels(result.type, result.outcome).inc()
+        activity.logger.info(
+            "stripe event %s: %s", result.outcome, result.reason or ", ".join(result.written),
+            extra={"org_id": result.org_id, "event_id": result.event_id,
+                   "event_type": result.type, "outcome": result.outcome},
+        )
+        return StripeStep(outcome=result)
+
+    async def _notify(self, session: AsyncClientSession, outcome: Outcome, type: str, key: str,
+                      payload: Obj) -> None:
+        assert outcome.org_id is not None
+        if await notify(self.runtime.db, session, org_id=outcome.org_id, type=type, key=key,
+                        payload=payload, now=outcome.apply.now):
+            outcome.written.append(f"notification {type}")
+
+    async def _resolve_org(self, session: AsyncClientSession, outcome: Outcome,
+                           customer: str | None) -> bool:
+        """Metadata first (already in `org_id`), then the account linked to the customer."""
+        if outcome.org_id is None:
+            outcome.org_id = await self.subscriptions.org_for_customer(customer, session)
+        if outcome.org_id is None:
+            outcome.set("unresolved", f"no organization in metadata or linked to {customer}")
+            return False
+        return True
+
+    async def _meter_plan(self, session: AsyncClientSession, outcome: Outcome,
+                          plan_id: str) -> None:
+        """Put the organization on `plan_id` and meter the rest of the week on what its status
+        now pays for (call after writing the standing)."""
+        assert outcome.org_id is not None
+        account = await self.runtime.db.accounts.find_one({"_id": outcome.org_id},
+                                                          {"plan_id": 1}, session=session)
+        current = (account or {}).get("plan_id")
+        # The week is the one this write lands in (a retry may land after the weekly reset),
+        # not the one the workflow started in.
+        changed = await self.meters.apply_plan_change_in(session, outcome.org_id, plan_id,
+                                                         utcnow())
+        if changed or current != plan_id:
+            outcome.written.append(f"plan {current} -> {plan_id}")
+
+    async def _purchase_lots(self, session: AsyncClientSession, outcome: Outcome,
+                             *, charge: str | None, what: str) -> list[Doc]:
+        """The lots bought with the charge behind a refund or a dispute. When there are none
+        yet, decide from the purchase Stripe holds (`billing.stripe.purchases`): a pack bought
+        and not credited yet is waited for (`NotYet`); a payment that bought no pack is
+        `ignored`, one whose purchase cannot be told is `unresolved` (both: empty list, the
+        outcome set)."""
+        apply = outcome.apply
+        payment_intent = apply.payment_intent or ref_id(apply.event.object.get("payment_intent"))
+        lots = await self.runtime.ledger.find_purchase_lots(
+            payment_intent=payment_intent, charge=charge, session=session)
+        if lots:
+            outcome.org_id = lots[0]["org_id"]
+            return lots
+        facts = apply.purchase
+        if facts is None:
+            raise NotYet(StripeStep(needs_purchase=True))
+        metadata = (facts.session, facts.intent, facts.charge)
+        invoice = ref_id((facts.charge or {}).get("invoice")) or ref_id(
+            (facts.intent or {}).get("invoice"))
+        if invoice is None and facts.payment_intent is None and pack_from(*metadata) is None:
+            outcome.set("unresolved", f"{what}: the charge names no payment intent, so its "
+                        "purchase cannot be determined")
+            return []
+        purchase = resolve_purchase(
+            self.runtime.config, metadata=metadata, invoice=invoice,
+            line_items=facts.line_items if facts.session is not None else None)
+        if purchase.verdict is Verdict.CREDIT:
+            raise NotYet(StripeStep(
+                waiting_for=f"the purchase {payment_intent or charge} to be credited"))
+        outcome.set(purchase.verdict.value, f"{what}: {purchase.reason}")  # type: ignore[arg-type]
+        return []
+
+    @activity.defn(name="record_stripe_outcome")
+    async def record_outcome(self, apply: StripeApply) -> StripeStep:
+        """Record an outcome the workflow decided without a change (ignored, unresolved)."""
+
+        async def work(session: AsyncClientSession, outcome: Outcome) -> None:
+            outcome.set(apply.outcome or "ignored", apply.reason)
+
+        return await self._run(apply, work)
+
+
+def bought_at(apply: StripeApply) -> datetime:
+    """When the event happened (its `created`): what a lot's expiry counts from."""
+    return datetime.fromtimestamp(apply.event.created, UTC)

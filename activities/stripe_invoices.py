@@ -1,0 +1,93 @@
+"""Invoices (SPEC §5.4): `invoice.payment_failed`, `invoice.payment_succeeded`, `invoice.paid`.
+
+An invoice counts only for a live subscription of the organization
+(`billing.stripe.invoices.invoice_effect`); its events are ordered by that subscription's invoice
+marker.
+"""
+
+from __future__ import annotations
+
+from pymongo.asynchronous.client_session import AsyncClientSession
+from temporalio import activity
+
+from activities.stripe_frame import Outcome
+from activities.stripe_subscriptions import SubscriptionActivities
+from billing.models import StripeApply, StripeStep, SubscriptionState
+from billing.stripe.events import INVOICE_FAILED, INVOICE_FAMILY, Marker, is_stale
+from billing.stripe.invoices import invoice_effect, invoice_subscription
+from billing.stripe.objects import org_from, ref_id, timestamp
+
+
+class InvoiceActivities(SubscriptionActivities):
+    @activity.defn(name="stripe_subscription_state")
+    async def subscription_state(self, apply: StripeApply) -> SubscriptionState:
+        """The organization an invoice belongs to and its subscription's status (read only)."""
+        invoice = apply.event.object
+        sub_id = invoice_subscription(invoice)
+        doc = await self.subscriptions.subscription(sub_id) if sub_id else None
+        org = apply.org_id or (doc or {}).get("org_id") or await (
+            self.subscriptions.org_for_customer(ref_id(invoice.get("customer"))))
+        return SubscriptionState(org_id=org, status=(doc or {}).get("status"))
+
+    @activity.defn(name="apply_stripe_invoice")
+    async def apply_invoice(self, apply: StripeApply) -> StripeStep:
+        """A failed invoice of a live subscription makes it past due (first failure date kept)
+        and notifies; a paid one recovers a delinquent subscription, with its plan read again
+        from the subscription the workflow fetched. Any other invoice notifies at most."""
+        event = apply.event
+        invoice = event.object
+        failed = event.type == INVOICE_FAILED
+        customer = ref_id(invoice.get("customer"))
+        sub_id = invoice_subscription(invoice)
+        marker = Marker(event.created, event.id)
+        fetched = apply.subscription
+
+        async def work(session: AsyncClientSession, outcome: Outcome) -> None:
+            doc = await self.subscriptions.subscription(sub_id, session) if sub_id else None
+            if outcome.org_id is None:
+                outcome.org_id = (doc or {}).get("org_id") or org_from(fetched)
+            if not await self._resolve_org(session, outcome, customer):
+                return None
+            org_id = outcome.org_id
+            assert org_id is not None
+            await self.runtime.accounts.ensure_in(session, org_id, apply.now)
+            if doc is None and sub_id and fetched is not None and fetched.get("id") == sub_id:
+                # A subscription the engine has not heard of yet (its own events are late):
+                # take its state as Stripe holds it now, newer than any event created so far.
+                await self.save_subscription_in(
+                    session, outcome, fetched, None,
+                    marker=Marker(int(apply.now.timestamp()), ""))
+                doc = await self.subscriptions.subscription(sub_id, session)
+            if doc is not None and doc.get("org_id") != org_id:
+                doc = None  # another organization's subscription: not this one's to change
+            if doc is not None and is_stale(self.subscriptions.marker(doc, INVOICE_FAMILY),
+                                            marker):
+                return outcome.set("stale", f"older than subscription {sub_id}'s invoice marker")
+            effect = invoice_effect(failed, doc.get("status") if doc else None)
+            if doc is not None:
+                fields: dict[str, object] = {}
+                if effect.status == "past_due":
+                    fields.update(status="past_due", past_due_since=(
+                        doc.get("past_due_since") or timestamp(event.created)))
+                elif effect.status is not None:
+                    fields.update(status=effect.status, past_due_since=None)
+                await self.subscriptions.save_in(session, str(doc["_id"]), org_id,
+                                                 fields=fields, now=apply.now,
+                                                 family=INVOICE_FAMILY, marker=marker)
+                if effect.reread_plan and fetched is not None and fetched.get("id") == sub_id:
+                    await self.save_subscription_in(session, outcome, fetched, doc)
+            if effect.status is not None:
+                outcome.written.append(f"subscription {sub_id} {effect.status}")
+                await self._standing(session, outcome)
+            if failed:
+                await self._notify(
+                    session, outcome, "payment.failed", f"payment.failed:{event.id}",
+                    {"invoice": invoice.get("id"), "subscription": sub_id,
+                     "amount_due": invoice.get("amount_due"),
+                     "attempt_count": invoice.get("attempt_count")},
+                )
+            if effect.status is None and not outcome.written:
+                outcome.set("ignored", effect.reason)
+            return None
+
+        return await self._run(apply, work)

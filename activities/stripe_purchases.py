@@ -1,0 +1,105 @@
+"""Pack purchases (SPEC §5.1, §5.5): `checkout.session.completed`,
+`checkout.session.async_payment_succeeded|failed` and `payment_intent.succeeded`."""
+
+from __future__ import annotations
+
+from pymongo.asynchronous.client_session import AsyncClientSession
+from temporalio import activity
+
+from activities.stripe_frame import Outcome, StripeFrame, bought_at
+from billing.ledger import EntryKind
+from billing.models import PurchaseFacts, StripeApply, StripeStep
+from billing.store.ledger import LotTerms
+from billing.stripe.objects import amount, ref_id
+from billing.stripe.purchases import Verdict, line_key, purchase_key, resolve_purchase
+
+
+class PurchaseActivities(StripeFrame):
+    @activity.defn(name="apply_stripe_purchase")
+    async def apply_purchase(self, apply: StripeApply) -> StripeStep:
+        """Credit every pack line of a payment once: one lot per line, keyed on the payment
+        intent (`payment:<pi>`, `payment:<pi>:2`, ...), so every event of one payment credits
+        once whichever arrives first."""
+        config = self.runtime.config
+        ledger = self.runtime.ledger
+        facts = apply.purchase or PurchaseFacts()
+        session_id = ref_id((facts.session or {}).get("id"))
+        payment_intent = facts.payment_intent
+        charge = ref_id((facts.intent or {}).get("latest_charge"))
+        paid = amount((facts.session or {}).get("amount_total")) or amount(
+            (facts.intent or {}).get("amount_received"))
+        purchase = resolve_purchase(
+            config, metadata=(facts.session, facts.intent),
+            line_items=facts.line_items if facts.session is not None else None,
+            paid_cents=paid, invoice=ref_id((facts.intent or {}).get("invoice")))
+        customer = ref_id((facts.session or {}).get("customer")) or ref_id(
+            (facts.intent or {}).get("customer"))
+
+        async def work(session: AsyncClientSession, outcome: Outcome) -> None:
+            if purchase.verdict is Verdict.IGNORED:
+                return outcome.set("ignored", purchase.reason)
+            if payment_intent is None and session_id is None:
+                return outcome.set("unresolved", "the purchase names no payment intent or session")
+            if purchase.verdict is Verdict.UNRESOLVED:
+                outcome.set("unresolved", purchase.reason)
+                if outcome.org_id is None:
+                    outcome.org_id = await self.subscriptions.org_for_customer(customer, session)
+                if outcome.org_id is not None:
+                    await self._notify(
+                        session, outcome, "purchase.unresolved",
+                        f"purchase.unresolved:{payment_intent or session_id}",
+                        {"payment_intent": payment_intent, "checkout_session": session_id,
+                         "reason": purchase.reason, "event": apply.event.id},
+                    )
+                return None
+            if not await self._resolve_org(session, outcome, customer):
+                return None
+            org_id = outcome.org_id
+            assert org_id is not None
+            if payment_intent and await ledger.find_purchase_lots(
+                    payment_intent=payment_intent, charge=None, session=session):
+                return outcome.set("duplicate", f"payment {payment_intent} already credited")
+            await self.runtime.accounts.ensure_in(session, org_id, apply.now)
+            base = purchase_key(payment_intent, session_id)
+            credited = False
+            for index, line in enumerate(purchase.lines):
+                result = await ledger.write_in(
+                    session, org_id, key=line_key(base, index), kind=EntryKind.TOPUP,
+                    amount=line.units, now=apply.now, memo=f"pack {line.pack.id} x{line.quantity}",
+                    terms=LotTerms(
+                        expires_at=line.expires_at(bought_at(apply)),
+                        payment_intent=payment_intent, charge=charge,
+                        checkout_session=session_id, pack_id=line.pack.id,
+                        price_cents=line.price_cents, line=index + 1,
+                    ),
+                    meta={"stripe_event": apply.event.id},
+                )
+                outcome.ledger(result)
+                credited = credited or result.applied
+            if not credited:
+                outcome.set("duplicate", f"ledger key {base} already written")
+            return None
+
+        return await self._run(apply, work)
+
+    @activity.defn(name="apply_stripe_purchase_failed")
+    async def apply_purchase_failed(self, apply: StripeApply) -> StripeStep:
+        """A delayed payment method (SEPA, ACH, Bacs, boleto) failed: nothing was credited;
+        tell the organization (`purchase.failed`)."""
+        checkout = apply.event.object
+        session_id = ref_id(checkout.get("id"))
+
+        async def work(session: AsyncClientSession, outcome: Outcome) -> None:
+            if outcome.org_id is None:
+                outcome.org_id = await self.subscriptions.org_for_customer(
+                    ref_id(checkout.get("customer")), session)
+            if outcome.org_id is None:
+                return outcome.set("ignored", "failed payment of no known organization")
+            return await self._notify(
+                session, outcome, "purchase.failed", f"purchase.failed:{session_id}",
+                {"checkout_session": session_id,
+                 "payment_intent": ref_id(checkout.get("payment_intent")),
+                 "amount_total": checkout.get("amount_total")},
+            )
+
+        return await self._run(apply, work)

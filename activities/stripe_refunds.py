@@ -1,0 +1,82 @@
+"""Refunds (SPEC §5.1): `charge.refunded`, `refund.created|updated|failed`,
+`charge.refund.updated`."""
+
+from __future__ import annotations
+
+from pymongo.asynchronous.client_session import AsyncClientSession
+from temporalio import activity
+
+from activities.stripe_frame import Outcome, StripeFrame
+from billing.ledger import EntryKind
+from billing.models import StripeApply, StripeStep
+from billing.stripe.events import CHARGE_REFUNDED
+from billing.stripe.objects import Obj, amount, ref_id
+from billing.stripe.refunds import RefundAction, refund_action, refund_key, reversal_key
+
+
+class RefundActivities(StripeFrame):
+    @activity.defn(name="apply_stripe_refunds")
+    async def apply_refunds(self, apply: StripeApply) -> StripeStep:
+        """Claw back every pending or succeeded refund of the charge from the lots it bought
+        (`refund:<re id>`), and give back exactly what a failed or canceled one took
+        (`refund:<re id>:reversed`, `refund.reversed`)."""
+        obj = apply.event.object
+        charge = ref_id(obj.get("id") if apply.event.type == CHARGE_REFUNDED else obj.get("charge"))
+        refunds = [(r, refund_action(r)) for r in apply.refunds or []]
+        refunds = [(r, action) for r, action in refunds
+                   if action is not RefundAction.NONE and ref_id(r.get("id"))]
+        ledger = self.runtime.ledger
+
+        async def work(session: AsyncClientSession, outcome: Outcome) -> None:
+            if not refunds:
+                return outcome.set("ignored", "no refund to claw back or give back")
+            lots = await self._purchase_lots(session, outcome, charge=charge,
+                                             what=f"refund of {charge}")
+            if not lots:
+                if outcome.kind == "unresolved":
+                    await self._unresolved(session, outcome, charge, refunds)
+                return None
+            org_id = lots[0]["org_id"]
+            lot_ids = [lot["_id"] for lot in lots]
+            outcome.set("duplicate", "every refund was already applied")
+            for refund, action in refunds:
+                refund_id = str(refund["id"])
+                if action is RefundAction.CLAW:
+                    result = await ledger.clawback_in(
+                        session, org_id, key=refund_key(refund_id), kind=EntryKind.REFUND,
+                        lot_ids=lot_ids, cents=amount(refund.get("amount")), now=apply.now,
+                        memo=f"refund of {charge or lots[0].get('payment_intent')}",
+                        meta={"stripe_event": apply.event.id},
+                    )
+                else:
+                    result = await ledger.reinstate_in(
+                        session, org_id, key=reversal_key(refund_id),
+                        withdrawn_key=refund_key(refund_id), lot_ids=lot_ids, now=apply.now,
+                        memo=f"refund {refund_id} {refund.get('status')}: given back",
+                    )
+                    if result.applied or result.notes:
+                        await self._notify(
+                            session, outcome, "refund.reversed", f"refund.reversed:{refund_id}",
+                            {"refund": refund_id, "charge": charge, "status": refund.get("status"),
+                             "units": result.amount},
+                        )
+                outcome.ledger(result)
+                if result.applied or result.notes:
+                    outcome.set("applied")
+            return None
+
+        return await self._run(apply, work)
+
+    async def _unresolved(self, session: AsyncClientSession, outcome: Outcome,
+                          charge: str | None, refunds: list[tuple[Obj, RefundAction]]) -> None:
+        """No purchase can be told for this charge: write nothing, tell the organization."""
+        if outcome.org_id is None:
+            outcome.org_id = await self.subscriptions.org_for_customer(
+                ref_id(outcome.apply.event.object.get("customer")), session)
+        if outcome.org_id is not None:
+            await self._notify(
+                session, outcome, "refund.unresolved",
+                f"refund.unresolved:{outcome.apply.event.id}",
+                {"charge": charge, "refunds": [r.get("id") for r, _ in refunds],
+                 "amount": sum(amount(r.get("amount")) for r, _ in refunds)},
+            )

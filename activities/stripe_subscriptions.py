@@ -1,0 +1,152 @@
+"""Subscriptions (SPEC §5.4): `customer.subscription.created|updated|deleted`,
+`customer.deleted` and subscription-mode checkouts.
+
+Each event changes the state of ONE Stripe subscription (ordered by that subscription's marker);
+the organization's plan and status are then derived from all its subscriptions
+(`billing.stripe.subscriptions.standing`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo.asynchronous.client_session import AsyncClientSession
+from temporalio import activity
+
+from activities.stripe_frame import Outcome, StripeFrame
+from billing.clock import utcnow
+from billing.models import StripeApply, StripeStep
+from billing.store.database import Doc
+from billing.stripe.events import CUSTOMER_DELETED, SUBSCRIPTION_FAMILY, Marker, is_stale
+from billing.stripe.objects import org_from, ref_id, timestamp
+from billing.stripe.subscriptions import (
+    CANCELED,
+    DELINQUENT_STATUSES,
+    ENDED_STATUSES,
+    PlanChoice,
+    is_live,
+    period_start,
+    plan_for_subscription,
+    price_ids,
+)
+
+Obj = dict[str, Any]
+
+
+class SubscriptionActivities(StripeFrame):
+    async def _standing(self, session: AsyncClientSession, outcome: Outcome,
+                        link: dict[str, Any] | None = None) -> str:
+        """Derive and write the organization's standing, move its plan; returns the status."""
+        assert outcome.org_id is not None
+        account = await self.runtime.db.accounts.find_one({"_id": outcome.org_id},
+                                                          {"plan_id": 1}, session=session)
+        found = await self.subscriptions.refresh_in(
+            session, outcome.org_id, self.runtime.config,
+            current_plan=(account or {}).get("plan_id"), now=outcome.apply.now, link=link)
+        await self._meter_plan(session, outcome, found.plan_id)
+        return found.status
+
+    async def _plan_unresolved(self, session: AsyncClientSession, outcome: Outcome,
+                               choice: PlanChoice) -> None:
+        await self._notify(
+            session, outcome, "plan.unresolved", f"plan.unresolved:{outcome.apply.event.id}",
+            {"prices": list(choice.unknown_prices), "status": choice.status},
+        )
+
+    async def save_subscription_in(self, session: AsyncClientSession, outcome: Outcome,
+                                   sub: Obj, previous: Doc | None, *, deleted: bool = False,
+                                   marker: Marker | None = None) -> PlanChoice:
+        """Write one subscription's status, plan and period from a Stripe subscription object
+        (raising `plan.unresolved` for a live one whose prices are no plan's)."""
+        assert outcome.org_id is not None
+        choice = plan_for_subscription(self.runtime.config, sub, deleted=deleted)
+        previous = previous or {}
+        fields: Obj = {"status": choice.status, "customer": ref_id(sub.get("customer")),
+                       "prices": price_ids(sub), "current_period_start": period_start(sub)}
+        if choice.plan_id is not None:
+            fields["plan_id"] = choice.plan_id
+        if choice.status == "past_due":
+            fields["past_due_since"] = (previous.get("past_due_since")
+                                        or timestamp(outcome.apply.event.created))
+        elif choice.status not in DELINQUENT_STATUSES:
+            fields["past_due_since"] = None
+        await self.subscriptions.save_in(
+            session, str(sub["id"]), outcome.org_id, fields=fields, now=outcome.apply.now,
+            family=SUBSCRIPTION_FAMILY if marker else None, marker=marker)
+        outcome.written.append(f"subscription {sub['id']} {choice.status}")
+        if choice.plan_id is None and is_live(choice.status):
+            await self._plan_unresolved(session, outcome, choice)
+        return choice
+
+    @activity.defn(name="apply_stripe_subscription")
+    async def apply_subscription(self, apply: StripeApply) -> StripeStep:
+        """One subscription created, updated, ended, or bought through Checkout."""
+        event = apply.event
+        if event.type == CUSTOMER_DELETED:
+            return await self._customer_deleted(apply)
+        deleted = event.type == "customer.subscription.deleted"
+        sub: Obj = apply.subscription or event.object
+        sub_id = ref_id(sub.get("id"))
+        customer = ref_id(sub.get("customer")) or ref_id(event.object.get("customer"))
+        marker = Marker(event.created, event.id)
+
+        async def work(session: AsyncClientSession, outcome: Outcome) -> None:
+            if sub_id is None:
+                return outcome.set("unresolved", "the event names no subscription")
+            previous = await self.subscriptions.subscription(sub_id, session)
+            if outcome.org_id is None:
+                outcome.org_id = org_from(sub) or (previous or {}).get("org_id")
+            if not await self._resolve_org(session, outcome, customer):
+                return None
+            current = self.subscriptions.marker(previous, SUBSCRIPTION_FAMILY)
+            if is_stale(current, marker):
+                return outcome.set("stale", f"older than subscription {sub_id}'s marker {current}")
+            org_id = outcome.org_id
+            assert org_id is not None
+            await self.runtime.accounts.ensure_in(session, org_id, apply.now)
+            choice = await self.save_subscription_in(session, outcome, {**sub, "id": sub_id},
+                                                     previous, deleted=deleted, marker=marker)
+            status = await self._standing(session, outcome, {"stripe_customer_id": customer})
+            if deleted and not is_live(status):
+                await self.meters.reset_week_usage_in(session, org_id, utcnow())
+                outcome.written.append("week usage reset")
+            was = (previous or {}).get("status")
+            if choice.status == CANCELED and was not in ENDED_STATUSES:
+                await self._notify(session, outcome, "subscription.expired",
+                                   f"subscription.expired:{sub_id}",
+                                   {"subscription": sub_id, "event": event.type})
+            return None
+
+        return await self._run(apply, work)
+
+    async def _customer_deleted(self, apply: StripeApply) -> StripeStep:
+        """The customer is gone: every subscription of it ends, and the Stripe ids unlink."""
+        event = apply.event
+        customer = ref_id(event.object.get("id"))
+        marker = Marker(event.created, event.id)
+
+        async def work(session: AsyncClientSession, outcome: Outcome) -> None:
+            if not await self._resolve_org(session, outcome, customer):
+                return None
+            org_id = outcome.org_id
+            assert org_id is not None
+            await self.runtime.accounts.ensure_in(session, org_id, apply.now)
+            for doc in await self.subscriptions.of_org(org_id, session):
+                if doc.get("customer") not in (None, customer):
+                    continue
+                if is_stale(self.subscriptions.marker(doc, SUBSCRIPTION_FAMILY), marker):
+                    continue
+                await self.subscriptions.save_in(
+                    session, doc["_id"], org_id, fields={"status": CANCELED,
+                                                         "past_due_since": None},
+                    now=apply.now, family=SUBSCRIPTION_FAMILY, marker=marker)
+                if doc.get("status") not in ENDED_STATUSES:
+                    await self._notify(session, outcome, "subscription.expired",
+                                       f"subscription.expired:{doc['_id']}",
+                                       {"subscription": doc["_id"], "event": event.type})
+            await self._standing(session, outcome, {"stripe_customer_id": None,
+                                                    "stripe_subscription_id": None})
+            outcome.written.append(f"customer {customer} unlinked")
+            return None
+
+        return await self._run(apply, work)
