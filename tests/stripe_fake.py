@@ -1,7 +1,8 @@
 """A small Stripe API fake on 127.0.0.1 and the fixtures that run the engine against it.
 
 It answers what `localstripe` lacks (subscription retrieval with items, refunds listed by charge,
-Checkout sessions listed by payment intent, checkout line items, events listed by creation time and type) and can answer 500 on demand.
+Checkout sessions listed by payment intent, checkout line items, events listed by creation time
+and type) and can answer 500 on demand.
 Import the fixtures into a test module with `from stripe_fake import *  # noqa: F403`.
 """
 
@@ -26,7 +27,8 @@ from worker import build_worker
 
 Obj = dict[str, Any]
 
-__all__ = ["APP_NAME", "StripeFake", "line_item", "api", "stripe_fake", "stripe_runtime", "stripe_worker"]
+__all__ = ["APP_NAME", "StripeFake", "api", "line_item", "stripe_fake", "stripe_runtime",
+           "stripe_worker"]
 
 
 def line_item(price: str, *, quantity: int = 1, amount_total: int = 4900) -> Obj:

@@ -1,5 +1,6 @@
 """Property test of the ledger on the real database: random sequences of every operation of
-SPEC §5.1, in random order, keep the ledger's invariants."""
+SPEC §5.1 (carts of several packs, refunds and disputes, their reversals before or after them,
+replays), in random order, keep the ledger's invariants."""
 
 from __future__ import annotations
 
@@ -11,30 +12,35 @@ from functools import partial
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from ledger_ops import clawback, reinstate
 from test_ledger_store import assert_consistent
 
 from billing.ledger import EntryKind
 from billing.money import round_half_up_div
 from billing.store.accounts import Accounts
-from billing.store.database import Database
+from billing.store.database import Database, Doc
 from billing.store.ledger import Ledger, LedgerResult, LotTerms
 
 Op = tuple[object, ...]
 
 expiry = st.none() | st.integers(1, 60)
-topup = st.tuples(st.just("topup"), st.integers(1, 1_000_000), st.integers(1, 10_000), expiry)
-clawback = st.tuples(
+pack_line = st.tuples(st.integers(1, 1_000_000), st.integers(1, 10_000), expiry)
+#: A purchase of one to three pack lines, each its own lot.
+topup = st.tuples(st.just("topup"), st.lists(pack_line, min_size=1, max_size=3))
+claws = st.tuples(
     st.sampled_from(["refund", "dispute"]), st.integers(0, 1_000), st.integers(1, 6_000)
 )
-reinstate = st.tuples(st.just("reinstate"), st.integers(0, 1_000))
+#: Give back a refund or a dispute: an earlier one, or (`pick` past them) one of a purchase that
+#: has not happened yet, so the reversal lands first and must void it.
+reverse = st.tuples(st.just("reverse"), st.integers(0, 1_000))
 #: Purchases, clawbacks and reinstatements weigh double: they need each other to happen at all.
 ops = st.one_of(
     topup,
     topup,
-    clawback,
-    clawback,
-    reinstate,
-    reinstate,
+    claws,
+    claws,
+    reverse,
+    reverse,
     st.tuples(st.just("grant"), st.integers(1, 5_000), expiry),
     st.tuples(st.just("debit"), st.integers(1, 400_000)),
     st.tuples(st.just("advance"), st.integers(1, 40)),
@@ -51,8 +57,9 @@ class Run:
     org: str
     now: datetime
     balance: int = 0
-    purchases: list[str] = field(default_factory=list)
-    disputes: list[str] = field(default_factory=list)
+    purchases: list[list[str]] = field(default_factory=list)
+    #: Clawback keys written, with the lots they took from.
+    clawed: list[tuple[str, list[str]]] = field(default_factory=list)
     done: list[Callable[[], Awaitable[LedgerResult]]] = field(default_factory=list)
 
     async def apply(self, write: Callable[[], Awaitable[LedgerResult]]) -> LedgerResult:
@@ -80,17 +87,19 @@ class Run:
     async def step(self, i: int, op: Op) -> None:
         ledger, org, now = self.ledger, self.org, self.now
         match op:
-            case ("topup", int(units), int(cents), (None | int()) as days):
-                terms = LotTerms(
-                    payment_intent=f"pi_{i}-{org}",
-                    charge=f"ch_{i}-{org}",
-                    price_cents=cents,
-                    pack_id="pack",
-                    expires_at=self.expiry(days),
-                )
-                result = await self.write(f"payment:pi_{i}", EntryKind.TOPUP, units, terms)
-                assert result.entry is not None
-                self.purchases.append(str(result.entry["lot_id"]))
+            case ("topup", list(lines)):
+                lots = []
+                for n, (units, cents, days) in enumerate(lines):
+                    terms = LotTerms(
+                        payment_intent=f"pi_{i}-{org}", charge=f"ch_{i}-{org}",
+                        price_cents=cents, pack_id="pack", expires_at=self.expiry(days),
+                        line=n + 1,
+                    )
+                    key = f"payment:pi_{i}" if n == 0 else f"payment:pi_{i}:{n + 1}"
+                    result = await self.write(key, EntryKind.TOPUP, units, terms)
+                    assert result.entry is not None
+                    lots.append(str(result.entry["lot_id"]))
+                self.purchases.append(lots)
             case ("grant", int(units), (None | int()) as days):
                 terms = LotTerms(expires_at=self.expiry(days))
                 await self.write(f"grant:g{i}", EntryKind.GRANT, units, terms)
@@ -99,23 +108,23 @@ class Run:
             case ("adjust", int(units)):
                 await self.write(f"admin:req{i}", EntryKind.ADJUSTMENT, units)
             case ("refund" | "dispute", int(pick), int(cents)) if self.purchases:
-                lot_id = self.purchases[pick % len(self.purchases)]
+                lot_ids = self.purchases[pick % len(self.purchases)]
                 kind = EntryKind.DISPUTE if op[0] == "dispute" else EntryKind.REFUND
                 key = f"dispute:dp_{i}:withdrawn" if kind is EntryKind.DISPUTE else f"refund:re_{i}"
-                await self.apply(
-                    lambda: ledger.clawback(
-                        org, key=key, kind=kind, lot_id=lot_id, cents=cents, now=now
-                    )
-                )
-                if kind is EntryKind.DISPUTE:
-                    self.disputes.append(f"dispute:dp_{i}")
-            case ("reinstate", int(pick)) if self.disputes:
-                dp = self.disputes[pick % len(self.disputes)]
-                await self.apply(
-                    lambda: ledger.reinstate(
-                        org, key=f"{dp}:reinstated", withdrawn_key=f"{dp}:withdrawn", now=now
-                    )
-                )
+                await self.apply(lambda: clawback(ledger, org, key=key, kind=kind,
+                                                  lot_ids=lot_ids, cents=cents, now=now))
+                self.clawed.append((key, lot_ids))
+            case ("reverse", int(pick)) if self.purchases:
+                if pick < 500 and self.clawed:
+                    key, lot_ids = self.clawed[pick % len(self.clawed)]
+                else:  # a refund not clawed yet: the reversal voids it, and it never applies
+                    key, lot_ids = f"refund:re_early{i}", self.purchases[pick % len(
+                        self.purchases)]
+                    self.clawed.append((key, lot_ids))
+                done = f"{key.removesuffix(':withdrawn')}:" + (
+                    "reinstated" if key.startswith("dispute:") else "reversed")
+                await self.apply(lambda: reinstate(ledger, org, key=done, withdrawn_key=key,
+                                                   lot_ids=lot_ids, now=now))
             case ("advance", int(days)):
                 self.now = now = now + timedelta(days=days)
                 for lot in await ledger.lots(org, open_only=False):
@@ -126,31 +135,39 @@ class Run:
                 assert not (await self.apply(write)).applied
 
 
-async def check_invariants(db: Database, org: str) -> None:
+async def check_invariants(db: Database, org: str, now: datetime) -> None:
     """The organization-wide invariants, then what refunds and disputes did to each purchase."""
     account = await assert_consistent(db, org)
     entries = [e async for e in db.ledger.find({"org_id": org})]
     lots = {lot["_id"]: lot async for lot in db.lots.find({"org_id": org})}
-    for lot_id, lot in lots.items():
+    assert len({e["key"] for e in entries}) == len(entries)  # each key applied once
+    if account["usage_debt"] or account["other_debt"]:  # debt never stands beside live lots
+        assert not [lot for lot in lots.values() if lot["remaining"] > 0 and (
+            lot["expires_at"] is None or lot["expires_at"] > now)]
+    purchases: dict[str, list[Doc]] = {}
+    for lot in sorted(lots.values(), key=lambda lot: lot["seq"]):
         if lot["kind"] == EntryKind.REINSTATEMENT.value:  # restored with the original expiry
             assert lot["expires_at"] == lots[lot["source_lot"]]["expires_at"]
-        if lot["kind"] != EntryKind.TOPUP.value:
-            continue
-        assert 0 <= lot["clawed_units"] <= lot["units"]
-        clawed = -sum(
-            e["amount"]
-            for e in entries
-            if e["kind"] in (EntryKind.REFUND, EntryKind.DISPUTE) and e["lot_id"] == lot_id
-        )
-        reinstated = sum(x["units"] for x in lots.values() if x.get("source_lot") == lot_id)
-        assert clawed - reinstated == lot["clawed_units"]
+        if lot["kind"] == EntryKind.TOPUP.value:
+            purchases.setdefault(lot["payment_intent"], []).append(lot)
+    for bought in purchases.values():
+        ids = {lot["_id"] for lot in bought}
+        # refunds never claw back more than was bought
+        assert all(0 <= lot["clawed_units"] <= lot["units"] for lot in bought)
+        clawed = -sum(e["amount"] for e in entries
+                      if e["kind"] in (EntryKind.REFUND, EntryKind.DISPUTE) and e["lot_id"] in ids)
+        reinstated = sum(x["units"] for x in lots.values() if x.get("source_lot") in ids)
+        assert clawed - reinstated == sum(lot["clawed_units"] for lot in bought)
+        price = sum(lot["price_cents"] for lot in bought)
         if not reinstated:  # cumulative rounding of every cent refunded or disputed so far
-            assert lot["clawed_units"] == min(
-                lot["units"],
-                round_half_up_div(lot["clawback_cents"] * lot["units"], lot["price_cents"]),
-            )
+            for lot in bought:
+                assert lot["clawed_units"] == min(
+                    lot["units"],
+                    round_half_up_div(lot["clawback_cents"] * lot["units"], price))
     for kind in sorted({e["kind"] for e in entries}):
         event(f"wrote {kind}")
+    if len(purchases) and max(len(b) for b in purchases.values()) > 1:
+        event("a cart of several packs")
     if account["usage_debt"] or account["other_debt"]:
         event("ended in debt")
 
@@ -169,4 +186,4 @@ async def test_random_histories_keep_the_ledger_invariants(
     run = Run(ledger=ledger, org=org, now=now)
     for i, op in enumerate(history):
         await run.step(i, op)
-    await check_invariants(db, org)
+    await check_invariants(db, org, run.now)

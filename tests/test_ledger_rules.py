@@ -15,15 +15,17 @@ from billing.errors import InvalidInput
 from billing.ledger import (
     NEGATIVE_KINDS,
     POSITIVE_KINDS,
+    ClawShare,
     Debt,
     EntryKind,
     OpenLot,
     check_sign,
     clawback_units,
     drawable,
-    plan_clawback,
     plan_credit,
     plan_draw,
+    plan_expiry,
+    plan_purchase_clawback,
 )
 from billing.money import dollars, round_half_up_div
 
@@ -175,24 +177,51 @@ def test_debit_beyond_every_lot_is_a_shortfall_not_an_error():
     assert draw.shortfall == 75
 
 
-def test_clawback_takes_its_own_lot_only_even_when_expired_and_the_rest_is_debt():
-    draw = plan_clawback(lot("bought", 50, days=-1, seq=2), 120)
-    assert draw.draws == (("bought", 50),)
-    assert draw.shortfall == 70
+def test_an_expiry_takes_its_own_lot_only():
+    draw = plan_expiry(lot("bought", 50, days=-1, seq=2), 50)
+    assert (draw.draws, draw.shortfall) == ((("bought", 50),), 0)
 
 
-def test_clawback_of_an_empty_lot_is_all_debt():
-    draw = plan_clawback(lot("bought", 0, days=None, seq=1), 50)
-    assert draw.draws == ()
-    assert draw.shortfall == 50
+def test_a_clawback_takes_its_own_lot_even_expired_then_other_lots_then_debt():
+    plan = plan_purchase_clawback(
+        [ClawShare(lot("bought", 50, days=-1, seq=2), 120)],
+        [lot("other", 30, days=5, seq=1), lot("bought", 50, days=-1, seq=2)], NOW)
+    assert plan.draws == (("bought", 50), ("other", 30))
+    assert (plan.usage_debt, plan.other_debt) == (0, 40)
+
+
+def test_units_that_repaid_usage_debt_come_back_as_usage_debt_once_lots_are_gone():
+    plan = plan_purchase_clawback([ClawShare(lot("bought", 0, days=None, seq=1), 50, 30)], [],
+                                  NOW)
+    assert plan.draws == ()
+    assert (plan.usage_debt, plan.other_debt, plan.usage_returned) == (30, 20, (("bought", 30),))
+    covered = plan_purchase_clawback([ClawShare(lot("bought", 0, days=None, seq=1), 50, 30)],
+                                     [lot("other", 35, days=None, seq=2)], NOW)
+    assert covered.draws == (("other", 35),)
+    assert (covered.usage_debt, covered.other_debt) == (15, 0)
+
+
+def test_a_cart_claws_back_from_each_of_its_lots():
+    plan = plan_purchase_clawback(
+        [ClawShare(lot("a", 10, days=None, seq=1), 10), ClawShare(lot("b", 5, days=None, seq=2),
+                                                                  8)],
+        [lot("c", 100, days=None, seq=3)], NOW)
+    assert plan.draws == (("a", 10), ("b", 5), ("c", 3))
+    assert (plan.usage_debt, plan.other_debt) == (0, 0)
 
 
 @settings(max_examples=300)
-@given(remaining=st.integers(0, 10_000), units=st.integers(1, 20_000))
-def test_a_clawback_takes_what_its_lot_has_and_owes_the_rest(remaining, units):
-    draw = plan_clawback(lot("bought", remaining, days=None, seq=1), units)
-    taken = sum(u for _, u in draw.draws)
-    assert taken == min(remaining, units) and draw.shortfall == units - taken
+@given(remaining=st.integers(0, 10_000), units=st.integers(1, 20_000),
+       others=st.lists(st.integers(0, 5_000), max_size=3), usage=st.integers(0, 20_000))
+def test_a_clawback_owes_only_what_no_lot_covers(remaining, units, others, usage):
+    other_lots = [lot(f"o{i}", held, days=None, seq=i + 2) for i, held in enumerate(others)]
+    plan = plan_purchase_clawback(
+        [ClawShare(lot("bought", remaining, days=None, seq=1), units, usage)], other_lots, NOW)
+    taken = sum(u for _, u in plan.draws)
+    debt = plan.usage_debt + plan.other_debt
+    assert taken + debt == units
+    assert debt == max(0, units - remaining - sum(others))
+    assert plan.usage_debt <= min(usage, debt)
 
 
 @pytest.mark.parametrize("units", [0, -5])

@@ -7,6 +7,7 @@ import itertools
 from datetime import datetime, timedelta
 
 import pytest
+from ledger_ops import clawback, reinstate
 
 from billing.errors import InvalidInput, NotFound, OrgNotFound
 from billing.ledger import EntryKind, check_sign
@@ -62,8 +63,8 @@ async def debit(ledger: Ledger, org: str, now: datetime, run: str, units: int) -
 async def refund(
     ledger: Ledger, org: str, now: datetime, re: str, lot_id: str, cents: int
 ) -> LedgerResult:
-    return await ledger.clawback(
-        org, key=f"refund:{re}", kind=EntryKind.REFUND, lot_id=lot_id, cents=cents, now=now
+    return await clawback(ledger, org,
+        key=f"refund:{re}", kind=EntryKind.REFUND, lot_ids=[lot_id], cents=cents, now=now
     )
 
 
@@ -152,8 +153,8 @@ async def test_unknown_organization_is_rejected_and_nothing_is_written(
     with pytest.raises(OrgNotFound):
         await refund(ledger, org, now, "re_1", "lot_x", 100)
     with pytest.raises(OrgNotFound):
-        await ledger.reinstate(
-            org, key="dispute:dp:reinstated", withdrawn_key="dispute:dp:withdrawn", now=now
+        await reinstate(ledger, org,
+            key="dispute:dp:reinstated", withdrawn_key="dispute:dp:withdrawn", now=now
         )
     with pytest.raises(OrgNotFound):
         await ledger.expire(org, "lot_x", now)
@@ -441,7 +442,7 @@ async def test_refund_beyond_the_lot_remaining_becomes_debt(accounts, ledger, db
     assert (await assert_consistent(db, org))["other_debt"] == 0
 
 
-async def test_refund_excess_beyond_its_lot_becomes_debt_and_other_lots_are_untouched(
+async def test_refund_excess_beyond_its_lot_is_drawn_from_other_lots_then_becomes_debt(
     accounts, ledger, db, org, now
 ):
     await open_account(accounts, org, now)
@@ -450,36 +451,56 @@ async def test_refund_excess_beyond_its_lot_becomes_debt_and_other_lots_are_unto
         await ledger.write(org, key="grant:g", kind=EntryKind.GRANT, amount=1000, now=now)
     )
     await debit(ledger, org, now, "r1", 499_000)  # the expiring pack is drawn first
+    held = (await assert_consistent(db, org))["balance"] - 1000  # the rest of the pack
     result = await refund(ledger, org, now, "re_1", lot, PACK_CENTS)
-    assert result.entry["draws"] == [{"lot_id": lot, "units": 1000}]
-    assert result.entry["debt_added"] == 499_000
-    assert (await lot_doc(db, grant))["remaining"] == 1000
+    assert result.entry["draws"][0] == {"lot_id": lot, "units": 1000}
+    assert {"lot_id": grant, "units": 1000} in result.entry["draws"]
+    assert result.entry["debt_added"] == 499_000 - held
+    assert (await lot_doc(db, grant))["remaining"] == 0
     account = await assert_consistent(db, org)
-    assert (account["balance"], account["other_debt"]) == (-498_000, 499_000)
+    assert (account["balance"], account["other_debt"]) == (held - 499_000, 499_000 - held)
+    assert not await ledger.lots(org)  # no debt beside a lot that still holds units
 
 
-async def test_a_won_dispute_on_a_used_pack_cancels_its_debt_and_leaves_other_packs_alone(
+async def test_a_dispute_on_a_used_pack_draws_from_other_packs_and_a_win_gives_it_back(
     accounts, ledger, db, org, now
 ):
-    """A used-up pack A disputed then reinstated while pack B sits unused: B is never touched,
-    and the reinstatement repays the dispute's debt instead of opening units that expire."""
+    """A used-up pack A disputed while pack B sits unused: the shortfall is drawn from B rather
+    than left as debt beside it (a later expiry of B must not take its units a second time), and
+    the reinstatement gives the units back in a lot of their own."""
     await open_account(accounts, org, now)
     pack_a = lot_of(await buy(ledger, org, now, "pi_a", expires_at=now + timedelta(days=10)))
     held = (await assert_consistent(db, org))["balance"]
     await debit(ledger, org, now, "r1", held)  # A (and any grant) used up, no debt
     pack_b = lot_of(await buy(ledger, org, now, "pi_b"))
-    withdrawn = await ledger.clawback(
-        org, key="dispute:dp_1:withdrawn", kind=EntryKind.DISPUTE, lot_id=pack_a,
-        cents=PACK_CENTS, now=now)
-    assert withdrawn.entry["draws"] == [] and withdrawn.entry["debt_added"] == PACK_UNITS
-    assert (await lot_doc(db, pack_b))["remaining"] == PACK_UNITS
-    assert (await assert_consistent(db, org))["balance"] == 0
-    reinstated = await ledger.reinstate(
-        org, key="dispute:dp_1:reinstated", withdrawn_key="dispute:dp_1:withdrawn", now=now)
-    assert reinstated.entry["repaid"] == {"other": PACK_UNITS, "usage": 0}
+    withdrawn = await clawback(ledger, org, key="dispute:dp_1:withdrawn",
+                               kind=EntryKind.DISPUTE, lot_ids=[pack_a], cents=PACK_CENTS,
+                               now=now)
+    assert withdrawn.entry["draws"] == [{"lot_id": pack_b, "units": PACK_UNITS}]
+    assert "debt_added" not in withdrawn.entry
+    assert (await lot_doc(db, pack_b))["remaining"] == 0
+    account = await assert_consistent(db, org)
+    assert (account["balance"], account["other_debt"], account["usage_debt"]) == (0, 0, 0)
+    reinstated = await reinstate(ledger, org, key="dispute:dp_1:reinstated",
+                                 withdrawn_key="dispute:dp_1:withdrawn", now=now)
+    assert reinstated.entry["repaid"] == {"other": 0, "usage": 0}
     account = await assert_consistent(db, org)
     assert (account["balance"], account["other_debt"]) == (PACK_UNITS, 0)
-    assert (await lot_doc(db, pack_b))["remaining"] == PACK_UNITS
+
+
+async def test_units_a_pack_spent_repaying_usage_debt_come_back_as_usage_debt(
+    accounts, ledger, db, org, now
+):
+    await open_account(accounts, org, now)
+    held = (await assert_consistent(db, org))["balance"]
+    await debit(ledger, org, now, "r1", held + 100_000)  # 100000 of usage debt
+    pack = lot_of(await buy(ledger, org, now, "pi_1"))
+    assert (await lot_doc(db, pack))["remaining"] == PACK_UNITS - 100_000
+    refunded = await refund(ledger, org, now, "re_1", pack, PACK_CENTS)
+    assert refunded.amount == -PACK_UNITS and refunded.entry["debt_added"] == 100_000
+    account = await assert_consistent(db, org)
+    assert (account["balance"], account["usage_debt"], account["other_debt"]) == (
+        -100_000, 100_000, 0)
 
 
 async def test_clawback_from_an_expired_lot_takes_it_before_the_sweep(
@@ -518,8 +539,8 @@ async def test_clawback_needs_a_purchased_lot_of_the_organization(accounts, ledg
     with pytest.raises(NotFound):
         await refund(ledger, org, now, "re_1", "lot_unknown", 100)
     with pytest.raises(ValueError):
-        await ledger.clawback(
-            org, key="refund:re_2", kind=EntryKind.DEBIT, lot_id=grant, cents=1, now=now
+        await clawback(ledger, org,
+            key="refund:re_2", kind=EntryKind.DEBIT, lot_ids=[grant], cents=1, now=now
         )
 
 
@@ -542,13 +563,13 @@ async def test_a_reinstated_dispute_restores_exactly_what_it_clawed_back(
     expires = now + YEAR
     lot = lot_of(await buy(ledger, org, now, "pi_1", expires_at=expires))
     await refund(ledger, org, now, "re_1", lot, 1633)
-    withdrawn = await ledger.clawback(
-        org, key="dispute:dp_1:withdrawn", kind=EntryKind.DISPUTE, lot_id=lot, cents=1633, now=now
+    withdrawn = await clawback(ledger, org,
+        key="dispute:dp_1:withdrawn", kind=EntryKind.DISPUTE, lot_ids=[lot], cents=1633, now=now
     )
     assert withdrawn.amount == -166_632  # cumulative rounding with the earlier refund
     assert withdrawn.balance == PACK_UNITS - 166_633 - 166_632
-    back = await ledger.reinstate(
-        org, key="dispute:dp_1:reinstated", withdrawn_key="dispute:dp_1:withdrawn", now=now
+    back = await reinstate(ledger, org,
+        key="dispute:dp_1:reinstated", withdrawn_key="dispute:dp_1:withdrawn", now=now
     )
     assert back.applied and back.amount == 166_632
     assert back.balance == PACK_UNITS - 166_633
@@ -564,13 +585,13 @@ async def test_a_reinstated_dispute_restores_exactly_what_it_clawed_back(
     doc = await lot_doc(db, lot)
     assert (doc["clawback_cents"], doc["clawed_units"]) == (1633, 166_633)
 
-    twice = await ledger.reinstate(
-        org, key="dispute:dp_1:reinstated", withdrawn_key="dispute:dp_1:withdrawn", now=now
+    twice = await reinstate(ledger, org,
+        key="dispute:dp_1:reinstated", withdrawn_key="dispute:dp_1:withdrawn", now=now
     )
     assert not twice.applied and twice.balance == back.balance
     assert await db.lots.count_documents({"org_id": org, "kind": "reinstatement"}) == 1
-    replayed_withdrawal = await ledger.clawback(
-        org, key="dispute:dp_1:withdrawn", kind=EntryKind.DISPUTE, lot_id=lot, cents=1633, now=now
+    replayed_withdrawal = await clawback(ledger, org,
+        key="dispute:dp_1:withdrawn", kind=EntryKind.DISPUTE, lot_ids=[lot], cents=1633, now=now
     )
     assert not replayed_withdrawal.applied and replayed_withdrawal.balance == back.balance
     # the rest of the charge can still be refunded, and adds up to the pack exactly
@@ -580,21 +601,26 @@ async def test_a_reinstated_dispute_restores_exactly_what_it_clawed_back(
     await assert_consistent(db, org)
 
 
-async def test_reinstating_a_dispute_that_withdrew_nothing_writes_nothing(
+async def test_a_reinstatement_before_its_withdrawal_voids_it(
     accounts, ledger, db, org, now
 ):
+    """Stripe may deliver the reinstatement first: the withdrawal is voided, so the pair nets to
+    zero in either order and nothing is written."""
     await open_account(accounts, org, now)
-    await buy(ledger, org, now, "pi_1")
-    result = await ledger.reinstate(
-        org, key="dispute:dp_9:reinstated", withdrawn_key="dispute:dp_9:withdrawn", now=now
-    )
-    assert (result.applied, result.entry, result.notes) == (
-        False,
-        None,
-        {"reason": "not_withdrawn"},
-    )
-    assert result.balance == PACK_UNITS
-    assert await db.ledger.count_documents({"org_id": org}) == 1
+    lot = lot_of(await buy(ledger, org, now, "pi_1"))
+    result = await reinstate(ledger, org, key="dispute:dp_9:reinstated",
+                             withdrawn_key="dispute:dp_9:withdrawn", now=now, lot_ids=[lot])
+    assert (result.applied, result.entry, result.notes) == (False, None, {"voided": True})
+    late = await clawback(ledger, org, key="dispute:dp_9:withdrawn", kind=EntryKind.DISPUTE,
+                          lot_ids=[lot], cents=PACK_CENTS, now=now)
+    assert not late.applied
+    again = await reinstate(ledger, org, key="dispute:dp_9:reinstated",
+                            withdrawn_key="dispute:dp_9:withdrawn", now=now, lot_ids=[lot])
+    assert not again.applied and not again.notes
+    assert (await assert_consistent(db, org))["balance"] == PACK_UNITS + (
+        await db.ledger.count_documents({"org_id": org, "kind": "grant"}) and 0)
+    assert await db.ledger.count_documents({"org_id": org, "kind": {"$in": [
+        "dispute", "reinstatement"]}}) == 0
 
 
 # ---- reads -------------------------------------------------------------------------------------
@@ -610,19 +636,16 @@ async def test_entries_are_paged_newest_first(accounts, ledger, org, now):
     assert [e["key"] for e in rest] == ["grant:1", "grant:0"]
 
 
-async def test_the_purchase_lot_is_found_by_payment_intent_or_charge(accounts, ledger, org, now):
+async def test_the_purchase_lots_are_found_by_payment_intent_or_charge(
+    accounts, ledger, org, now
+):
     await open_account(accounts, org, now)
     lot = lot_of(await buy(ledger, org, now, "pi_find"))
-    by_pi = await ledger.find_purchase_lot(org, payment_intent=f"pi_find-{org}", charge=None)
-    by_charge = await ledger.find_purchase_lot(None, payment_intent=None,
-                                               charge=f"ch_pi_find-{org}")
-    assert by_pi is not None and by_charge is not None
-    assert by_pi["_id"] == by_charge["_id"] == lot
-    assert await ledger.find_purchase_lot(org, payment_intent=None, charge=None) is None
-    assert (
-        await ledger.find_purchase_lot("other-org", payment_intent=f"pi_find-{org}", charge=None)
-        is None
-    )
+    by_pi = await ledger.find_purchase_lots(payment_intent=f"pi_find-{org}", charge=None)
+    by_charge = await ledger.find_purchase_lots(payment_intent=None, charge=f"ch_pi_find-{org}")
+    assert [d["_id"] for d in by_pi] == [d["_id"] for d in by_charge] == [lot]
+    assert await ledger.find_purchase_lots(payment_intent=None, charge=None) == []
+    assert await ledger.find_purchase_lots(payment_intent="pi_nobody", charge=None) == []
 
 
 # ---- concurrency -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from ledger_ops import clawback, reinstate
 
 from billing.config import BillingConfig, ReconcileConfig
 from billing.ledger import EntryKind
@@ -126,11 +127,11 @@ async def test_every_kind_of_entry_leaves_the_checks_quiet(
     assert expired.applied
     lot = await db.lots.find_one({"payment_intent": pi})
     assert lot is not None
-    await ledger.clawback(org, key="refund:re_1", kind=EntryKind.REFUND, lot_id=lot["_id"],
+    await clawback(ledger, org, key="refund:re_1", kind=EntryKind.REFUND, lot_ids=[lot["_id"]],
                           cents=1633, now=now)
-    await ledger.clawback(org, key="dispute:dp_1:withdrawn", kind=EntryKind.DISPUTE,
-                          lot_id=lot["_id"], cents=4900, now=now)
-    await ledger.reinstate(org, key="dispute:dp_1:reinstated",
+    await clawback(ledger, org, key="dispute:dp_1:withdrawn", kind=EntryKind.DISPUTE,
+                          lot_ids=[lot["_id"]], cents=4900, now=now)
+    await reinstate(ledger, org, key="dispute:dp_1:reinstated",
                            withdrawn_key="dispute:dp_1:withdrawn", now=now)
     await ledger.write(org, key="admin:debit", kind=EntryKind.ADJUSTMENT, amount=-600000, now=now)
     await ledger.write(org, key="settle:2026-W20", kind=EntryKind.SETTLEMENT, amount=5000, now=now)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
 import pytest
+from ledger_ops import clawback
 from temporalio.client import Client
 from temporalio.common import WorkflowIDReusePolicy
 from test_metering_store import meter_config, put_on_plan, unregistered, usage
@@ -86,8 +87,8 @@ async def test_debt_caused_by_a_refund_is_not_settled(
         terms=LotTerms(payment_intent=f"pi_r-{org}", charge=f"ch_r-{org}", price_cents=1000))
     assert bought.entry is not None
     await meters.record(usage(org, "r1", units=1130), now)  # overflow 1030: lot used, debt 30
-    await ledger.clawback(org, key="refund:re_1", kind=EntryKind.REFUND,
-                          lot_id=bought.entry["lot_id"], cents=1000, now=now)
+    await clawback(ledger, org, key="refund:re_1", kind=EntryKind.REFUND,
+                          lot_ids=[bought.entry["lot_id"]], cents=1000, now=now)
     account = await accounts.get(org)
     assert (account["balance"], account["usage_debt"], account["other_debt"]) == (-1030, 30, 1000)
     week = next_week(iso_week(now))
