@@ -114,13 +114,21 @@ class StripeApiActivities:
 
     @activity.defn(name="stripe_find_checkout_sessions")
     async def find_checkout_sessions(self, payment_intent_id: str) -> list[Obj]:
-        """The Checkout sessions that took a payment intent (at most one in practice)."""
-        return await self._list(
-            f"the Checkout sessions of {payment_intent_id}",
-            lambda: self.client.v1.checkout.sessions.list_async(
-                {"payment_intent": payment_intent_id, "limit": 10}
-            ),
-        )
+        """The Checkout sessions that took a payment intent (at most one in practice).
+
+        Stripe answers an empty list when there is none; a Stripe-compatible server without
+        Checkout (`localstripe` in `billing dev`) answers 404, which means the same."""
+        try:
+            return await self._list(
+                f"the Checkout sessions of {payment_intent_id}",
+                lambda: self.client.v1.checkout.sessions.list_async(
+                    {"payment_intent": payment_intent_id, "limit": 10}
+                ),
+            )
+        except ApplicationError as exc:
+            if exc.type == "STRIPE_404":
+                return []
+            raise
 
     @activity.defn(name="stripe_list_events")
     async def list_events(self, query: EventListQuery) -> StripeEventPage:

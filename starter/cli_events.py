@@ -105,8 +105,9 @@ def failures(
     table.add_column("at (UTC)", no_wrap=True)
     for failed in found:
         table.add_row(
-            failed.kind, escape(failed.workflow_id), failed.workflow_type, escape(failed.org_id or ""),
-            escape(failed.event_type or ""), escape(failed.failure or ""),
+            failed.kind, escape(failed.workflow_id), failed.workflow_type,
+            escape(failed.org_id or ""), escape(failed.event_type or ""),
+            escape(failed.failure or ""),
             f"{failed.close_time:%Y-%m-%d %H:%M:%S}" if failed.close_time else "",
         )
     console.print(table)

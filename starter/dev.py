@@ -28,8 +28,16 @@ from temporalio.worker import Worker
 
 from billing.config import Settings, load_config
 from billing.runtime import Runtime
+from billing.store.subscriptions import Subscriptions
 from starter.api.app import create_app
-from starter.embedded import EmbeddedError, MongoServer, ensure_port_free, start_temporal
+from starter.embedded import (
+    EmbeddedError,
+    LocalStripe,
+    MongoServer,
+    ensure_port_free,
+    free_port,
+    start_temporal,
+)
 from starter.schedules import ensure_schedules
 from worker import build_worker, connect
 
@@ -232,6 +240,8 @@ def _print_ready(
         ("Data", str(data_dir)),
         ("API token", token),
         ("Webhook secret", settings.webhook_secrets[0]),
+        ("Stripe API", (settings.stripe_api_base or "https://api.stripe.com")
+         if settings.stripe_api_key else "not configured (STRIPE_API_KEY)"),
     ]
     table = Table(show_header=False, box=None, padding=(0, 2))
     table.add_column(no_wrap=True)
@@ -283,9 +293,20 @@ async def run_dev(options: DevOptions, console: Console) -> None:
         stack.push_async_callback(temporal.shutdown)
         _temporal_marker(database).touch()
 
+        if settings.stripe_api_key is None and settings.stripe_api_base is None \
+                and LocalStripe.available():
+            local_stripe = LocalStripe(port=free_port())
+            console.print(f"starting localstripe (no STRIPE_API_KEY) on port {local_stripe.port}"
+                          " ...")
+            stack.push_async_callback(local_stripe.stop)
+            await local_stripe.start()
+            settings = settings.model_copy(update={"stripe_api_key": LocalStripe.API_KEY,
+                                                   "stripe_api_base": local_stripe.url})
+
         runtime = Runtime.from_settings(settings, config)
         stack.push_async_callback(runtime.db.close)
         await runtime.db.ensure_indexes()
+        await Subscriptions(runtime.db).migrate()
         client = await connect(settings)
         await ensure_schedules(client, settings.temporal_task_queue)
 

@@ -85,9 +85,11 @@ class Ignored:
 
 @dataclass(frozen=True)
 class Recorded:
-    """A signed event that starts `StripeEventWorkflow`, which records this outcome."""
+    """A signed event that starts `StripeEventWorkflow`, which records this outcome and writes
+    nothing but the notifications `notified` (an unresolved purchase tells its organization)."""
 
     outcome: str
+    notified: tuple[str, ...] = ()
 
 
 Expect = Refused | Ignored | Recorded
@@ -228,7 +230,7 @@ CASES: list[Case] = [
     Case("event type of 10 KB", lambda v, f: signed(evt_body(type=TEN_KB)), Ignored()),
     # ---- the webhook: signed events that reach the workflow ---------------------------------
     Case("purchase of an unknown pack", lambda v, f: purchase(v, metadata(v.org, "pack_nope")),
-         Recorded("unresolved")),
+         Recorded("unresolved", ("purchase.unresolved",))),
     Case("purchase without a pack", lambda v, f: purchase(v, metadata(v.org)),
          Recorded("ignored")),
     Case("purchase for an operator org id",
@@ -439,7 +441,8 @@ async def test_hostile_request(
     if isinstance(expect, Recorded):
         assert isinstance(made, dict)
         result = await recorded(api, temporal_client, made)
-        assert (result.outcome, result.written) == (expect.outcome, []), result
+        notified = [f"notification {n}" for n in expect.notified]
+        assert (result.outcome, result.written) == (expect.outcome, notified), result
         assert result.org_id in (None, victim.org), result
         view = (await api.get(f"/v1/stripe-events/{made['id']}")).json()
         assert (view["status"], view["outcome"]) == ("COMPLETED", expect.outcome)
@@ -453,7 +456,10 @@ async def test_hostile_request(
         else:
             assert_error_format(response, expect)
         assert await db.stripe_events.count_documents({}) == events_before
-    assert await snapshot(db) == before
+    after = await snapshot(db)
+    if isinstance(expect, Recorded) and expect.notified:
+        assert after.pop("notifications") == before.pop("notifications") + len(expect.notified)
+    assert after == before
     await still_serving(api, victim)
 
 

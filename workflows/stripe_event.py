@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 from billing.models import (
     PurchaseFacts,
@@ -171,14 +171,16 @@ class StripeEventWorkflow:
         return await _outcome("apply_stripe_subscription", apply)
 
     async def _invoice(self, apply: StripeApply) -> StripeEventOutcome:
-        """Read the invoice's subscription from Stripe when the engine does not know it yet, or
-        when a payment recovers it (its plan may have changed meanwhile)."""
+        """Read the invoice's subscription from Stripe when the engine does not know it yet (for a
+        known organization), or when a payment recovers it (its plan may have changed
+        meanwhile)."""
         state = await call("stripe_subscription_state", apply, SubscriptionState)
         subscription_id = invoice_subscription(apply.event.object)
         recovers = (apply.event.type in ev.INVOICE_PAID_TYPES
                     and state.status in DELINQUENT_STATUSES)
+        unknown = state.status is None and state.org_id is not None
         sub: Obj | None = None
-        if subscription_id is not None and (state.status is None or recovers):
+        if subscription_id is not None and (unknown or recovers):
             sub = await _read("stripe_retrieve_subscription", subscription_id)
         return await _outcome("apply_stripe_invoice", apply.model_copy(
             update={"org_id": apply.org_id or state.org_id, "subscription": sub}))
@@ -235,10 +237,18 @@ class StripeEventWorkflow:
             poll = min(poll * 2, LONGEST_POLL)
 
     async def _purchase_behind(self, apply: StripeApply) -> PurchaseFacts:
+        """The purchase behind a refunded or disputed charge; a payment intent Stripe does not
+        know (404) leaves the purchase undetermined rather than failing the event."""
         obj = apply.event.object
         charge = obj if apply.event.type == ev.CHARGE_REFUNDED else None
         payment_intent = apply.payment_intent or ref_id(obj.get("payment_intent"))
-        return await _purchase_facts(payment_intent, charge=charge)
+        try:
+            return await _purchase_facts(payment_intent, charge=charge)
+        except ActivityError as exc:
+            cause = exc.cause
+            if isinstance(cause, ApplicationError) and cause.type == "STRIPE_404":
+                return PurchaseFacts(charge=charge)
+            raise
 
 
 Handler = Callable[[StripeEventWorkflow, StripeApply], Awaitable[StripeEventOutcome]]
