@@ -23,23 +23,24 @@ class RefundActivities(StripeFrame):
         obj = apply.event.object
         charge = ref_id(obj.get("id") if apply.event.type == CHARGE_REFUNDED else obj.get("charge"))
         refunds = [(r, refund_action(r)) for r in apply.refunds or []]
-        refunds = [(r, action) for r, action in refunds
-                   if action is not RefundAction.NONE and ref_id(r.get("id"))]
         ledger = self.runtime.ledger
 
         async def work(session: AsyncClientSession, outcome: Outcome) -> None:
-            if not refunds:
+            if any(ref_id(r.get("id")) is None for r, _ in refunds):
+                raise ValueError("a refund without an id")  # Stripe never sends one
+            acted = [(r, action) for r, action in refunds if action is not RefundAction.NONE]
+            if not acted:
                 return outcome.set("ignored", "no refund to claw back or give back")
             lots = await self._purchase_lots(session, outcome, charge=charge,
                                              what=f"refund of {charge}")
             if not lots:
                 if outcome.kind == "unresolved":
-                    await self._unresolved(session, outcome, charge, refunds)
+                    await self._unresolved(session, outcome, charge, acted)
                 return None
             org_id = lots[0]["org_id"]
             lot_ids = [lot["_id"] for lot in lots]
             outcome.set("duplicate", "every refund was already applied")
-            for refund, action in refunds:
+            for refund, action in acted:
                 refund_id = str(refund["id"])
                 if action is RefundAction.CLAW:
                     result = await ledger.clawback_in(

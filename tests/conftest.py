@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
 import pytest
+from stripe_fake import StripeFake, api, stripe_fake, stripe_runtime, stripe_worker
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
@@ -22,6 +23,9 @@ from billing.store.database import Database
 from billing.store.ledger import Ledger
 from starter.embedded import MongoServer, free_port, start_temporal
 from worker import build_worker
+
+#: The Stripe fake and the engine running against it, for every test module.
+__all__ = ["api", "stripe_fake", "stripe_runtime", "stripe_worker"]
 
 
 @pytest.fixture(scope="session")
@@ -72,8 +76,10 @@ async def temporal_client() -> AsyncIterator[Client]:
 
 
 @pytest.fixture(scope="session")
-def settings(mongo_uri: str, db: Database) -> Settings:
+def settings(mongo_uri: str, db: Database, stripe_fake: StripeFake) -> Settings:
+    """Every engine the tests run reads Stripe at the local fake: no test reaches the internet."""
     return Settings(
+        stripe_api_base=stripe_fake.url,
         mongodb_uri=mongo_uri,
         mongodb_db=db.db.name,
         temporal_task_queue=f"billing-test-{uuid.uuid4().hex[:8]}",

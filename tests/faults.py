@@ -60,8 +60,9 @@ def worker_env(settings: Settings, client: Client, *, stripe_api_base: str | Non
            "TEMPORAL_NAMESPACE": client.namespace,
            "TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,
            "STRIPE_API_KEY": settings.stripe_api_key}
-    if stripe_api_base is not None:
-        env["STRIPE_API_BASE"] = stripe_api_base
+    base = stripe_api_base or settings.stripe_api_base
+    if base is not None:
+        env["STRIPE_API_BASE"] = base
     return env
 
 

@@ -3,7 +3,7 @@
 It answers what `localstripe` lacks (subscription retrieval with items, refunds listed by charge,
 Checkout sessions listed by payment intent, checkout line items, events listed by creation time
 and type) and can answer 500 on demand.
-Import the fixtures into a test module with `from stripe_fake import *  # noqa: F403`.
+`conftest.py` shares its fixtures with every test module.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stripe_fake import *  # noqa: F403
 from stripe_fake import StripeFake
 from stripe_payloads import checkout_session, event, metadata, new_id, payment_intent
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
@@ -43,8 +42,8 @@ async def failed_purchase(api: Any, client: Client, stripe_fake: StripeFake,
     know yet: the read answers 404 and the workflow fails at once (no retry fixes a 404).
     The event itself is retrievable, as Stripe keeps it."""
     pi = new_id("pi")
-    evt = stripe_fake.add(event("checkout.session.completed",
-                                checkout_session(payment_intent=pi, meta=metadata(org))))
+    session = stripe_fake.checkout(checkout_session(payment_intent=pi, meta=metadata(org)))
+    evt = stripe_fake.add(event("checkout.session.completed", session))
     handle = await started(api, evt, client)
     with pytest.raises(WorkflowFailureError):
         await handle.result()
@@ -78,7 +77,9 @@ def billing_subprocess(client: Client, runtime: Runtime, *args: str) -> Any:
     script = Path(sys.executable).parent / "billing"
     env = {**os.environ, "TEMPORAL_ADDRESS": client.service_client.config.target_host,
            "TEMPORAL_NAMESPACE": client.namespace,
-           "TEMPORAL_TASK_QUEUE": runtime.settings.temporal_task_queue}
+           "TEMPORAL_TASK_QUEUE": runtime.settings.temporal_task_queue,
+           "MONGODB_URI": runtime.settings.mongodb_uri,
+           "MONGODB_DB": runtime.settings.mongodb_db}
     return subprocess.run([str(script), *args], env=env, capture_output=True, text=True,
                           timeout=60, check=False)
 

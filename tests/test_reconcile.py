@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from stripe_fake import *  # noqa: F403
 from stripe_fake import StripeFake
 from stripe_payloads import deliver, event, metadata, new_id, payment_intent, subscription
 from temporalio.client import Client

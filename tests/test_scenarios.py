@@ -22,7 +22,6 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from stripe_fake import *  # noqa: F403
 from stripe_fake import StripeFake, line_item
 from stripe_payloads import deliver, event, resource
 from temporalio.client import Client, WorkflowExecutionStatus

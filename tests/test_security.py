@@ -21,7 +21,6 @@ import httpx
 import pytest
 import typer.main
 from pymongo import monitoring
-from stripe_fake import *  # noqa: F403
 from stripe_payloads import (
     PRIMARY_SECRET,
     ROTATED_SECRET,

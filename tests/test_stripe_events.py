@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-from stripe_fake import *  # noqa: F403
 from stripe_fake import StripeFake
 from stripe_payloads import (
     PACK_PRICE,

@@ -7,7 +7,6 @@ import time
 from collections.abc import AsyncIterator
 
 import httpx
-from stripe_fake import *  # noqa: F403
 from stripe_payloads import (
     ROTATED_SECRET,
     deliver,
