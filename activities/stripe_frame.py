@@ -31,8 +31,8 @@ from billing.store.meters import Meters
 from billing.store.notifications import notify
 from billing.store.subscriptions import Subscriptions
 from billing.store.transactions import run_in_transaction
-from billing.stripe.objects import pack_from, ref_id
-from billing.stripe.purchases import Verdict, resolve_purchase
+from billing.stripe.objects import ref_id
+from billing.stripe.purchases import Verdict, purchase_behind_charge
 
 Obj = dict[str, Any]
 
@@ -170,20 +170,14 @@ class StripeFrame:
         facts = apply.purchase
         if facts is None:
             raise NotYet(StripeStep(needs_purchase=True))
-        metadata = (facts.session, facts.intent, facts.charge)
-        invoice = ref_id((facts.charge or {}).get("invoice")) or ref_id(
-            (facts.intent or {}).get("invoice"))
-        if invoice is None and facts.payment_intent is None and pack_from(*metadata) is None:
-            outcome.set("unresolved", f"{what}: the charge names no payment intent, so its "
-                        "purchase cannot be determined")
-            return []
-        purchase = resolve_purchase(
-            self.runtime.config, metadata=metadata, invoice=invoice,
-            line_items=facts.line_items if facts.session is not None else None)
+        purchase = purchase_behind_charge(
+            self.runtime.config, payment_intent=facts.payment_intent, session=facts.session,
+            line_items=facts.line_items, intent=facts.intent, charge=facts.charge)
         if purchase.verdict is Verdict.CREDIT:
             raise NotYet(StripeStep(
                 waiting_for=f"the purchase {payment_intent or charge} to be credited"))
-        outcome.set(purchase.verdict.value, f"{what}: {purchase.reason}")  # type: ignore[arg-type]
+        outcome.set("ignored" if purchase.verdict is Verdict.IGNORED else "unresolved",
+                    f"{what}: {purchase.reason}")
         return []
 
     @activity.defn(name="record_stripe_outcome")

@@ -74,6 +74,7 @@ class InvoiceActivities(SubscriptionActivities):
                 await self.subscriptions.save_in(session, str(doc["_id"]), org_id,
                                                  fields=fields, now=apply.now,
                                                  family=INVOICE_FAMILY, marker=marker)
+                outcome.written.append(f"subscription {doc['_id']} invoice marker")
                 if effect.reread_plan and fetched is not None and fetched.get("id") == sub_id:
                     await self.save_subscription_in(session, outcome, fetched, doc)
             if effect.status is not None:

@@ -45,6 +45,7 @@ class PurchaseActivities(StripeFrame):
                 if outcome.org_id is None:
                     outcome.org_id = await self.subscriptions.org_for_customer(customer, session)
                 if outcome.org_id is not None:
+                    await self.runtime.accounts.ensure_in(session, outcome.org_id, apply.now)
                     await self._notify(
                         session, outcome, "purchase.unresolved",
                         f"purchase.unresolved:{payment_intent or session_id}",
@@ -95,6 +96,7 @@ class PurchaseActivities(StripeFrame):
                     ref_id(checkout.get("customer")), session)
             if outcome.org_id is None:
                 return outcome.set("ignored", "failed payment of no known organization")
+            await self.runtime.accounts.ensure_in(session, outcome.org_id, apply.now)
             return await self._notify(
                 session, outcome, "purchase.failed", f"purchase.failed:{session_id}",
                 {"checkout_session": session_id,

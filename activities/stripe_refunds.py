@@ -28,7 +28,8 @@ class RefundActivities(StripeFrame):
         async def work(session: AsyncClientSession, outcome: Outcome) -> None:
             if any(ref_id(r.get("id")) is None for r, _ in refunds):
                 raise ValueError("a refund without an id")  # Stripe never sends one
-            acted = [(r, action) for r, action in refunds if action is not RefundAction.NONE]
+            acted: list[tuple[Obj, RefundAction]] = [
+                (r, action) for r, action in refunds if action is not RefundAction.NONE]
             if not acted:
                 return outcome.set("ignored", "no refund to claw back or give back")
             lots = await self._purchase_lots(session, outcome, charge=charge,
@@ -69,12 +70,14 @@ class RefundActivities(StripeFrame):
         return await self._run(apply, work)
 
     async def _unresolved(self, session: AsyncClientSession, outcome: Outcome,
-                          charge: str | None, refunds: list[tuple[Obj, RefundAction]]) -> None:
+                          charge: str | None, refunds: list[tuple[Obj, RefundAction]]
+                          ) -> None:
         """No purchase can be told for this charge: write nothing, tell the organization."""
         if outcome.org_id is None:
             outcome.org_id = await self.subscriptions.org_for_customer(
                 ref_id(outcome.apply.event.object.get("customer")), session)
         if outcome.org_id is not None:
+            await self.runtime.accounts.ensure_in(session, outcome.org_id, outcome.apply.now)
             await self._notify(
                 session, outcome, "refund.unresolved",
                 f"refund.unresolved:{outcome.apply.event.id}",

@@ -76,6 +76,10 @@ class SubscriptionActivities(StripeFrame):
         outcome.written.append(f"subscription {sub['id']} {choice.status}")
         if choice.plan_id is None and is_live(choice.status):
             await self._plan_unresolved(session, outcome, choice)
+        if choice.status == CANCELED and previous.get("status") not in ENDED_STATUSES:
+            await self._notify(session, outcome, "subscription.expired",
+                               f"subscription.expired:{sub['id']}",
+                               {"subscription": sub["id"], "event": outcome.apply.event.type})
         return choice
 
     @activity.defn(name="apply_stripe_subscription")
@@ -104,17 +108,12 @@ class SubscriptionActivities(StripeFrame):
             org_id = outcome.org_id
             assert org_id is not None
             await self.runtime.accounts.ensure_in(session, org_id, apply.now)
-            choice = await self.save_subscription_in(session, outcome, {**sub, "id": sub_id},
-                                                     previous, deleted=deleted, marker=marker)
+            await self.save_subscription_in(session, outcome, {**sub, "id": sub_id}, previous,
+                                            deleted=deleted, marker=marker)
             status = await self._standing(session, outcome, {"stripe_customer_id": customer})
             if deleted and not is_live(status):
                 await self.meters.reset_week_usage_in(session, org_id, utcnow())
                 outcome.written.append("week usage reset")
-            was = (previous or {}).get("status")
-            if choice.status == CANCELED and was not in ENDED_STATUSES:
-                await self._notify(session, outcome, "subscription.expired",
-                                   f"subscription.expired:{sub_id}",
-                                   {"subscription": sub_id, "event": event.type})
             return None
 
         return await self._run(apply, work)

@@ -173,7 +173,8 @@ async def test_mongodb_down_beyond_the_retry_budget_fails_visibly_and_retry_all_
             for event_id, failure in failed.items():
                 assert isinstance(failure.cause, ActivityError), event_id
                 handle = temporal_client.get_workflow_handle(f"stripe-{event_id}")
-                assert set((await activity_attempts(handle)).values()) == {5}
+                attempts = await activity_attempts(handle)
+                assert {n for a, n in attempts.items() if a.startswith("apply_")} == {5}
             await server.start()
             print(f"MongoDB was down {time.monotonic() - stopped:.1f} s")
 

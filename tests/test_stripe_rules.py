@@ -13,6 +13,7 @@ from billing.stripe.disputes import DisputeAction, dispute_action
 from billing.stripe.invoices import invoice_effect, invoice_subscription
 from billing.stripe.objects import org_from, pack_from
 from billing.stripe.purchases import Verdict, line_key, purchase_key, resolve_purchase
+from billing.stripe.purchases import purchase_behind_charge as resolve_behind
 from billing.stripe.refunds import RefundAction, charge_refunds, refund_action
 from billing.stripe.subscriptions import (
     PlanChoice,
@@ -102,6 +103,20 @@ def test_payments_that_bought_no_pack_are_ignored(shop):
     assert invoice.verdict is Verdict.IGNORED
     zero = resolve_purchase(shop, line_items=[item("price_pack_500k", 0)])
     assert zero.verdict is Verdict.UNRESOLVED
+
+
+def test_the_purchase_behind_a_refunded_charge(shop):
+    def behind(**facts: object) -> Verdict:
+        found = {"payment_intent": None, "session": None, "line_items": None, "intent": None,
+                 "charge": None, **facts}
+        return resolve_behind(shop, **found).verdict  # type: ignore[arg-type]
+
+    assert behind() is Verdict.UNRESOLVED  # no payment intent: nothing to look up
+    assert behind(charge={"metadata": {"pack_id": "pack_500k"}}) is Verdict.CREDIT
+    assert behind(payment_intent="pi_1", intent={"metadata": {}}) is Verdict.IGNORED
+    assert behind(payment_intent="pi_1", session={"id": "cs_1"},
+                  line_items=[item("price_pack_50k")]) is Verdict.CREDIT
+    assert behind(charge={"invoice": "in_1"}) is Verdict.IGNORED
 
 
 def test_purchase_keys():

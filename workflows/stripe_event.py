@@ -76,6 +76,20 @@ async def _read(activity: str, stripe_id: str) -> Obj:
     return found
 
 
+async def _read_unless_missing(activity: str, stripe_id: str) -> Obj | None:
+    """One Stripe API read; None when Stripe does not know the object (404)."""
+    try:
+        return await _read(activity, stripe_id)
+    except ActivityError as exc:
+        if _missing(exc):
+            return None
+        raise
+
+
+def _missing(exc: ActivityError) -> bool:
+    return isinstance(exc.cause, ApplicationError) and exc.cause.type == "STRIPE_404"
+
+
 async def _list(activity: str, stripe_id: str) -> list[Obj]:
     found: list[Obj] = await call(activity, stripe_id, list)
     return found
@@ -171,19 +185,19 @@ class StripeEventWorkflow:
         return await _outcome("apply_stripe_subscription", apply)
 
     async def _invoice(self, apply: StripeApply) -> StripeEventOutcome:
-        """Read the invoice's subscription from Stripe when the engine does not know it yet (for a
-        known organization), or when a payment recovers it (its plan may have changed
-        meanwhile)."""
+        """Read the invoice's subscription from Stripe when the engine does not know it yet (its
+        own events are late: it may name the organization, and says whether it is live), or when
+        a payment recovers it (its plan may have changed meanwhile)."""
         state = await call("stripe_subscription_state", apply, SubscriptionState)
         subscription_id = invoice_subscription(apply.event.object)
         recovers = (apply.event.type in ev.INVOICE_PAID_TYPES
                     and state.status in DELINQUENT_STATUSES)
-        unknown = state.status is None and state.org_id is not None
         sub: Obj | None = None
-        if subscription_id is not None and (unknown or recovers):
-            sub = await _read("stripe_retrieve_subscription", subscription_id)
+        if subscription_id is not None and (state.status is None or recovers):
+            sub = await _read_unless_missing("stripe_retrieve_subscription", subscription_id)
+        org = apply.org_id or state.org_id or (org_from(sub) if sub else None)
         return await _outcome("apply_stripe_invoice", apply.model_copy(
-            update={"org_id": apply.org_id or state.org_id, "subscription": sub}))
+            update={"org_id": org, "subscription": sub}))
 
     # ---- refunds and disputes ----------------------------------------------------------------
 
@@ -245,8 +259,7 @@ class StripeEventWorkflow:
         try:
             return await _purchase_facts(payment_intent, charge=charge)
         except ActivityError as exc:
-            cause = exc.cause
-            if isinstance(cause, ApplicationError) and cause.type == "STRIPE_404":
+            if _missing(exc):
                 return PurchaseFacts(charge=charge)
             raise
 

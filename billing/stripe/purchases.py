@@ -129,6 +129,26 @@ def resolve_purchase(
     return Purchase(Verdict.CREDIT, (line,))
 
 
+def purchase_behind_charge(
+    config: BillingConfig,
+    *,
+    payment_intent: str | None,
+    session: Obj | None,
+    line_items: list[Obj] | None,
+    intent: Obj | None,
+    charge: Obj | None,
+) -> Purchase:
+    """What the payment behind a refunded or disputed charge bought, when no lot holds it yet:
+    the purchase rule on what Stripe holds about it. A charge that names no payment intent (so no
+    Checkout session can be found) and no pack in its metadata cannot be told."""
+    metadata = (session, intent, charge)
+    invoice = ref_id((charge or {}).get("invoice")) or ref_id((intent or {}).get("invoice"))
+    if invoice is None and payment_intent is None and pack_from(*metadata) is None:
+        return _unresolved("the charge names no payment intent, so its purchase cannot be told")
+    return resolve_purchase(config, metadata=metadata, invoice=invoice,
+                            line_items=line_items if session is not None else None)
+
+
 def purchase_key(payment_intent: str | None, session: str | None) -> str:
     """`payment:<pi>` (so every event of one payment credits once), `checkout:<cs>` without one."""
     if payment_intent:
