@@ -19,7 +19,6 @@ from datetime import datetime
 from typing import Any
 
 from bson import ObjectId
-from pymongo import ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from billing.errors import InvalidInput, NotFound, OrgNotFound
@@ -88,15 +87,17 @@ class Ledger:
         return await self.db.ledger.find_one({"org_id": org_id, "key": key}, session=session)
 
     async def lock_in(self, session: AsyncClientSession, org_id: str) -> Doc:
-        """Bump the account's `seq`: the write that serializes every ledger change of one org."""
-        account = await self.db.accounts.find_one_and_update(
-            {"_id": org_id},
-            {"$inc": {"seq": 1}},
-            return_document=ReturnDocument.AFTER,
-            session=session,
+        """Bump the account's `seq`: the write that serializes every ledger change of one org.
+
+        An update and a read by `_id`, not a findAndModify: the embedded server runs the latter
+        as a collection scan, so its cost would grow with the number of organizations."""
+        locked = await self.db.accounts.update_one(
+            {"_id": org_id}, {"$inc": {"seq": 1}}, session=session
         )
-        if account is None:
+        if locked.matched_count != 1:
             raise OrgNotFound(org_id)
+        account = await self.db.accounts.find_one({"_id": org_id}, session=session)
+        assert account is not None
         return account
 
     async def _unapplied(self, session: AsyncClientSession, existing: Doc) -> LedgerResult:

@@ -22,7 +22,6 @@ import weakref
 from dataclasses import dataclass
 from datetime import datetime
 
-from pymongo import ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
 
@@ -128,29 +127,36 @@ class Meters:
         """The week's meter after adding `units`, created with the plan snapshot if it does not
         exist yet."""
         plan = await self._plan_in(session, account)
-        meter = await self.db.meters.find_one_and_update(
-            {"org_id": account["_id"], "week": week},
-            {"$setOnInsert": {"org_id": account["_id"], "week": week, "created_at": now,
-                              "updated_at": now, **self._snapshot(plan)},
+        key = {"org_id": account["_id"], "week": week}
+        await self.db.meters.update_one(
+            key,
+            {"$setOnInsert": {**key, "created_at": now, "updated_at": now,
+                              **self._snapshot(plan)},
              "$inc": {"used": units}},
             upsert=True,
-            return_document=ReturnDocument.AFTER,
             session=session,
         )
-        assert meter is not None
-        return meter
+        return await self._meter_in(session, key)
 
     async def _add_in(
         self, session: AsyncClientSession, account: Doc, week: str, units: int, now: datetime
     ) -> Doc:
         """Increment the week's meter by `units` and return it after the increment."""
-        meter = await self.db.meters.find_one_and_update(
-            {"org_id": account["_id"], "week": week},
-            {"$inc": {"used": units}, "$set": {"updated_at": now}},
-            return_document=ReturnDocument.AFTER,
-            session=session,
+        key = {"org_id": account["_id"], "week": week}
+        added = await self.db.meters.update_one(
+            key, {"$inc": {"used": units}, "$set": {"updated_at": now}}, session=session
         )
-        return meter or await self._open_in(session, account, week, now, units)
+        if added.matched_count == 0:
+            return await self._open_in(session, account, week, now, units)
+        return await self._meter_in(session, key)
+
+    async def _meter_in(self, session: AsyncClientSession, key: Doc) -> Doc:
+        """The meter just written in this transaction, read by its unique `(org_id, week)` index.
+        Writes and reads by index, never a findAndModify: the embedded server runs that as a
+        collection scan, and meters grow by one document per organization and week."""
+        meter = await self.db.meters.find_one(key, session=session)
+        assert meter is not None
+        return meter
 
     async def _threshold_alerts_in(
         self, session: AsyncClientSession, meter: Doc, prev_used: int, now: datetime
@@ -337,18 +343,22 @@ class Meters:
         """
         if plan_id not in self.config.plans_by_id:
             raise InvalidInput(f"unknown plan {plan_id!r}", code="UNKNOWN_PLAN")
-        before = await self.db.accounts.find_one_and_update(
-            {"_id": org_id}, {"$set": {"plan_id": plan_id, "updated_at": now}}, session=session
-        )
+        before = await self.db.accounts.find_one({"_id": org_id}, {"plan_id": 1},
+                                                 session=session)
         if before is None:
             raise OrgNotFound(org_id)
+        await self.db.accounts.update_one(
+            {"_id": org_id}, {"$set": {"plan_id": plan_id, "updated_at": now}}, session=session
+        )
         status = (await self._status_in(session, org_id)).get("status")
         plan = effective_plan(self.config, plan_id, status)
         week = iso_week(now)
-        previous_meter = await self.db.meters.find_one_and_update(
-            {"org_id": org_id, "week": week},
+        key = {"org_id": org_id, "week": week}
+        previous_meter = await self.db.meters.find_one(key, session=session)
+        await self.db.meters.update_one(
+            key,
             {"$set": {**self._snapshot(plan), "updated_at": now},
-             "$setOnInsert": {"org_id": org_id, "week": week, "used": 0, "created_at": now}},
+             "$setOnInsert": {**key, "used": 0, "created_at": now}},
             upsert=True,
             session=session,
         )

@@ -1,0 +1,104 @@
+"""Cost must not grow with data: every query of the hot paths (registration, usage within quota
+and overflowing, a subscription, a purchase and a refund through the signed webhook) is an
+index lookup, and none is a `findAndModify`, which the embedded server runs as a collection scan.
+
+The commands are taken from a PyMongo command listener on the engine's own client, so a new query
+shape on these paths fails here until an index backs it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from faults import app_client, runtime_on
+from pymongo import monitoring
+from stripe_fake import StripeFake
+from stripe_payloads import deliver, event, metadata, payment_intent, refund, subscription
+from temporalio.client import Client
+
+from billing.runtime import Runtime
+from billing.store.database import INDEXES
+from worker import build_worker
+
+Obj = dict[str, Any]
+
+#: For each collection, the fields that lead one of its indexes.
+LEADING = {name: {"_id", *(next(iter(index.document["key"])) for index in indexes)}
+           for name, indexes in INDEXES.items()}
+
+
+class Commands(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, Obj]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        command = event.command
+        name = event.command_name
+        collection = command.get(name)
+        if not isinstance(collection, str):
+            return
+        filters: list[Obj] = []
+        if name == "find":
+            filters = [command.get("filter") or {}]
+        elif name == "update":
+            filters = [u["q"] for u in command.get("updates", [])]
+        elif name == "delete":
+            filters = [d["q"] for d in command.get("deletes", [])]
+        elif name == "findAndModify":
+            filters = [command.get("query") or {}]
+        elif name == "aggregate":
+            first = (command.get("pipeline") or [{}])[0]
+            filters = [first.get("$match", {})]
+        for found in filters:
+            self.seen.append((name, collection, found))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def index_backed(collection: str, query: Obj) -> bool:
+    """Some field of the filter leads an index (each branch of an `$or` on its own)."""
+    if "$or" in query:
+        return all(index_backed(collection, branch) for branch in query["$or"])
+    return bool(LEADING.get(collection, {"_id"}) & set(query))
+
+
+async def test_hot_paths_use_index_lookups_and_no_find_and_modify(
+    runtime: Runtime, stripe_fake: StripeFake, temporal_client: Client
+) -> None:
+    commands = Commands()
+    engine = runtime_on(runtime, temporal_task_queue=f"billing-shapes-{uuid.uuid4().hex[:8]}",
+                        client_options={"event_listeners": [commands]})
+    org, cus = f"org-shapes-{uuid.uuid4().hex[:8]}", f"cus_{uuid.uuid4().hex[:12]}"
+    pi, ch = f"pi_{uuid.uuid4().hex[:12]}", f"ch_{uuid.uuid4().hex[:12]}"
+    try:
+        async with build_worker(temporal_client, engine), \
+                app_client(engine, temporal_client) as api:
+            assert (await api.put(f"/v1/orgs/{org}")).status_code == 201
+            overflow = await api.post("/v1/usage", json={"org_id": org, "run_id": "r1",
+                                                         "units": 700})
+            assert overflow.json()["overflow"] == 700
+            sub = subscription(sub=f"sub_{uuid.uuid4().hex[:12]}", customer=cus,
+                               price="price_pro_monthly", meta=metadata(org))
+            for evt in (event("customer.subscription.created", sub),
+                        event("payment_intent.succeeded", stripe_fake.add(
+                            payment_intent(pi=pi, meta=metadata(org, "pack_500k"), charge=ch))),
+                        event("refund.created", refund(charge=ch, pi=pi, amount=100))):
+                assert (await deliver(api, evt)).status_code == 200
+                handle = temporal_client.get_workflow_handle(f"stripe-{evt['id']}")
+                await handle.result()
+            within = await api.post("/v1/usage", json={"org_id": org, "run_id": "r2",
+                                                       "units": 50})
+            assert (within.json()["overflow"], within.json()["quota"]) == (0, 500000)
+    finally:
+        await engine.db.close()
+
+    assert commands.seen, "the listener saw no command"
+    assert not [c for c in commands.seen if c[0] == "findAndModify"]
+    unindexed = [(name, collection, query) for name, collection, query in commands.seen
+                 if not index_backed(collection, query)]
+    assert unindexed == []
