@@ -81,6 +81,18 @@ async def wait_for_port(port: int, what: str, timeout_s: float = 30.0,
     raise EmbeddedError(f"{what} did not answer on port {port} within {timeout_s:.0f} s")
 
 
+async def terminate(process: asyncio.subprocess.Process | None, *, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within `grace_s`."""
+    if process is None or process.returncode is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), grace_s)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
 @dataclass
 class MongoServer:
     """A SecantusDB server process; `data_dir=None` keeps its data in a temporary directory."""
@@ -123,13 +135,7 @@ class MongoServer:
         await wait_for_port(self.port, "MongoDB (SecantusDB)", process=self.process)
 
     async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), 15)
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
+        await terminate(self.process, grace_s=15)
         self.process = None
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -164,13 +170,7 @@ class LocalStripe:
         await wait_for_port(self.port, "localstripe", process=self.process)
 
     async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), 10)
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
+        await terminate(self.process, grace_s=10)
         self.process = None
 
 

@@ -182,3 +182,25 @@ async def test_a_malformed_stripe_object_fails_at_once_and_writes_nothing(
     assert (cause.type, cause.non_retryable) == ("MALFORMED_STRIPE_OBJECT", True)
     assert (await activity_attempts(handle)) == {"apply_stripe_refunds": 1}
     assert (await api.get(f"/v1/orgs/{org}/balance")).json()["balance"] == 500000
+
+
+async def test_failures_lists_unresolved_events_with_their_reason(
+    api, stripe_worker, temporal_client, stripe_runtime: Runtime, org
+):
+    """An unresolved purchase completes its workflow, but it is paid and not credited: it is
+    listed beside the failed workflows, and the organization is told."""
+    evt = event("payment_intent.succeeded",
+                payment_intent(pi=new_id("pi"), meta=metadata(org, "pack_nope")))
+    handle = await started(api, evt, temporal_client)
+    assert (await handle.result()).outcome == "unresolved"
+    listed = await asyncio.to_thread(cli, temporal_client, stripe_runtime,
+                                     "failures", "--org", org, "--json")
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads(listed.output)
+    assert [(r["kind"], r["workflow_id"], r["event_type"]) for r in rows] == [
+        ("unresolved", handle.id, "payment_intent.succeeded")]
+    assert "unknown pack 'pack_nope'" in rows[0]["failure"]
+    table = await asyncio.to_thread(cli, temporal_client, stripe_runtime, "failures", "--org", org)
+    assert "unresolved" in table.output and "pack_nope" in table.output
+    notes = (await api.get(f"/v1/orgs/{org}/notifications")).json()["notifications"]
+    assert [n["type"] for n in notes] == ["purchase.unresolved"]

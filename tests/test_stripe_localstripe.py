@@ -4,7 +4,6 @@ delivers its own signed webhook to the receiver, served over real HTTP."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,25 +19,21 @@ from typer.testing import CliRunner
 from billing.runtime import Runtime
 from starter.api.app import create_app
 from starter.cli import app as cli_app
-from starter.embedded import free_port, wait_for_port
+from starter.embedded import LocalStripe, free_port, wait_for_port
 from worker import build_worker
 
-API_KEY = "sk_test_localstripe"
+API_KEY = LocalStripe.API_KEY
 
 
 @pytest.fixture(scope="module")
 async def localstripe() -> AsyncIterator[str]:
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "localstripe", "--port", str(port), "--from-scratch",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )
+    """The same localstripe process `billing dev` runs without a Stripe key."""
+    server = LocalStripe(port=free_port())
+    await server.start()
     try:
-        await wait_for_port(port, "localstripe", process=process)
-        yield f"http://127.0.0.1:{port}"
+        yield server.url
     finally:
-        process.terminate()
-        await process.wait()
+        await server.stop()
 
 
 @pytest.fixture(scope="module")
