@@ -23,7 +23,7 @@ from activities.stripe_purchases import PurchaseActivities
 from activities.stripe_refunds import RefundActivities
 from billing.config import Settings
 from billing.runtime import Runtime
-from billing.store.subscriptions import Subscriptions
+from billing.store.migrations import migrate
 from starter.schedules import ensure_schedules
 from workflows.admin_adjustment import AdminAdjustmentWorkflow
 from workflows.dunning import DunningWorkflow
@@ -113,7 +113,7 @@ def build_worker(client: Client, runtime: Runtime, task_queue: str | None = None
 async def run_worker(runtime: Runtime) -> None:
     """Connect, prepare the database and schedules, and run until cancelled."""
     await runtime.db.ensure_indexes()
-    await Subscriptions(runtime.db).migrate()
+    await migrate(runtime.db)
     client = await connect(runtime.settings)
     await ensure_schedules(client, runtime.settings.temporal_task_queue)
     await build_worker(client, runtime).run()

@@ -28,7 +28,7 @@ from temporalio.worker import Worker
 
 from billing.config import Settings, load_config
 from billing.runtime import Runtime
-from billing.store.subscriptions import Subscriptions
+from billing.store.migrations import migrate
 from starter.api.app import create_app
 from starter.embedded import (
     EmbeddedError,
@@ -306,7 +306,7 @@ async def run_dev(options: DevOptions, console: Console) -> None:
         runtime = Runtime.from_settings(settings, config)
         stack.push_async_callback(runtime.db.close)
         await runtime.db.ensure_indexes()
-        await Subscriptions(runtime.db).migrate()
+        await migrate(runtime.db)
         client = await connect(settings)
         await ensure_schedules(client, settings.temporal_task_queue)
 

@@ -74,7 +74,8 @@ async def test_meter_quota_and_notifications(api: AsyncClient, org: str, db: Dat
     notes = (await api.get(f"/v1/orgs/{org}/notifications")).json()["notifications"]
     assert [(n["type"], n["payload"]["threshold"]) for n in notes] == [
         ("extras.balance_threshold_crossed", 0)]
-    assert set(notes[0]) == {"type", "payload", "created_at"}
+    assert set(notes[0]) == {"id", "seq", "type", "key", "payload", "created_at"}
+    assert notes[0]["seq"] == 1
     await db.subscriptions.insert_one(
         {"_id": org, "status": "past_due", "past_due_since": utcnow() - timedelta(days=8)})
     gate = (await api.get(f"/v1/orgs/{org}/quota")).json()

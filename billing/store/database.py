@@ -51,7 +51,9 @@ INDEXES: dict[str, list[IndexModel]] = {
     ],
     "notifications": [
         IndexModel([("org_id", ASCENDING), ("key", ASCENDING)], unique=True, name="org_key"),
-        IndexModel([("org_id", ASCENDING), ("created_at", DESCENDING)], name="org_time"),
+        # The feed: gapless per organization, unique so that no two share a place.
+        IndexModel([("org_id", ASCENDING), ("seq", ASCENDING)], unique=True, name="org_seq",
+                   partialFilterExpression={"seq": {"$type": "number"}}),
     ],
     "stripe_events": [
         IndexModel([("org_id", ASCENDING)], name="org"),
@@ -65,7 +67,7 @@ INDEXES: dict[str, list[IndexModel]] = {
 
 #: Indexes of earlier releases that a newer one replaced; dropped at start.
 RETIRED_INDEXES = {"lots": ["one_purchase_per_payment_intent"],
-                   "subscriptions": ["dunning"]}
+                   "subscriptions": ["dunning"], "notifications": ["org_time"]}
 
 
 class Database:

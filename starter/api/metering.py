@@ -17,7 +17,7 @@ from billing.clock import utcnow
 from billing.metering import UsageRequest
 from billing.metrics import USAGE_RECORD_SECONDS
 from billing.store.meters import Meters, UsageResult
-from billing.store.notifications import list_notifications
+from billing.store.notifications import feed
 from starter.api.deps import RuntimeDep, StateDep, v1_router
 from starter.api.errors import ErrorResponse
 
@@ -58,13 +58,17 @@ class QuotaResponse(BaseModel):
 
 
 class Notification(BaseModel):
+    id: str
+    seq: int
     type: str
+    key: str
     payload: dict[str, Any]
     created_at: datetime
 
 
 class NotificationsResponse(BaseModel):
     notifications: list[Notification]
+    next_after: int | None
 
 
 @router.post("/usage", response_model=UsageResult, summary="Record one usage record")
@@ -94,15 +98,21 @@ async def quota(org: str, store: MetersDep) -> QuotaResponse:
 
 
 @router.get("/orgs/{org}/notifications", response_model=NotificationsResponse,
-            summary="Notifications, newest first")
+            summary="Notifications, oldest first, after a sequence number")
 async def notifications(
-    org: str, runtime: RuntimeDep, limit: Annotated[int, Query(ge=1, le=500)] = 100
+    org: str, runtime: RuntimeDep, after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 100,
 ) -> NotificationsResponse:
+    """Every notification has a per-organization `seq` without gaps: keep `next_after` (or the
+    last `seq` read) and ask again with `after=` it, and no notification is ever missed.
+    `next_after` is null at the end of the feed."""
     await runtime.accounts.get(org)
-    docs = await list_notifications(runtime.db, org, limit)
+    docs, next_after = await feed(runtime.db, org, after=after, limit=limit)
     return NotificationsResponse(
         notifications=[
-            Notification(type=doc["type"], payload=doc["payload"], created_at=doc["created_at"])
+            Notification(id=str(doc["_id"]), seq=doc["seq"], type=doc["type"], key=doc["key"],
+                         payload=doc["payload"], created_at=doc["created_at"])
             for doc in docs
-        ]
+        ],
+        next_after=next_after,
     )
