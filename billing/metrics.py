@@ -41,6 +41,11 @@ USAGE_RECORD_SECONDS = Histogram(
     ["applied"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+USAGE_BATCH_SECONDS = Histogram(
+    "billing_usage_batch_seconds",
+    "Time to record one batch of usage records (POST /v1/usage/batch).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
 FAILED_WORKFLOWS = Gauge(
     "billing_failed_workflows",
     "Billing workflows whose last run failed (the dead letters), read from Temporal visibility "

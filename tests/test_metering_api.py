@@ -80,3 +80,31 @@ async def test_meter_quota_and_notifications(api: AsyncClient, org: str, db: Dat
         {"_id": org, "status": "past_due", "past_due_since": utcnow() - timedelta(days=8)})
     gate = (await api.get(f"/v1/orgs/{org}/quota")).json()
     assert (gate["allowed"], gate["reason"]) == (False, "PAYMENT_PAST_DUE")
+
+
+async def test_a_batch_records_each_record_once_and_refuses_only_the_bad_ones(
+    api: AsyncClient, org: str
+) -> None:
+    await api.put(f"/v1/orgs/{org}")
+    records = [
+        {"org_id": org, "run_id": "b1", "units": 100},
+        {"org_id": org, "run_id": "b2", "costs": {"gpu": 0.25}},
+        {"org_id": "nobody-registered-this", "run_id": "b3", "units": 1},
+        {"org_id": org, "run_id": "b4", "units": 5, "costs": {"gpu": 1}},
+        {"org_id": org, "run_id": "b1", "units": 100},
+    ]
+    first = await api.post("/v1/usage/batch", json={"records": records})
+    assert first.status_code == 200, first.text
+    results = first.json()["results"]
+    assert [r.get("applied") for r in results] == [True, True, None, None, False]
+    assert (results[0]["units"], results[1]["units"]) == (100, 250)
+    assert results[2]["error"]["code"] == "ORG_NOT_FOUND"
+    assert results[3]["error"]["code"] == "VALIDATION_ERROR"
+    assert results[4] == {**results[0], "applied": False}
+    assert (await api.get(f"/v1/orgs/{org}/meter")).json()["used"] == 350
+    again = (await api.post("/v1/usage/batch", json={"records": records})).json()["results"]
+    assert [r.get("applied") for r in again] == [False, False, None, None, False]
+    assert (await api.get(f"/v1/orgs/{org}/meter")).json()["used"] == 350
+    for body in ({"records": []}, {"records": [records[0]] * 1001}, {"rows": records}):
+        refused = await api.post("/v1/usage/batch", json=body)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (422, "VALIDATION_ERROR")

@@ -26,7 +26,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
 
 from billing.config import BillingConfig, PlanConfig
-from billing.errors import InvalidInput, OrgNotFound
+from billing.errors import BillingError, InvalidInput, OrgNotFound
 from billing.ledger import EntryKind
 from billing.metering import (
     Gate,
@@ -190,6 +190,31 @@ class Meters:
                 if stored is not None:
                     return _stored_result(stored)
         raise RuntimeError(f"usage {request.run_id}:{request.step} kept hitting duplicate keys")
+
+    async def record_many(
+        self, requests: list[UsageRequest], now: datetime, *, concurrency: int = 16
+    ) -> list[UsageResult | BillingError]:
+        """Record several usage records, each with its own idempotency and its own transaction:
+        one organization's records in their order (so a repeated `(run_id, step)` replays the
+        first), organizations side by side. A record refused (unknown organization, invalid
+        units) is answered with its error and does not stop the others; a failure of the
+        database fails the call, and a retry of it is safe."""
+        results: list[UsageResult | BillingError | None] = [None] * len(requests)
+        by_org: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            by_org.setdefault(request.org_id, []).append(index)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one_org(indexes: list[int]) -> None:
+            async with gate:
+                for index in indexes:
+                    try:
+                        results[index] = await self.record(requests[index], now)
+                    except BillingError as exc:
+                        results[index] = exc
+
+        await asyncio.gather(*(one_org(indexes) for indexes in by_org.values()))
+        return [result for result in results if result is not None]
 
     async def _record_in(
         self, session: AsyncClientSession, request: UsageRequest, now: datetime

@@ -1,4 +1,5 @@
-"""Usage and the weekly meter: `POST /v1/usage`, the meter, the quota gate and notifications.
+"""Usage and the weekly meter: `POST /v1/usage` (and its batch), the meter, the quota gate and
+notifications.
 
 Usage is recorded straight into MongoDB (one transaction per record, no workflow): it is the hot
 path of the engine.
@@ -11,15 +12,16 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from billing.clock import utcnow
+from billing.errors import BillingError
 from billing.metering import UsageRequest
-from billing.metrics import USAGE_RECORD_SECONDS
+from billing.metrics import USAGE_BATCH_SECONDS, USAGE_RECORD_SECONDS
 from billing.store.meters import Meters, UsageResult
 from billing.store.notifications import feed
 from starter.api.deps import RuntimeDep, StateDep, v1_router
-from starter.api.errors import ErrorResponse
+from starter.api.errors import ErrorBody, ErrorResponse
 
 router = v1_router(
     tags=["metering"],
@@ -80,6 +82,57 @@ async def record_usage(body: UsageRequest, store: MetersDep) -> UsageResult:
     result = await store.record(body, utcnow())
     USAGE_RECORD_SECONDS.labels(str(result.applied).lower()).observe(time.perf_counter() - started)
     return result
+
+
+MAX_BATCH = 1000
+
+
+class UsageBatch(BaseModel):
+    """`POST /v1/usage/batch`: 1 to 1000 records, each a `POST /v1/usage` body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    records: list[Any] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class RecordError(BaseModel):
+    error: ErrorBody
+
+
+class UsageBatchResult(BaseModel):
+    results: list[UsageResult | RecordError]
+
+
+def _invalid(exc: ValidationError) -> RecordError:
+    message = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}"
+                        for e in exc.errors())
+    return RecordError(error=ErrorBody(code="VALIDATION_ERROR", message=message))
+
+
+@router.post("/usage/batch", response_model=UsageBatchResult,
+             summary="Record up to 1000 usage records")
+async def record_usage_batch(body: UsageBatch, store: MetersDep) -> UsageBatchResult:
+    """One result per record, in order: what `POST /v1/usage` would answer for it, or the error
+    that refused it (the others still apply). Each record keeps its own idempotency, so sending
+    the same batch again replays every record with `applied: false`."""
+    started = time.perf_counter()
+    results: list[UsageResult | RecordError | None] = []
+    valid: list[tuple[int, UsageRequest]] = []
+    for index, raw in enumerate(body.records):
+        try:
+            valid.append((index, UsageRequest.model_validate(raw)))
+            results.append(None)
+        except ValidationError as exc:
+            results.append(_invalid(exc))
+    recorded = await store.record_many([request for _, request in valid], utcnow())
+    for (index, _), outcome in zip(valid, recorded, strict=True):
+        if isinstance(outcome, BillingError):
+            results[index] = RecordError(error=ErrorBody(code=outcome.code,
+                                                         message=outcome.message))
+        else:
+            results[index] = outcome
+    USAGE_BATCH_SECONDS.observe(time.perf_counter() - started)
+    return UsageBatchResult(results=[r for r in results if r is not None])
 
 
 @router.get("/orgs/{org}/meter", response_model=MeterResponse, summary="This week's meter")
