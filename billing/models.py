@@ -59,6 +59,31 @@ class Decision(BaseModel):
     note: str = ""
 
 
+class DecisionRequest(Decision):
+    """The `decide` update: approve (or reject) an adjustment waiting for a second operator."""
+
+    approve: bool
+
+
+class RefusedDecision(BaseModel):
+    """A decision the workflow refused (a self-approval, or one for a request that waits for
+    none), kept so that a refused signal is never dropped silently."""
+
+    action: str
+    by: str
+    reason: str
+
+
+class AdjustmentStatus(BaseModel):
+    """The `status` query of an adjustment: where it stands and the decisions it refused."""
+
+    request: AdminRequest
+    phase: str  # checking | waiting | deciding | done
+    approved_by: str | None
+    rejected_by: str | None
+    refused: list[RefusedDecision]
+
+
 class AdminPosting(BaseModel):
     request: AdminRequest
     approved_by: str | None = None

@@ -1,15 +1,17 @@
 """Starting admin adjustments and deciding on them (used by the CLI; plain `temporal workflow
-start` / `temporal workflow signal` do the same, see the README)."""
+start` / `temporal workflow update execute` do the same, see the README)."""
 
 from __future__ import annotations
 
 import uuid
 
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
-from billing.models import AdminRequest, AdminResult, Decision
+from billing.errors import BillingError
+from billing.models import AdjustmentStatus, AdminRequest, AdminResult, DecisionRequest
 from workflows.admin_adjustment import AdminAdjustmentWorkflow, admin_workflow_id
 
 
@@ -39,14 +41,39 @@ async def start_adjustment(
     return handle, True
 
 
+class DecisionRefused(BillingError):
+    """The workflow refused the decision (a self-approval, or a request that waits for none)."""
+
+    status = 409
+    code = "DECISION_REFUSED"
+
+
 async def decide(
     client: Client, request_id: str, *, approve: bool, by: str, note: str = ""
-) -> None:
+) -> AdminResult:
+    """Approve or reject through the `decide` update: the outcome once written, or
+    `DecisionRefused` saying why the workflow would not take it."""
     handle = client.get_workflow_handle_for(
         AdminAdjustmentWorkflow.run, admin_workflow_id(request_id)
     )
-    decision = Decision(by=by, note=note)
-    if approve:
-        await handle.signal(AdminAdjustmentWorkflow.approve, decision)
-    else:
-        await handle.signal(AdminAdjustmentWorkflow.reject, decision)
+    try:
+        return await handle.execute_update(
+            AdminAdjustmentWorkflow.decide,
+            DecisionRequest(approve=approve, by=by, note=note),
+        )
+    except WorkflowUpdateFailedError as exc:
+        cause = exc.cause
+        raise DecisionRefused(getattr(cause, "message", None) or str(cause)) from exc
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND or "completed" not in exc.message:
+            raise
+        done = await handle.result()
+        raise DecisionRefused(f"request {request_id} waits for no decision: it is "
+                              f"{done.status}") from exc
+
+
+async def adjustment_status(client: Client, request_id: str) -> AdjustmentStatus:
+    handle = client.get_workflow_handle_for(
+        AdminAdjustmentWorkflow.run, admin_workflow_id(request_id)
+    )
+    return await handle.query(AdminAdjustmentWorkflow.status)

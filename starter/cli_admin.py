@@ -1,15 +1,19 @@
-"""CLI commands for admin adjustments: `billing credit`, `billing approve`, `billing reject`."""
+"""CLI commands for admin adjustments: `billing credit`, `billing approve`, `billing reject`,
+`billing adjustment`."""
 
 from __future__ import annotations
 
 import asyncio
 import getpass
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from billing.models import AdjustmentStatus, AdminResult
 
 console = Console()
 
@@ -78,23 +82,32 @@ def credit(
 
 
 def _decide(request_id: str, approve: bool, by: str, note: str) -> None:
+    """Decide through the workflow's `decide` update: print the outcome, or why the workflow
+    refused the decision and exit 1."""
     from billing.config import Settings
     from starter.admin import decide
+    from starter.cli_events import operator_errors
     from worker import connect
 
-    async def run() -> None:
+    async def run() -> AdminResult:
         client = await connect(Settings())
-        await decide(client, request_id, approve=approve, by=by or _operator(), note=note)
+        return await decide(client, request_id, approve=approve, by=by or _operator(),
+                            note=note)
 
-    asyncio.run(run())
-    console.print(f"{'approved' if approve else 'rejected'}: {request_id}")
+    with operator_errors():
+        result = asyncio.run(run())
+    verb = "approved" if approve else "rejected"
+    balance = f", balance {result.balance}" if result.balance is not None else ""
+    console.print(f"{verb}: {request_id}: [bold]{result.status}[/bold] {result.units:+d} units"
+                  f"{balance}")
 
 
 def approve(
     request_id: Annotated[str, typer.Argument(help="the adjustment's request id")],
     by: Annotated[str, typer.Option("--by", help="who approves (not the requester)")] = "",
 ) -> None:
-    """Approve an adjustment that waits for a second operator."""
+    """Approve an adjustment that waits for a second operator; prints the outcome. Exits 1 with
+    the reason when the workflow refuses (a self-approval, or nothing waits for a decision)."""
     _decide(request_id, True, by, "")
 
 
@@ -107,7 +120,35 @@ def reject(
     _decide(request_id, False, by, note)
 
 
+def adjustment(
+    request_id: Annotated[str, typer.Argument(help="the adjustment's request id")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Where an adjustment stands, and the decisions it refused (say, a self-approval sent as a
+    plain `temporal workflow signal`)."""
+    from billing.config import Settings
+    from starter.admin import adjustment_status
+    from starter.cli_events import operator_errors
+    from worker import connect
+
+    async def run() -> AdjustmentStatus:
+        return await adjustment_status(await connect(Settings()), request_id)
+
+    with operator_errors():
+        found = asyncio.run(run())
+    if as_json:
+        typer.echo(found.model_dump_json())
+        return
+    request = found.request
+    console.print(f"{request.request_id}: {request.units:+d} units for {request.org_id}, asked by "
+                  f"{request.requested_by} ({request.reason}): [bold]{found.phase}[/bold]")
+    for refused in found.refused:
+        console.print(f"[yellow]refused[/yellow] {refused.action} by {refused.by}: "
+                      f"{refused.reason}")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(credit)
     app.command()(approve)
     app.command()(reject)
+    app.command()(adjustment)

@@ -9,7 +9,13 @@ from pydantic import ValidationError
 from temporalio.client import WorkflowFailureError
 
 from billing.models import AdminRequest, AdminResult
-from starter.admin import decide, new_request_id, start_adjustment
+from starter.admin import (
+    DecisionRefused,
+    adjustment_status,
+    decide,
+    new_request_id,
+    start_adjustment,
+)
 from workflows.admin_adjustment import AdminAdjustmentWorkflow
 
 
@@ -47,12 +53,14 @@ async def test_large_credit_waits_then_applies_once_on_approval(
     handle, _ = await start_adjustment(temporal_client, request, settings.temporal_task_queue)
     await _wait_until_waiting(handle)
     assert await _admin_entries(runtime, org) == []
-    # the requester cannot approve their own request
-    await decide(temporal_client, request.request_id, approve=True, by="alice")
-    await asyncio.sleep(0.5)
+    # the requester cannot approve their own request: refused out loud, nothing changes
+    with pytest.raises(DecisionRefused, match="alice requested"):
+        await decide(temporal_client, request.request_id, approve=True, by="alice")
     assert await handle.query(AdminAdjustmentWorkflow.waiting_for_approval)
-    await decide(temporal_client, request.request_id, approve=True, by="bob")
-    await decide(temporal_client, request.request_id, approve=True, by="carol")
+    approved = await decide(temporal_client, request.request_id, approve=True, by="bob")
+    assert (approved.status, approved.balance) == ("applied", 500 + units)
+    with pytest.raises(DecisionRefused, match="waits for no decision"):
+        await decide(temporal_client, request.request_id, approve=True, by="carol")
     result: AdminResult = await handle.result()
     assert result.status == "applied" and result.approved_by == "bob"
     entries = await _admin_entries(runtime, org)
@@ -67,7 +75,9 @@ async def test_rejection_writes_nothing(runtime, temporal_client, worker, settin
                            reason="clawback", requested_by="alice")
     handle, _ = await start_adjustment(temporal_client, request, settings.temporal_task_queue)
     await _wait_until_waiting(handle)
-    await decide(temporal_client, request.request_id, approve=False, by="bob", note="no")
+    rejected = await decide(temporal_client, request.request_id, approve=False, by="bob",
+                            note="no")
+    assert rejected.status == "rejected"
     result = await handle.result()
     assert result.status == "rejected" and result.rejected_by == "bob"
     assert await _admin_entries(runtime, org) == []
@@ -118,7 +128,8 @@ def test_zero_units_rejected(org):
 async def test_plain_temporal_cli_starts_and_approves(
     runtime, temporal_client, worker, settings, org, now
 ):
-    """The README's `temporal workflow start` / `temporal workflow signal` recipe works as is."""
+    """The README's `temporal workflow start` / `temporal workflow update execute` recipe works
+    as is, and a self-approval sent as a plain signal is refused and recorded, not dropped."""
     import json
 
     from starter.embedded import find_binary
@@ -143,7 +154,44 @@ async def test_plain_temporal_cli_starts_and_approves(
                                                      f"admin-{request_id}")
     await _wait_until_waiting(handle)
     await temporal("workflow", "signal", "--workflow-id", f"admin-{request_id}",
-                   "--name", "approve", "--input", json.dumps({"by": "bob"}))
+                   "--name", "approve", "--input", json.dumps({"by": "alice"}))
+    for _ in range(50):
+        refused = (await adjustment_status(temporal_client, request_id)).refused
+        if refused:
+            break
+        await asyncio.sleep(0.1)
+    assert [(r.action, r.by) for r in refused] == [("approve", "alice")]
+    await temporal("workflow", "update", "execute", "--workflow-id", f"admin-{request_id}",
+                   "--name", "decide", "--input", json.dumps({"approve": True, "by": "bob"}))
     result = await handle.result()
     assert result.status == "applied" and result.approved_by == "bob"
     assert (await runtime.accounts.get(org))["balance"] == 500 + units
+
+
+async def test_cli_approve_refuses_a_self_approval_out_loud_then_prints_the_outcome(
+    runtime, temporal_client, worker, settings, org, now
+):
+    from test_stripe_failures import cli
+
+    await runtime.accounts.register(org, now)
+    units = runtime.config.admin.approval_threshold_units + 3
+    request = AdminRequest(request_id=new_request_id(), org_id=org, units=units,
+                           reason="big deal", requested_by="alice")
+    handle, _ = await start_adjustment(temporal_client, request, settings.temporal_task_queue)
+    await _wait_until_waiting(handle)
+    own = await asyncio.to_thread(cli, temporal_client, runtime, "approve", request.request_id,
+                                  "--by", "alice")
+    assert own.exit_code == 1
+    assert "DECISION_REFUSED" in own.output and "cannot approve" in own.output
+    ok = await asyncio.to_thread(cli, temporal_client, runtime, "approve", request.request_id,
+                                 "--by", "bob")
+    assert ok.exit_code == 0, ok.output
+    assert f"approved: {request.request_id}: applied +{units} units, balance {500 + units}" \
+        in ok.output
+    late = await asyncio.to_thread(cli, temporal_client, runtime, "reject", request.request_id,
+                                   "--by", "carol")
+    assert late.exit_code == 1 and "waits for no decision" in late.output
+    status = await asyncio.to_thread(cli, temporal_client, runtime, "adjustment",
+                                     request.request_id, "--json")
+    assert status.exit_code == 0, status.output
+    assert '"phase":"done"' in status.output and '"approved_by":"bob"' in status.output
