@@ -103,6 +103,12 @@ async def worker(temporal_client: Client, runtime: Runtime) -> AsyncIterator[Wor
         yield w
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`RECORD_HISTORIES=1` records the workflow histories of the whole run: last."""
+    if os.environ.get("RECORD_HISTORIES"):
+        items.sort(key=lambda item: item.name == "test_record_histories")
+
+
 @pytest.fixture
 def org() -> str:
     """A fresh organization id per test, so tests never share ledger state."""

@@ -24,9 +24,15 @@ ACTIVITY_RETRY = RetryPolicy(
 
 ACTIVITY_TIMEOUT = timedelta(seconds=60)
 
-#: Workflow code that raises any exception fails the workflow instead of retrying the task
-#: forever (set on every workflow definition as `failure_exception_types`).
-FAIL_ON: list[type[BaseException]] = [Exception]
+#: The errors a bug or a malformed payload raises in workflow code: they fail the workflow (a
+#: visible dead letter) instead of retrying its task forever (set on every workflow definition as
+#: `failure_exception_types`). Deliberately not `Exception`: a `NondeterminismError` after a deploy
+#: (new code that no longer replays a running workflow's history) must fail only the task, which
+#: Temporal retries until a worker that replays it rolls out, instead of failing every run in
+#: flight. The engine's own `ApplicationError`s and exhausted activities fail the workflow anyway.
+FAIL_ON: list[type[BaseException]] = [
+    ArithmeticError, AssertionError, AttributeError, LookupError, TypeError, ValueError,
+]
 
 
 async def call(

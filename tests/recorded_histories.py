@@ -1,0 +1,51 @@
+"""Workflow histories recorded from a real run of the suite, replayed by `test_replay.py` so that
+a change that breaks the replay of a running workflow fails CI before it reaches a deploy.
+
+Record them anew (after an intended, versioned change) with
+`RECORD_HISTORIES=1 .venv/bin/python -m pytest`: at the end of the session one completed history
+per workflow type (and per Stripe event type) is written to `tests/histories/`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from temporalio.client import Client
+
+from workflows.search import STRIPE_EVENT_TYPE
+
+HISTORIES = Path(__file__).parent / "histories"
+#: At most this many Stripe event types get a history of their own (there are 19 handled).
+STRIPE_KINDS = 25
+
+
+def load(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+async def record(client: Client, workflow_types: list[str]) -> int:
+    """Write one completed history per workflow type, and one per Stripe event type."""
+    HISTORIES.mkdir(exist_ok=True)
+    written = 0
+    for workflow_type in workflow_types:
+        seen: set[str] = set()
+        query = f'WorkflowType="{workflow_type}" AND ExecutionStatus="Completed"'
+        async for execution in client.list_workflows(query, limit=2000):
+            kind = execution.typed_search_attributes.get(STRIPE_EVENT_TYPE) or ""
+            if kind in seen or len(seen) >= STRIPE_KINDS:
+                continue
+            seen.add(kind)
+            history = await client.get_workflow_handle(
+                execution.id, run_id=execution.run_id).fetch_history()
+            name = f"{workflow_type}{'-' + kind if kind else ''}.json"
+            (HISTORIES / name).write_text(json.dumps({
+                "workflow_id": execution.id, "workflow_type": workflow_type,
+                "history": json.loads(history.to_json()),
+            }, indent=None), encoding="utf-8")
+            written += 1
+            if workflow_type != "StripeEventWorkflow":
+                break
+    return written
