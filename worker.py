@@ -68,6 +68,7 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
         stripe_api.list_line_items,
         stripe_api.find_checkout_sessions,
         purchases.record_outcome,
+        purchases.resolve_org,
         purchases.apply_purchase,
         purchases.apply_purchase_failed,
         refunds.apply_refunds,

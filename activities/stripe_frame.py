@@ -22,7 +22,7 @@ from temporalio.exceptions import ApplicationError
 from activities.errors import final_on_bad_input
 from billing.clock import utcnow
 from billing.metrics import STRIPE_EVENTS
-from billing.models import StripeApply, StripeEventOutcome, StripeOutcomeKind, StripeStep
+from billing.models import OrgRef, StripeApply, StripeEventOutcome, StripeOutcomeKind, StripeStep
 from billing.runtime import Runtime
 from billing.store import events
 from billing.store.database import Doc
@@ -31,6 +31,12 @@ from billing.store.meters import Meters
 from billing.store.notifications import notify
 from billing.store.subscriptions import Subscriptions
 from billing.store.transactions import run_in_transaction
+from billing.stripe.events import (
+    CHARGE_REFUNDED,
+    CUSTOMER_DELETED,
+    PAYMENT_INTENT_SUCCEEDED,
+    SUBSCRIPTION_TYPES,
+)
 from billing.stripe.objects import ref_id
 from billing.stripe.purchases import Verdict, purchase_behind_charge
 
@@ -179,6 +185,28 @@ class StripeFrame:
         outcome.set("ignored" if purchase.verdict is Verdict.IGNORED else "unresolved",
                     f"{what}: {purchase.reason}")
         return []
+
+    @activity.defn(name="stripe_resolve_org")
+    async def resolve_org(self, apply: StripeApply) -> OrgRef:
+        """The organization of an event whose payload names none, read before anything else can
+        fail (so a failure is findable by organization): the customer link, the subscription's
+        state, then the lots bought with the payment intent or charge."""
+        event = apply.event
+        obj = event.object
+        own_id = ref_id(obj.get("id"))
+        customer = own_id if event.type == CUSTOMER_DELETED else ref_id(obj.get("customer"))
+        org = await self.subscriptions.org_for_customer(customer)
+        if org is not None:
+            return OrgRef(org_id=org)
+        sub_id = own_id if event.type in SUBSCRIPTION_TYPES else ref_id(obj.get("subscription"))
+        doc = await self.subscriptions.subscription(sub_id) if sub_id else None
+        if doc is not None:
+            return OrgRef(org_id=doc["org_id"])
+        intent = own_id if event.type == PAYMENT_INTENT_SUCCEEDED else ref_id(
+            obj.get("payment_intent"))
+        charge = own_id if event.type == CHARGE_REFUNDED else ref_id(obj.get("charge"))
+        lots = await self.runtime.ledger.find_purchase_lots(payment_intent=intent, charge=charge)
+        return OrgRef(org_id=lots[0]["org_id"] if lots else None)
 
     @activity.defn(name="record_stripe_outcome")
     async def record_outcome(self, apply: StripeApply) -> StripeStep:

@@ -192,6 +192,12 @@ class StripeStep(BaseModel):
     waiting_for: str | None = None
 
 
+class OrgRef(BaseModel):
+    """The organization an event concerns, as far as the engine can tell before applying it."""
+
+    org_id: str | None
+
+
 class SubscriptionState(BaseModel):
     """The organization an invoice belongs to and its subscription's status (None: the engine
     does not know that subscription)."""

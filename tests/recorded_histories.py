@@ -1,9 +1,10 @@
 """Workflow histories recorded from a real run of the suite, replayed by `test_replay.py` so that
 a change that breaks the replay of a running workflow fails CI before it reaches a deploy.
 
-Record them anew (after an intended, versioned change) with
-`RECORD_HISTORIES=1 .venv/bin/python -m pytest`: at the end of the session one completed history
-per workflow type (and per Stripe event type) is written to `tests/histories/`.
+Record them with `RECORD_HISTORIES=1 .venv/bin/python -m pytest`: at the end of the session one
+completed history per workflow type (and per Stripe event type) is written to
+`tests/histories/`. After a patched change (`workflow.patched`), keep the histories of the old
+path and add the new one's beside them: `RECORD_HISTORIES=<patch id>` suffixes the file names.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def load(path: Path) -> dict[str, Any]:
     return data
 
 
-async def record(client: Client, workflow_types: list[str]) -> int:
-    """Write one completed history per workflow type, and one per Stripe event type."""
+async def record(client: Client, workflow_types: list[str], tag: str = "") -> int:
+    """Write one completed history per workflow type, and one per Stripe event type; `tag`
+    (a patch id) is added to the file names."""
     HISTORIES.mkdir(exist_ok=True)
     written = 0
     for workflow_type in workflow_types:
@@ -40,7 +42,7 @@ async def record(client: Client, workflow_types: list[str]) -> int:
             seen.add(kind)
             history = await client.get_workflow_handle(
                 execution.id, run_id=execution.run_id).fetch_history()
-            name = f"{workflow_type}{'-' + kind if kind else ''}.json"
+            name = f"{workflow_type}{'-' + kind if kind else ''}{'@' + tag if tag else ''}.json"
             (HISTORIES / name).write_text(json.dumps({
                 "workflow_id": execution.id, "workflow_type": workflow_type,
                 "history": json.loads(history.to_json()),

@@ -15,6 +15,7 @@ from stripe_payloads import (
     checkout_session,
     deliver,
     event,
+    invoice,
     metadata,
     new_id,
     payment_intent,
@@ -180,7 +181,7 @@ async def test_a_malformed_stripe_object_fails_at_once_and_writes_nothing(
     cause = failure.value.cause.cause
     assert isinstance(cause, ApplicationError)
     assert (cause.type, cause.non_retryable) == ("MALFORMED_STRIPE_OBJECT", True)
-    assert (await activity_attempts(handle)) == {"apply_stripe_refunds": 1}
+    assert (await activity_attempts(handle))["apply_stripe_refunds"] == 1
     assert (await api.get(f"/v1/orgs/{org}/balance")).json()["balance"] == 500000
 
 
@@ -204,3 +205,29 @@ async def test_failures_lists_unresolved_events_with_their_reason(
     assert "unresolved" in table.output and "pack_nope" in table.output
     notes = (await api.get(f"/v1/orgs/{org}/notifications")).json()["notifications"]
     assert [n["type"] for n in notes] == ["purchase.unresolved"]
+
+
+async def test_a_failure_of_an_event_naming_no_organization_is_found_by_organization(
+    api, stripe_worker, temporal_client, stripe_runtime: Runtime, stripe_fake: StripeFake, org
+):
+    """The invoice names no organization (only a linked customer) and its Stripe read keeps
+    failing: `OrgId` was set right after the organization was resolved, before the read, so
+    `billing failures --org` lists the failure."""
+    sub, cus = new_id("sub"), new_id("cus")
+    linked = event("customer.subscription.created",
+                   subscription(sub=sub, customer=cus, price="price_pro_monthly",
+                                status="past_due", meta=metadata(org)))
+    assert (await (await started(api, linked, temporal_client)).result()).outcome == "applied"
+    paid = event("invoice.payment_succeeded", invoice(customer=cus, sub=sub))
+    stripe_fake.fail_with = 500
+    try:
+        handle = await started(api, paid, temporal_client)
+        with pytest.raises(WorkflowFailureError):
+            await handle.result()
+    finally:
+        stripe_fake.fail_with = None
+    task_queue = stripe_runtime.settings.temporal_task_queue
+    assert await failed_ids(temporal_client, org, task_queue) == {handle.id}
+    listed = await asyncio.to_thread(cli, temporal_client, stripe_runtime,
+                                     "failures", "--org", org, "--json")
+    assert [row["workflow_id"] for row in json.loads(listed.output)] == [handle.id]

@@ -21,6 +21,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 from billing.models import (
+    OrgRef,
     PurchaseFacts,
     StripeApply,
     StripeEvent,
@@ -49,8 +50,27 @@ FIRST_POLL = timedelta(seconds=2)
 LONGEST_POLL = timedelta(minutes=15)
 
 
+#: The release that sets `OrgId` as soon as the organization is known (at start by the webhook,
+#: else right after the activity that resolves it). Runs started before it replay the old
+#: commands; retire with `workflow.deprecate_patch` once none of them can be open (README,
+#: "Versioning workflows").
+ORG_ID_FIRST = "org-id-first"
+
+
 def stripe_workflow_id(event_id: str) -> str:
     return f"stripe-{event_id}"
+
+
+def _mark(event_type: str, org: str | None) -> None:
+    """Set the search attributes the run does not carry yet (the webhook sets them at start)."""
+    current = workflow.info().typed_search_attributes
+    updates = []
+    if current.get(STRIPE_EVENT_TYPE) != event_type:
+        updates.append(STRIPE_EVENT_TYPE.value_set(event_type))
+    if org is not None and current.get(ORG_ID) != org:
+        updates.append(ORG_ID.value_set(org))
+    if updates:
+        workflow.upsert_search_attributes(updates)
 
 
 async def _step(activity: str, apply: StripeApply) -> StripeStep:
@@ -130,17 +150,26 @@ class StripeEventWorkflow:
             event = await call("stripe_retrieve_event", event.event_id, StripeEvent)
         obj = event.object
         org = org_from(obj, invoice_subscription_metadata(obj))
-        attributes = [STRIPE_EVENT_TYPE.value_set(event.type)]
-        if org is not None:
-            attributes.append(ORG_ID.value_set(org))
-        workflow.upsert_search_attributes(attributes)
         apply = StripeApply(event=event, now=workflow.now(), org_id=org)
+        if workflow.patched(ORG_ID_FIRST):
+            _mark(event.type, org)
+            if org is None and event.type not in ev.INVOICE_TYPES:
+                # Findable by organization before anything else can fail (SPEC §6).
+                found = await call("stripe_resolve_org", apply, OrgRef)
+                if found.org_id is not None:
+                    apply = apply.model_copy(update={"org_id": found.org_id})
+                    _mark(event.type, found.org_id)
+        else:  # runs started before organizations were resolved first
+            attributes = [STRIPE_EVENT_TYPE.value_set(event.type)]
+            if org is not None:
+                attributes.append(ORG_ID.value_set(org))
+            workflow.upsert_search_attributes(attributes)
         handler = ROUTES.get(event.type)
         if handler is None:
             result = await _record(apply, "ignored", f"event type {event.type} is not handled")
         else:
             result = await handler(self, apply)
-        if result.org_id is not None and result.org_id != org:
+        if result.org_id is not None and result.org_id != apply.org_id:
             workflow.upsert_search_attributes([ORG_ID.value_set(result.org_id)])
         return result
 
@@ -189,6 +218,8 @@ class StripeEventWorkflow:
         own events are late: it may name the organization, and says whether it is live), or when
         a payment recovers it (its plan may have changed meanwhile)."""
         state = await call("stripe_subscription_state", apply, SubscriptionState)
+        if apply.org_id is None and workflow.patched(ORG_ID_FIRST):
+            _mark(apply.event.type, state.org_id)
         subscription_id = invoice_subscription(apply.event.object)
         recovers = (apply.event.type in ev.INVOICE_PAID_TYPES
                     and state.status in DELINQUENT_STATUSES)
