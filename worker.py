@@ -28,6 +28,7 @@ from starter.schedules import ensure_schedules
 from workflows.admin_adjustment import AdminAdjustmentWorkflow
 from workflows.dunning import DunningWorkflow
 from workflows.expire_credits import ExpireCreditsWorkflow
+from workflows.org_sweep import OrgSweepWorkflow
 from workflows.reconcile import ReconcileWorkflow
 from workflows.stripe_event import StripeEventWorkflow
 from workflows.weekly_reset import WeeklyResetOrgWorkflow, WeeklyResetWorkflow
@@ -40,6 +41,7 @@ WORKFLOWS: Sequence[type] = (
     StripeEventWorkflow,
     DunningWorkflow,
     ReconcileWorkflow,
+    OrgSweepWorkflow,
 )
 
 
@@ -56,6 +58,8 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
     reconcile = ReconcileActivities(runtime, stripe_api)
     return [
         ledger.expire_credit_page,
+        ledger.expire_org_page,
+        ledger.expire_org_lots,
         admin.admin_requires_approval,
         admin.admin_post_adjustment,
         reset.weekly_reset_page,
@@ -77,6 +81,8 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
         invoices.apply_subscription,
         invoices.apply_invoice,
         dunning.dunning_page,
+        dunning.dunning_org_page,
+        dunning.dunning_org,
         stripe_api.list_events,
         reconcile.org_page,
         reconcile.subscription,

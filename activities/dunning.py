@@ -8,7 +8,14 @@ from datetime import datetime, timedelta
 from pymongo.asynchronous.client_session import AsyncClientSession
 from temporalio import activity
 
-from billing.models import DunningPage, DunningPageResult
+from billing.models import (
+    DunningPage,
+    DunningPageResult,
+    OrgPage,
+    OrgSweep,
+    OrgSweepResult,
+    SweepPage,
+)
 from billing.runtime import Runtime
 from billing.store.meters import Meters
 from billing.store.subscriptions import Subscriptions
@@ -47,3 +54,18 @@ class DunningActivities:
             unpaid += await self._mark_unpaid(org_id, cutoff, page.now)
         next_after = orgs[-1] if len(orgs) == page.limit else None
         return DunningPageResult(unpaid=unpaid, next_after=next_after)
+
+    def _cutoff(self, now: datetime) -> datetime:
+        return now - timedelta(days=self.runtime.config.subscriptions.unpaid_after_days)
+
+    @activity.defn(name="dunning_org_page")
+    async def dunning_org_page(self, page: SweepPage) -> OrgPage:
+        """Organizations with a subscription past due since the cutoff, paged by id."""
+        orgs = await self.subscriptions.past_due_page(self._cutoff(page.now), page.after,
+                                                      page.limit)
+        return OrgPage(org_ids=orgs, next_after=orgs[-1] if len(orgs) == page.limit else None)
+
+    @activity.defn(name="dunning_org")
+    async def dunning_org(self, job: OrgSweep) -> OrgSweepResult:
+        unpaid = await self._mark_unpaid(job.org_id, self._cutoff(job.now), job.now)
+        return OrgSweepResult(org_id=job.org_id, changed=int(unpaid))

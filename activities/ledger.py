@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from temporalio import activity
 
-from billing.models import ExpirePage, ExpirePageResult
+from billing.models import (
+    ExpirePage,
+    ExpirePageResult,
+    OrgPage,
+    OrgSweep,
+    OrgSweepResult,
+    SweepPage,
+)
 from billing.runtime import Runtime
 
 
@@ -24,3 +31,23 @@ class LedgerActivities:
                 units -= result.amount
         next_after = lots[-1]["_id"] if len(lots) == page.limit else None
         return ExpirePageResult(expired=expired, units=units, next_after=next_after)
+
+    @activity.defn(name="expire_org_page")
+    async def expire_org_page(self, page: SweepPage) -> OrgPage:
+        """Organizations with an expired lot that still holds units, paged by id."""
+        orgs = await self.runtime.ledger.orgs_with_expired_lots(page.now, page.after, page.limit)
+        return OrgPage(org_ids=orgs, next_after=orgs[-1] if len(orgs) == page.limit else None)
+
+    @activity.defn(name="expire_org_lots")
+    async def expire_org_lots(self, job: OrgSweep) -> OrgSweepResult:
+        """Expire one organization's expired lots, each in its own transaction."""
+        expired = units = 0
+        for lot in await self.runtime.ledger.lots(job.org_id):
+            expires_at = lot.get("expires_at")
+            if expires_at is None or expires_at > job.now:
+                continue
+            result = await self.runtime.ledger.expire(job.org_id, lot["_id"], job.now)
+            if result.applied:
+                expired += 1
+                units -= result.amount
+        return OrgSweepResult(org_id=job.org_id, changed=expired, units=units)

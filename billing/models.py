@@ -21,6 +21,37 @@ class ExpirePageResult(BaseModel):
     expired: int
     units: int
     next_after: str | None
+    failed: list[str] = Field(default_factory=list)
+
+
+class SweepPage(BaseModel):
+    """Which page of organizations a daily sweep asks for."""
+
+    now: datetime
+    after: str | None = None
+    limit: int = 200
+
+
+class OrgPage(BaseModel):
+    """One page of the organizations a daily sweep has work for."""
+
+    org_ids: list[str]
+    next_after: str | None
+
+
+class OrgSweep(BaseModel):
+    """One organization's part of a daily sweep (`OrgSweepWorkflow`): the activity that does it,
+    run with the usual retries, failing visibly for that organization only."""
+
+    sweep: str  # expire | dunning
+    org_id: str
+    now: datetime
+
+
+class OrgSweepResult(BaseModel):
+    org_id: str
+    changed: int  # lots expired, or subscriptions marked unpaid
+    units: int = 0
 
 
 # ---- admin adjustments ------------------------------------------------------------------------
@@ -215,6 +246,7 @@ class DunningPage(BaseModel):
 class DunningPageResult(BaseModel):
     unpaid: int
     next_after: str | None
+    failed: list[str] = Field(default_factory=list)
 
 
 # ---- weekly reset (SPEC §5.3) -------------------------------------------------------------------

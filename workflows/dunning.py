@@ -1,4 +1,5 @@
-"""Daily dunning (schedule `dunning`, 01:00 UTC): long past-due subscriptions become `unpaid`."""
+"""Daily dunning (schedule `dunning`, 01:00 UTC): long past-due subscriptions become `unpaid`, one
+organization at a time (`workflows/org_sweep.py`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from temporalio import workflow
 
 from billing.models import DunningPage, DunningPageResult
 from workflows.common import FAIL_ON, call
+from workflows.org_sweep import PER_ORG, sweep_orgs
 
 
 @workflow.defn(failure_exception_types=FAIL_ON)
@@ -13,6 +15,10 @@ class DunningWorkflow:
     @workflow.run
     async def run(self) -> DunningPageResult:
         now = workflow.now()
+        if workflow.patched(PER_ORG):
+            done, failed = await sweep_orgs("dunning", now)
+            return DunningPageResult(unpaid=sum(d.changed for d in done), next_after=None,
+                                     failed=failed)
         unpaid = 0
         after: str | None = None
         while True:

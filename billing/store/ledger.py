@@ -443,6 +443,22 @@ class Ledger:
         cursor = self.db.lots.find(query, {"org_id": 1}).sort("_id", 1).limit(limit)
         return [doc async for doc in cursor]
 
+    async def orgs_with_expired_lots(self, now: datetime, after: str | None,
+                                     limit: int) -> list[str]:
+        """Organizations with an expired lot that still holds units, in id order (the daily
+        expiry sweep, by organization)."""
+        query: Doc = {"expires_at": {"$lte": now}, "remaining": {"$gt": 0}}
+        if after is not None:
+            query["org_id"] = {"$gt": after}
+        found: list[str] = []
+        cursor = self.db.lots.find(query, {"org_id": 1}).sort("org_id", 1)
+        async for doc in cursor:
+            if not found or found[-1] != doc["org_id"]:
+                found.append(str(doc["org_id"]))
+                if len(found) == limit:
+                    break
+        return found
+
     async def lots(self, org_id: str, *, open_only: bool = True) -> list[Doc]:
         query: Doc = {"org_id": org_id}
         if open_only:
