@@ -22,7 +22,13 @@ ACTIVITY_RETRY = RetryPolicy(
     maximum_attempts=5,
 )
 
-ACTIVITY_TIMEOUT = timedelta(seconds=60)
+#: Start-to-close of an activity that writes one event's or one organization's change: it takes
+#: milliseconds, so a worker killed in the middle of one is retried after seconds, not a minute.
+ACTIVITY_TIMEOUT = timedelta(seconds=10)
+#: A Stripe API read (the SDK's own retries are off; Temporal's attempts are the visible ones).
+STRIPE_TIMEOUT = timedelta(seconds=30)
+#: Work over many documents: a page of the reconciliation, one organization's lots.
+PAGE_TIMEOUT = timedelta(seconds=120)
 
 #: The errors a bug or a malformed payload raises in workflow code: they fail the workflow (a
 #: visible dead letter) instead of retrying its task forever (set on every workflow definition as

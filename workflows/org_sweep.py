@@ -15,7 +15,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes, Workfl
 from temporalio.exceptions import ChildWorkflowError, WorkflowAlreadyStartedError
 
 from billing.models import OrgPage, OrgSweep, OrgSweepResult, SweepPage
-from workflows.common import FAIL_ON, call
+from workflows.common import FAIL_ON, PAGE_TIMEOUT, call
 from workflows.search import ORG_ID
 
 #: Activity of each sweep: one organization's work, and one page of organizations that have some.
@@ -35,7 +35,8 @@ def sweep_workflow_id(sweep: str, org_id: str, now: datetime) -> str:
 class OrgSweepWorkflow:
     @workflow.run
     async def run(self, job: OrgSweep) -> OrgSweepResult:
-        return await call(ACTIVITIES[job.sweep][0], job, OrgSweepResult)
+        return await call(ACTIVITIES[job.sweep][0], job, OrgSweepResult,
+                          start_to_close=PAGE_TIMEOUT)
 
 
 async def sweep_orgs(sweep: str, now: datetime) -> tuple[list[OrgSweepResult], list[str]]:
@@ -63,7 +64,8 @@ async def sweep_orgs(sweep: str, now: datetime) -> tuple[list[OrgSweepResult], l
 
     after: str | None = None
     while True:
-        page = await call(ACTIVITIES[sweep][1], SweepPage(now=now, after=after), OrgPage)
+        page = await call(ACTIVITIES[sweep][1], SweepPage(now=now, after=after), OrgPage,
+                          start_to_close=PAGE_TIMEOUT)
         await asyncio.gather(*(one(org) for org in page.org_ids))
         if page.next_after is None:
             return done, sorted(failed)

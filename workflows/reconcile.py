@@ -44,7 +44,7 @@ from billing.models import (
     SubscriptionRef,
 )
 from billing.weeks import iso_week
-from workflows.common import FAIL_ON, call
+from workflows.common import FAIL_ON, PAGE_TIMEOUT, STRIPE_TIMEOUT, call
 from workflows.stripe_event import StripeEventWorkflow, stripe_workflow_id
 
 with workflow.unsafe.imports_passed_through():
@@ -90,7 +90,7 @@ class ReconcileWorkflow:
             "reconcile_org_page",
             ReconcilePage(after=state.after, limit=state.page_size, week=report.week,
                           report_id=report.report_id, started_at=report.started_at),
-            ReconcilePageResult,
+            ReconcilePageResult, start_to_close=PAGE_TIMEOUT,
         )
         counts = report.counts
         counts.orgs += len(page.org_ids)
@@ -120,7 +120,7 @@ class ReconcileWorkflow:
                 "reconcile_subscription",
                 SubscriptionCheck(ref=ref, report_id=report.report_id,
                                   started_at=report.started_at),
-                list[Divergence],
+                list[Divergence], start_to_close=STRIPE_TIMEOUT,
             )
         except ActivityError:
             workflow.logger.warning("subscription %s of %s could not be read from Stripe",
@@ -138,7 +138,7 @@ class ReconcileWorkflow:
                 EventListQuery(created_gte=int(report.events_since.timestamp()),
                                types=sorted(HANDLED_TYPES), starting_after=state.events_after,
                                limit=state.events_page_size),
-                MissedEventsPage,
+                MissedEventsPage, start_to_close=PAGE_TIMEOUT,
             )
         except ActivityError as exc:
             report.events_error = str(exc.cause or exc)

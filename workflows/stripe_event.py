@@ -30,7 +30,7 @@ from billing.models import (
     StripeStep,
     SubscriptionState,
 )
-from workflows.common import FAIL_ON, call
+from workflows.common import FAIL_ON, STRIPE_TIMEOUT, call
 from workflows.search import ORG_ID, STRIPE_EVENT_TYPE
 
 with workflow.unsafe.imports_passed_through():
@@ -92,7 +92,7 @@ async def _record(apply: StripeApply, outcome: str, reason: str) -> StripeEventO
 
 async def _read(activity: str, stripe_id: str) -> Obj:
     """One Stripe API read (activities/stripe_api.py)."""
-    found: Obj = await call(activity, stripe_id, dict)
+    found: Obj = await call(activity, stripe_id, dict, start_to_close=STRIPE_TIMEOUT)
     return found
 
 
@@ -111,7 +111,7 @@ def _missing(exc: ActivityError) -> bool:
 
 
 async def _list(activity: str, stripe_id: str) -> list[Obj]:
-    found: list[Obj] = await call(activity, stripe_id, list)
+    found: list[Obj] = await call(activity, stripe_id, list, start_to_close=STRIPE_TIMEOUT)
     return found
 
 
@@ -147,7 +147,8 @@ class StripeEventWorkflow:
     @workflow.run
     async def run(self, event: StripeEvent | StripeReplay) -> StripeEventOutcome:
         if isinstance(event, StripeReplay):
-            event = await call("stripe_retrieve_event", event.event_id, StripeEvent)
+            event = await call("stripe_retrieve_event", event.event_id, StripeEvent,
+                               start_to_close=STRIPE_TIMEOUT)
         obj = event.object
         org = org_from(obj, invoice_subscription_metadata(obj))
         apply = StripeApply(event=event, now=workflow.now(), org_id=org)
