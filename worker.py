@@ -83,7 +83,6 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
         dunning.dunning_page,
         dunning.dunning_org_page,
         dunning.dunning_org,
-        stripe_api.list_events,
         reconcile.org_page,
         reconcile.subscription,
         reconcile.missed_events,

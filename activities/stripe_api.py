@@ -130,10 +130,10 @@ class StripeApiActivities:
                 return []
             raise
 
-    @activity.defn(name="stripe_list_events")
     async def list_events(self, query: EventListQuery) -> StripeEventPage:
         """One page of events created since `created_gte`, newest first; page on with
-        `starting_after` = the last event's id while `has_more`."""
+        `starting_after` = the last event's id while `has_more` (read by the reconciliation's
+        `reconcile_missed_events` activity)."""
         params: dict[str, Any] = {"created": {"gte": query.created_gte}, "types": query.types,
                                   "limit": query.limit}
         if query.starting_after is not None:
