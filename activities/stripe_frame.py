@@ -93,8 +93,15 @@ class StripeFrame:
         unless it was recorded `unresolved`."""
         db = self.runtime.db
 
+        run_id = activity.info().workflow_run_id
+
         async def txn(session: AsyncClientSession) -> StripeEventOutcome:
-            prior = await events.recorded_in(db, session, apply.event.id)
+            found = await events.recorded_by_in(db, session, apply.event.id)
+            prior, recorded_by = found if found is not None else (None, None)
+            if prior is not None and recorded_by == run_id:
+                # This run's own earlier attempt committed, then its answer was lost (a timeout,
+                # a killed worker): its outcome stands.
+                return prior
             # An `unresolved` event wrote nothing: running it again (`billing replay`, once what
             # it lacked has arrived) may resolve it.
             if prior is not None and prior.outcome != "unresolved":
@@ -105,7 +112,7 @@ class StripeFrame:
             outcome = Outcome(apply)
             await work(session, outcome)
             result = outcome.result()
-            await events.record_in(db, session, apply.event, result, apply.now)
+            await events.record_in(db, session, apply.event, result, apply.now, run_id)
             return result
 
         with final_on_bad_input():

@@ -174,7 +174,7 @@ async def test_mongodb_down_beyond_the_retry_budget_fails_visibly_and_retry_all_
                 assert isinstance(failure.cause, ActivityError), event_id
                 handle = temporal_client.get_workflow_handle(f"stripe-{event_id}")
                 attempts = await activity_attempts(handle)
-                assert {n for a, n in attempts.items() if a.startswith("apply_")} == {5}
+                assert max(attempts.values()) == 5  # the activity that met the outage
             await server.start()
             print(f"MongoDB was down {time.monotonic() - stopped:.1f} s")
 

@@ -24,7 +24,7 @@ ACTIVITY_RETRY = RetryPolicy(
 
 #: Start-to-close of an activity that writes one event's or one organization's change: it takes
 #: milliseconds, so a worker killed in the middle of one is retried after seconds, not a minute.
-ACTIVITY_TIMEOUT = timedelta(seconds=10)
+ACTIVITY_TIMEOUT = timedelta(seconds=20)
 #: A Stripe API read (the SDK's own retries are off; Temporal's attempts are the visible ones).
 STRIPE_TIMEOUT = timedelta(seconds=30)
 #: Work over many documents: a page of the reconciliation, one organization's lots.

@@ -14,11 +14,12 @@ from billing.models import StripeEvent, StripeEventOutcome
 from billing.store.database import Database, Doc
 
 
-async def recorded_in(
-    db: Database, session: AsyncClientSession | None, event_id: str
-) -> StripeEventOutcome | None:
+async def recorded_by_in(
+    db: Database, session: AsyncClientSession, event_id: str
+) -> tuple[StripeEventOutcome, str | None] | None:
+    """The recorded outcome of an event and the workflow run that recorded it."""
     doc = await db.stripe_events.find_one({"_id": event_id}, session=session)
-    return outcome_of(doc) if doc is not None else None
+    return (outcome_of(doc), doc.get("run_id")) if doc is not None else None
 
 
 async def record_in(
@@ -27,6 +28,7 @@ async def record_in(
     event: StripeEvent,
     outcome: StripeEventOutcome,
     now: datetime,
+    run_id: str | None = None,
 ) -> None:
     """Record (or, for an event that was `unresolved` and now ran again, overwrite) its outcome."""
     await db.stripe_events.update_one(
@@ -40,6 +42,7 @@ async def record_in(
                 "reason": outcome.reason,
                 "written": outcome.written,
                 "recorded_at": now,
+                "run_id": run_id,
             }
         },
         upsert=True,
