@@ -293,7 +293,7 @@ async def run_dev(options: DevOptions, console: Console) -> None:
         stack.push_async_callback(temporal.shutdown)
         _temporal_marker(database).touch()
 
-        if settings.stripe_api_key is None and settings.stripe_api_base is None \
+        if not settings.stripe_api_key and not settings.stripe_api_base \
                 and LocalStripe.available():
             local_stripe = LocalStripe(port=free_port())
             console.print(f"starting localstripe (no STRIPE_API_KEY) on port {local_stripe.port}"

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -150,6 +151,23 @@ def test_dev_stack_starts_serves_stops_and_keeps_its_data(
     assert "billing_failed_workflows 0.0" in metrics
     assert "temporal_" in metrics  # the SDK's own metrics, re-exported
 
+    # The README's first event: without STRIPE_API_KEY the stack reads Stripe at localstripe.
+    assert "starting localstripe" in output
+    sent = subprocess.run(
+        [str(Path(sys.executable).parent / "billing"), "send-test-event",
+         "payment_intent.succeeded", "--org", org, "--pack", "pack_500k",
+         "--url", f"{stack.api}/stripe/webhook"],
+        env={**os.environ, "STRIPE_WEBHOOK_SECRET": credentials["webhook_secret"]},
+        capture_output=True, text=True, timeout=60, check=False)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    expected = config.default_plan.signup_grant + 500000
+    for _ in range(100):
+        found = httpx.get(f"{stack.api}/v1/orgs/{org}/balance", headers=headers, timeout=5)
+        if found.json()["balance"] == expected:
+            break
+        time.sleep(0.2)
+    assert found.json()["balance"] == expected
+
     # Ctrl-C in a terminal signals the whole foreground process group.
     assert stack.stop(signal.SIGINT, whole_group=True) == 0
     assert_all_stopped(stack)
@@ -160,7 +178,7 @@ def test_dev_stack_starts_serves_stops_and_keeps_its_data(
     assert json.loads((data_dir / "dev-credentials.json").read_text())["api_token"] == token
     kept = httpx.get(f"{again.api}/v1/orgs/{org}/balance", headers=headers, timeout=5)
     assert kept.status_code == 200, kept.text
-    assert kept.json()["balance"] == config.default_plan.signup_grant
+    assert kept.json()["balance"] == expected
     reregistered = httpx.put(f"{again.api}/v1/orgs/{org}", headers=headers, timeout=10)
     assert reregistered.status_code == 200
 
