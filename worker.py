@@ -1,13 +1,15 @@
-"""The Temporal worker: registers every workflow and activity, and ensures the schedules."""
+"""The worker's composition: every workflow and activity it registers, and how it runs them.
+
+This module imports no `starter` module: the processes that run a worker (`billing worker`,
+`billing dev`, see `starter/worker_process.py`) import it, not the other way round.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -21,10 +23,7 @@ from activities.stripe_disputes import DisputeActivities
 from activities.stripe_invoices import InvoiceActivities
 from activities.stripe_purchases import PurchaseActivities
 from activities.stripe_refunds import RefundActivities
-from billing.config import Settings
 from billing.runtime import Runtime
-from billing.store.migrations import migrate
-from starter.schedules import ensure_schedules
 from workflows.admin_adjustment import AdminAdjustmentWorkflow
 from workflows.dunning import DunningWorkflow
 from workflows.expire_credits import ExpireCreditsWorkflow
@@ -90,14 +89,6 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
     ]
 
 
-async def connect(settings: Settings) -> Client:
-    return await Client.connect(
-        settings.temporal_address,
-        namespace=settings.temporal_namespace,
-        data_converter=pydantic_data_converter,
-    )
-
-
 #: The sandbox re-imports a workflow's modules for every run: for `billing.models` that means
 #: building every pydantic model's schema again, tens of milliseconds of CPU per workflow. The
 #: models are plain data classes, so the sandbox shares the worker's module instead.
@@ -115,15 +106,3 @@ def build_worker(client: Client, runtime: Runtime, task_queue: str | None = None
         workflow_runner=SANDBOX,
     )
 
-
-async def run_worker(runtime: Runtime) -> None:
-    """Connect, prepare the database and schedules, and run until cancelled."""
-    await runtime.db.ensure_indexes()
-    await migrate(runtime.db)
-    client = await connect(runtime.settings)
-    await ensure_schedules(client, runtime.settings.temporal_task_queue)
-    await build_worker(client, runtime).run()
-
-
-if __name__ == "__main__":
-    asyncio.run(run_worker(Runtime.from_settings(Settings())))

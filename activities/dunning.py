@@ -17,16 +17,14 @@ from billing.models import (
     SweepPage,
 )
 from billing.runtime import Runtime
-from billing.store.meters import Meters
-from billing.store.subscriptions import Subscriptions
 from billing.store.transactions import run_in_transaction
 
 
 class DunningActivities:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.subscriptions = Subscriptions(runtime.db)
-        self.meters = Meters(runtime.db, runtime.config)
+        self.subscriptions = runtime.subscriptions
+        self.meters = runtime.meters
 
     async def _mark_unpaid(self, org_id: str, cutoff: datetime, now: datetime) -> bool:
         """One organization, one transaction; untouched if a payment cleared it meanwhile. Its

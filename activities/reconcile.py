@@ -25,15 +25,13 @@ from billing.reconcile import (
     subscription_divergences,
 )
 from billing.runtime import Runtime
-from billing.store.accounts import Accounts
-from billing.store.reconcile import ReconcileStore
 
 
 class ReconcileActivities:
     def __init__(self, runtime: Runtime, stripe: StripeApiActivities) -> None:
         self.config = runtime.config
-        self.accounts = Accounts(runtime.db, runtime.config)
-        self.store = ReconcileStore(runtime.db)
+        self.accounts = runtime.accounts
+        self.store = runtime.reports
         self.stripe = stripe
 
     async def _report(

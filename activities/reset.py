@@ -7,12 +7,11 @@ from temporalio import activity
 from activities.errors import final_on_bad_input
 from billing.models import ResetOrg, ResetOrgResult, ResetPage, ResetPageResult
 from billing.runtime import Runtime
-from billing.store.meters import Meters
 
 
 class ResetActivities:
     def __init__(self, runtime: Runtime) -> None:
-        self.meters = Meters(runtime.db, runtime.config)
+        self.meters = runtime.meters
 
     @activity.defn(name="weekly_reset_page")
     async def weekly_reset_page(self, page: ResetPage) -> ResetPageResult:

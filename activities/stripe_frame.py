@@ -27,9 +27,7 @@ from billing.runtime import Runtime
 from billing.store import events
 from billing.store.database import Doc
 from billing.store.ledger import LedgerResult
-from billing.store.meters import Meters
 from billing.store.notifications import notify
-from billing.store.subscriptions import Subscriptions
 from billing.store.transactions import run_in_transaction
 from billing.stripe.events import (
     CHARGE_REFUNDED,
@@ -84,8 +82,8 @@ Work = Callable[[AsyncClientSession, Outcome], Awaitable[None]]
 class StripeFrame:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.subscriptions = Subscriptions(runtime.db)
-        self.meters = Meters(runtime.db, runtime.config)
+        self.subscriptions = runtime.subscriptions
+        self.meters = runtime.meters
 
     async def _run(self, apply: StripeApply, work: Work) -> StripeStep:
         """Run `work` and record its outcome in one transaction; an event already recorded

@@ -45,7 +45,7 @@ from starter.embedded import (
     start_temporal,
     wait_for_port,
 )
-from worker import connect
+from starter.temporal_client import connect
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 TOKEN = "bench-token"

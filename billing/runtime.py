@@ -1,4 +1,5 @@
-"""The process-wide objects every entry point builds once: settings, configuration, database."""
+"""The process-wide objects every entry point builds once: settings, configuration, database and
+the stores over it. `Meters` keeps per-process locks, so a process must share one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from billing.config import BillingConfig, Settings, load_config
 from billing.store.accounts import Accounts
 from billing.store.database import Database
 from billing.store.ledger import Ledger
+from billing.store.meters import Meters
+from billing.store.reconcile import ReconcileStore
+from billing.store.subscriptions import Subscriptions
 
 SERVER_SELECTION_TIMEOUT_MS = 5000
 
@@ -38,3 +42,15 @@ class Runtime:
     @cached_property
     def accounts(self) -> Accounts:
         return Accounts(self.db, self.config)
+
+    @cached_property
+    def meters(self) -> Meters:
+        return Meters(self.db, self.config)
+
+    @cached_property
+    def subscriptions(self) -> Subscriptions:
+        return Subscriptions(self.db)
+
+    @cached_property
+    def reports(self) -> ReconcileStore:
+        return ReconcileStore(self.db)

@@ -28,7 +28,6 @@ from temporalio.worker import Worker
 
 from billing.config import Settings, load_config
 from billing.runtime import Runtime
-from billing.store.migrations import migrate
 from starter.api.app import create_app
 from starter.embedded import (
     EmbeddedError,
@@ -38,8 +37,8 @@ from starter.embedded import (
     free_port,
     start_temporal,
 )
-from starter.schedules import ensure_schedules
-from worker import build_worker, connect
+from starter.worker_process import prepare
+from worker import build_worker
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 60.0
@@ -305,10 +304,7 @@ async def run_dev(options: DevOptions, console: Console) -> None:
 
         runtime = Runtime.from_settings(settings, config)
         stack.push_async_callback(runtime.db.close)
-        await runtime.db.ensure_indexes()
-        await migrate(runtime.db)
-        client = await connect(settings)
-        await ensure_schedules(client, settings.temporal_task_queue)
+        client = await prepare(runtime)
 
         console.print("starting the worker and the HTTP API ...")
         worker = build_worker(client, runtime)

@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
 import pytest
+from meter_helpers import meter_config
 from stripe_fake import StripeFake, api, stripe_fake, stripe_runtime, stripe_worker
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
+from victims import victim
 
 from billing.config import BillingConfig, Settings, load_config
 from billing.runtime import Runtime
@@ -24,8 +26,9 @@ from billing.store.ledger import Ledger
 from starter.embedded import MongoServer, free_port, start_temporal
 from worker import build_worker
 
-#: The Stripe fake and the engine running against it, for every test module.
-__all__ = ["api", "stripe_fake", "stripe_runtime", "stripe_worker"]
+#: Fixtures of the helper modules, for every test module: the Stripe fake and the engine running
+#: against it, the metering configuration, and the organization hostile requests aim at.
+__all__ = ["api", "meter_config", "stripe_fake", "stripe_runtime", "stripe_worker", "victim"]
 
 
 @pytest.fixture(scope="session")

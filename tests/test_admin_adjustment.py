@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from cli_helpers import cli
 from pydantic import ValidationError
 from temporalio.client import WorkflowFailureError
 
 from billing.models import AdminRequest, AdminResult
-from starter.admin import (
+from starter.operations.adjustments import (
     DecisionRefused,
     adjustment_status,
     decide,
@@ -171,7 +172,6 @@ async def test_plain_temporal_cli_starts_and_approves(
 async def test_cli_approve_refuses_a_self_approval_out_loud_then_prints_the_outcome(
     runtime, temporal_client, worker, settings, org, now
 ):
-    from test_stripe_failures import cli
 
     await runtime.accounts.register(org, now)
     units = runtime.config.admin.approval_threshold_units + 3

@@ -16,8 +16,9 @@ from billing.errors import BillingError
 from billing.runtime import Runtime
 from billing.store.database import Database
 from starter.api.app import create_app
-from starter.api.deps import AppState, TemporalUnavailable, temporal_client
+from starter.api.deps import AppState, temporal_client
 from starter.embedded import free_port
+from starter.temporal_client import TemporalUnavailable
 
 AUTH = {"Authorization": "Bearer test-token"}
 

@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
 import pytest
-from httpx import ASGITransport, AsyncClient, Response
+from http_helpers import error_of
+from httpx import ASGITransport, AsyncClient
 
 from billing.ledger import EntryKind
 from billing.runtime import Runtime
@@ -27,13 +28,6 @@ async def api(runtime: Runtime) -> AsyncIterator[AsyncClient]:
         yield c
 
 
-def error_of(response: Response) -> dict[str, str]:
-    """The `{"error": {"code", "message"}}` body, asserting it has exactly that shape."""
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message"}
-    assert body["error"]["message"]
-    return dict(body["error"])
 
 
 def parse_utc(value: str) -> datetime:

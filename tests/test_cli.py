@@ -4,43 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from cli_helpers import billing
 
 from billing.config import BillingConfig, Settings
 from billing.ledger import EntryKind
 from billing.store.accounts import Accounts
 from billing.store.ledger import Ledger
-from starter.embedded import find_binary
 
-BILLING = find_binary("billing")
 EXAMPLE = Path(__file__).resolve().parents[1] / "billing" / "billing.example.toml"
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
 
 
-async def billing(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Result:
-    """Run `billing ARGS` with a clean engine environment plus `env`."""
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("MONGODB_", "TEMPORAL_", "STRIPE_", "BILLING_"))}
-    base.update(COLUMNS="200", **(env or {}))
-    proc = await asyncio.create_subprocess_exec(
-        BILLING, *args, env=base,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return Result(proc.returncode, out.decode(), err.decode())
 
 
 @pytest.fixture

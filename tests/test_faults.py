@@ -28,18 +28,19 @@ from faults import (
     worker_env,
 )
 from stripe_payloads import deliver, event, metadata, new_id, payment_intent, refund
+from temporal_helpers import activity_attempts
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ActivityError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
-from test_stripe_failures import activity_attempts
 
 from billing.runtime import Runtime
 from billing.store.database import Database
 from starter.embedded import MongoServer, free_port, start_temporal
-from starter.operations import list_failed, retry_all_failed
+from starter.operations.failures import list_failed
+from starter.operations.retries import retry_all_failed
 from worker import build_worker
 
 Obj = dict[str, Any]

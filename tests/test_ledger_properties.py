@@ -12,8 +12,8 @@ from functools import partial
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from ledger_checks import assert_consistent
 from ledger_ops import clawback, reinstate
-from test_ledger_store import assert_consistent
 
 from billing.ledger import EntryKind
 from billing.money import round_half_up_div

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from http_helpers import error_of
 from httpx import AsyncClient
-from test_api_orgs import api, error_of
 
 from billing.clock import utcnow
 from billing.store.database import Database
 from billing.weeks import iso_week
-
-__all__ = ["api"]  # the HTTP client fixture, shared with the organization API tests
 
 USAGE_FIELDS = {"applied", "units", "overflow", "week", "used", "quota", "balance"}
 

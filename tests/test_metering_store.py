@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
+from meter_helpers import put_on_plan, unregistered, usage
 
-from billing.config import EXAMPLE_CONFIG, BillingConfig, parse_config
-from billing.metering import METER_EXHAUSTED, PAYMENT_PAST_DUE, UsageRequest
-from billing.store.accounts import Accounts
+from billing.config import BillingConfig
+from billing.metering import METER_EXHAUSTED, PAYMENT_PAST_DUE
 from billing.store.database import Database, Doc
 from billing.store.meters import Meters
 from billing.store.transactions import run_in_transaction
 from billing.weeks import iso_week
-
-TINY = '\n[[plans]]\nid = "tiny"\nmeter_quota = 100\nstripe_price_ids = ["price_tiny"]\n'
-
-
-@pytest.fixture(scope="session")
-def meter_config() -> BillingConfig:
-    """The example configuration plus a plan `tiny` with a weekly quota of 100 units."""
-    return parse_config(EXAMPLE_CONFIG.read_text() + TINY)
 
 
 @pytest.fixture
@@ -30,19 +22,10 @@ def meters(db: Database, meter_config: BillingConfig) -> Meters:
     return Meters(db, meter_config)
 
 
-async def put_on_plan(meters: Meters, org: str, plan_id: str, now: datetime) -> bool:
-    return await run_in_transaction(
-        meters.db.client, lambda s: meters.apply_plan_change_in(s, org, plan_id, now)
-    )
 
 
-async def unregistered(accounts: Accounts, org: str, now: datetime) -> None:
-    """An account as a Stripe event creates it: no signup grant."""
-    await accounts.ensure_in(None, org, now)
 
 
-def usage(org: str, run: str, **fields: object) -> UsageRequest:
-    return UsageRequest.model_validate({"org_id": org, "run_id": run, **fields})
 
 
 async def notes(db: Database, org: str, type: str | None = None) -> list[Doc]:

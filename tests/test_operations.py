@@ -15,22 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import cli
 from stripe_fake import StripeFake
 from stripe_payloads import checkout_session, event, metadata, new_id, payment_intent
+from temporal_helpers import started
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.service import RPCError
-from test_stripe_failures import cli, started
 
 from billing.errors import InvalidInput
 from billing.models import StripeEventOutcome
 from billing.runtime import Runtime
-from starter.operations import (
-    FailedWorkflow,
-    list_failed,
-    list_schedules,
-    replay_event,
-    reset_each,
-)
+from starter.operations.failures import FailedWorkflow, list_failed
+from starter.operations.replay import replay_event
+from starter.operations.retries import reset_each
+from starter.operations.schedule_views import list_schedules
 from starter.schedules import SCHEDULES, ensure_schedules
 
 PACK_UNITS = 500000

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from cli_helpers import billing
 from stripe_fake import StripeFake
 from stripe_payloads import deliver, event, metadata, new_id, payment_intent, subscription
 from temporalio.client import Client
-from test_cli import billing
 
 from billing.clock import utcnow
 from billing.config import BillingConfig

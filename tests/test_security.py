@@ -38,7 +38,7 @@ from stripe_payloads import (
     subscription,
 )
 from temporalio.client import Client
-from test_bad_input import Victim, snapshot, victim
+from victims import Victim, snapshot
 
 from billing.config import EXAMPLE_CONFIG, ConfigError, Settings, parse_config
 from billing.logs import configure_logging
@@ -49,8 +49,6 @@ from starter.api import deps
 from starter.api.app import create_app
 from starter.cli import app as cli_app
 from worker import build_worker
-
-__all__ = ["victim"]  # the fixture of the corpus tests
 
 Obj = dict[str, Any]
 PACK = "pack_500k"

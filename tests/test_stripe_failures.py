@@ -7,13 +7,12 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import pytest
+from cli_helpers import cli
 from stripe_fake import APP_NAME, StripeFake
 from stripe_payloads import (
     checkout_session,
-    deliver,
     event,
     invoice,
     metadata,
@@ -21,16 +20,15 @@ from stripe_payloads import (
     payment_intent,
     subscription,
 )
-from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporal_helpers import activity_attempts, failed_ids, started
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import ActivityError, ApplicationError
-from typer.testing import CliRunner
 
 from billing.models import StripeEventOutcome
 from billing.runtime import Runtime
 from billing.store.database import Database
-from starter.cli import app as cli_app
-from starter.operations import list_failed, retry_all_failed
+from starter.operations.failures import list_failed
+from starter.operations.retries import retry_all_failed
 
 
 @asynccontextmanager
@@ -46,42 +44,12 @@ async def failing_inserts(db: Database) -> AsyncIterator[None]:
         await db.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
 
 
-async def started(api: Any, evt: dict[str, Any], client: Client) -> WorkflowHandle[Any, Any]:
-    response = await deliver(api, evt)
-    assert response.json()["status"] == "started", response.text
-    return client.get_workflow_handle(f"stripe-{evt['id']}", result_type=StripeEventOutcome)
 
 
-async def activity_attempts(handle: WorkflowHandle[Any, Any]) -> dict[str, int]:
-    """Activity type -> the attempt its last start was (Temporal records the last one only)."""
-    names: dict[int, str] = {}
-    attempts: dict[str, int] = {}
-    async for item in handle.fetch_history_events():
-        if item.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-            names[item.event_id] = item.activity_task_scheduled_event_attributes.activity_type.name
-        elif item.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
-            started_event = item.activity_task_started_event_attributes
-            attempts[names[started_event.scheduled_event_id]] = started_event.attempt
-    return attempts
 
 
-async def failed_ids(client: Client, org: str, task_queue: str) -> set[str]:
-    """Visibility is eventually consistent: wait for the failure to be listed."""
-    for _ in range(100):
-        found = {f.workflow_id for f in await list_failed(client, org=org, task_queue=task_queue)}
-        if found:
-            return found
-        await asyncio.sleep(0.2)
-    return set()
 
 
-def cli(client: Client, runtime: Runtime, *args: str) -> Any:
-    env = {"TEMPORAL_ADDRESS": client.service_client.config.target_host,
-           "TEMPORAL_NAMESPACE": client.namespace,
-           "TEMPORAL_TASK_QUEUE": runtime.settings.temporal_task_queue,
-           "MONGODB_URI": runtime.settings.mongodb_uri, "MONGODB_DB": runtime.settings.mongodb_db,
-           "COLUMNS": "200"}  # rich wraps at 80 columns when it is not on a terminal
-    return CliRunner().invoke(cli_app, list(args), env=env)
 
 
 async def test_a_failing_transaction_fails_after_five_attempts_and_retry_applies_once(

@@ -7,8 +7,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from stripe_payloads import new_id
+from temporal_helpers import failed_ids
 from temporalio.client import Client
-from test_stripe_failures import failed_ids
 
 from billing.models import DunningPageResult, ExpirePageResult
 from billing.runtime import Runtime

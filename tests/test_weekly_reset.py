@@ -9,9 +9,9 @@ from datetime import datetime, timedelta
 
 import pytest
 from ledger_ops import clawback
+from meter_helpers import put_on_plan, unregistered, usage
 from temporalio.client import Client
 from temporalio.common import WorkflowIDReusePolicy
-from test_metering_store import meter_config, put_on_plan, unregistered, usage
 
 from activities.reset import ResetActivities
 from billing.config import BillingConfig, Settings
@@ -27,8 +27,6 @@ from starter.schedules import SCHEDULES
 from worker import build_worker
 from workflows.search import ORG_ID
 from workflows.weekly_reset import WeeklyResetWorkflow, reset_workflow_id
-
-__all__ = ["meter_config"]  # the session fixture, shared with the metering tests
 
 
 async def _settlements(db: Database, org: str) -> list[Doc]:

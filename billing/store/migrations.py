@@ -8,9 +8,9 @@ from billing.store.notifications import assign_missing_seqs
 from billing.store.subscriptions import Subscriptions
 
 
-async def migrate(db: Database) -> dict[str, int]:
+async def migrate(db: Database, subscriptions: Subscriptions) -> dict[str, int]:
     """Run every step; returns how many documents each one changed."""
     return {
-        "subscriptions kept one by one": await Subscriptions(db).migrate(),
+        "subscriptions kept one by one": await subscriptions.migrate(),
         "notifications numbered": await assign_missing_seqs(db),
     }

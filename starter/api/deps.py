@@ -11,25 +11,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from temporalio.client import Client
-from temporalio.service import RPCError
 
-import worker
 from billing.errors import BillingError
 from billing.runtime import Runtime
+from starter.temporal_client import TemporalUnavailable, connect
 
 logger = logging.getLogger(__name__)
-
-TEMPORAL_CONNECT_TIMEOUT_S = 5.0
 
 
 class Unauthorized(BillingError):
     status = 401
     code = "UNAUTHORIZED"
-
-
-class TemporalUnavailable(BillingError):
-    status = 503
-    code = "TEMPORAL_UNAVAILABLE"
 
 
 @dataclass
@@ -38,7 +30,6 @@ class AppState:
 
     runtime: Runtime
     temporal: Client | None = None
-    extras: dict[str, object] = field(default_factory=dict)
     temporal_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
 
@@ -49,16 +40,11 @@ async def temporal_client(state: AppState) -> Client:
         return state.temporal
     async with state.temporal_lock:
         if state.temporal is None:
-            settings = state.runtime.settings
             try:
-                async with asyncio.timeout(TEMPORAL_CONNECT_TIMEOUT_S):
-                    state.temporal = await worker.connect(settings)
-            except (RuntimeError, RPCError, TimeoutError) as exc:
-                logger.warning("cannot connect to Temporal at %s: %s",
-                               settings.temporal_address, exc)
-                raise TemporalUnavailable(
-                    f"Temporal is unreachable at {settings.temporal_address}"
-                ) from exc
+                state.temporal = await connect(state.runtime.settings)
+            except TemporalUnavailable as exc:
+                logger.warning("%s", exc.message)
+                raise
         return state.temporal
 
 

@@ -12,10 +12,10 @@ from temporalio.service import RPCError, RPCStatusCode
 from billing.errors import NotFound
 from billing.models import StripeOutcomeKind
 from billing.store import events
-from billing.store.subscriptions import Subscriptions
 from billing.stripe.subscriptions import STATUS_NONE
-from starter.api.deps import StateDep, TemporalUnavailable, temporal_client, v1_router
+from starter.api.deps import StateDep, temporal_client, v1_router
 from starter.api.errors import ErrorResponse
+from starter.temporal_client import TemporalUnavailable
 from workflows.search import ORG_ID
 from workflows.stripe_event import stripe_workflow_id
 
@@ -84,7 +84,7 @@ async def stripe_event(
 async def subscription(org: str, state: StateDep) -> SubscriptionView:
     runtime = state.runtime
     account = await runtime.accounts.get(org)
-    doc = await Subscriptions(runtime.db).get(org) or {}
+    doc = await runtime.subscriptions.get(org) or {}
     return SubscriptionView(
         org_id=org,
         plan_id=runtime.config.plan(account.get("plan_id")).id,

@@ -34,11 +34,8 @@ router = v1_router(
 
 
 def meters(state: StateDep) -> Meters:
-    """The app's one `Meters` (it queues each organization's records in this process)."""
-    store = state.extras.get("meters")
-    if not isinstance(store, Meters):
-        store = state.extras["meters"] = Meters(state.runtime.db, state.runtime.config)
-    return store
+    """The process's one `Meters` (it queues each organization's records in this process)."""
+    return state.runtime.meters
 
 
 MetersDep = Annotated[Meters, Depends(meters)]

@@ -13,7 +13,7 @@ from temporalio.service import RPCError
 from billing.errors import BillingError
 from billing.metrics import FAILED_WORKFLOWS, HTTP_REQUEST_SECONDS, HTTP_REQUESTS
 from starter.api.deps import StateDep, temporal_client
-from starter.operations import list_failed
+from starter.operations.failures import list_failed
 
 UNMATCHED = "<unmatched>"
 FAILED_COUNT_TIMEOUT_S = 3.0

@@ -32,8 +32,9 @@ from billing.models import StripeEvent
 from billing.stripe.events import is_handled
 from billing.stripe.invoices import invoice_subscription_metadata
 from billing.stripe.objects import org_from
-from starter.api.deps import StateDep, TemporalUnavailable, temporal_client
+from starter.api.deps import StateDep, temporal_client
 from starter.api.errors import ErrorResponse
+from starter.temporal_client import TemporalUnavailable
 from workflows.search import ORG_ID, STRIPE_EVENT_TYPE
 from workflows.stripe_event import StripeEventWorkflow, stripe_workflow_id
 

@@ -7,15 +7,13 @@ import uuid
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
     from billing.models import ReconcileReport
 
-console = Console()
-err_console = Console(stderr=True)
+from starter.cli.output import console, err_console, operator_errors, store_runtime, temporal
 
 #: Divergences listed in the table; the JSON output and the stored report hold more.
 SHOWN = 50
@@ -30,27 +28,21 @@ def new_reconcile_id() -> str:
 async def run_now() -> ReconcileReport:
     """Start `ReconcileWorkflow` under a fresh id and wait for its report."""
     from billing.config import Settings
-    from worker import connect
     from workflows.reconcile import ReconcileWorkflow
 
     settings = Settings()
-    client = await connect(settings)
+    client = await temporal()
     return await client.execute_workflow(
         ReconcileWorkflow.run, id=new_reconcile_id(), task_queue=settings.temporal_task_queue
     )
 
 
 async def latest() -> ReconcileReport | None:
-    from billing.config import Settings
-    from billing.store.database import Database
-    from billing.store.reconcile import ReconcileStore
-
-    settings = Settings()
-    db = Database(settings.mongodb_uri, settings.mongodb_db, serverSelectionTimeoutMS=5000)
+    runtime = store_runtime()
     try:
-        return await ReconcileStore(db).latest_report()
+        return await runtime.reports.latest_report()
     finally:
-        await db.close()
+        await runtime.db.close()
 
 
 def print_report(report: ReconcileReport) -> None:
@@ -107,13 +99,15 @@ def reconcile(
     report: ReconcileReport | None
     if now:
         try:
-            with err_console.status("reconciling every organization, then the Stripe events"):
+            with operator_errors(), err_console.status(
+                    "reconciling every organization, then the Stripe events"):
                 report = asyncio.run(run_now())
         except WorkflowFailureError as exc:
             err_console.print(f"[red]the reconciliation failed:[/red] {escape(str(exc.cause))}")
             raise typer.Exit(1) from exc
     else:
-        report = asyncio.run(latest())
+        with operator_errors():
+            report = asyncio.run(latest())
     if report is None:
         err_console.print("no reconciliation report yet: run [bold]billing reconcile --now[/bold]")
         raise typer.Exit(1)

@@ -10,12 +10,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 
 if TYPE_CHECKING:
     from billing.models import AdjustmentStatus, AdminResult
 
-console = Console()
+from starter.cli.output import console, operator_errors, temporal
 
 
 def _operator() -> str:
@@ -37,8 +36,7 @@ def credit(
     """Credit or debit an organization's extras through AdminAdjustmentWorkflow."""
     from billing.config import Settings
     from billing.models import AdminRequest
-    from starter.admin import new_request_id, start_adjustment
-    from worker import connect
+    from starter.operations.adjustments import new_request_id, start_adjustment
     from workflows.admin_adjustment import AdminAdjustmentWorkflow
 
     try:
@@ -51,7 +49,7 @@ def credit(
 
     async def run() -> dict[str, object]:
         settings = Settings()
-        client = await connect(settings)
+        client = await temporal()
         handle, started = await start_adjustment(client, request, settings.temporal_task_queue)
         out: dict[str, object] = {"request_id": request.request_id, "workflow_id": handle.id,
                                   "started": started}
@@ -67,7 +65,8 @@ def credit(
         out.update((await handle.result()).model_dump())
         return out
 
-    out = asyncio.run(run())
+    with operator_errors():
+        out = asyncio.run(run())
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -84,13 +83,10 @@ def credit(
 def _decide(request_id: str, approve: bool, by: str, note: str) -> None:
     """Decide through the workflow's `decide` update: print the outcome, or why the workflow
     refused the decision and exit 1."""
-    from billing.config import Settings
-    from starter.admin import decide
-    from starter.cli_events import operator_errors
-    from worker import connect
+    from starter.operations.adjustments import decide
 
     async def run() -> AdminResult:
-        client = await connect(Settings())
+        client = await temporal()
         return await decide(client, request_id, approve=approve, by=by or _operator(),
                             note=note)
 
@@ -126,13 +122,10 @@ def adjustment(
 ) -> None:
     """Where an adjustment stands, and the decisions it refused (say, a self-approval sent as a
     plain `temporal workflow signal`)."""
-    from billing.config import Settings
-    from starter.admin import adjustment_status
-    from starter.cli_events import operator_errors
-    from worker import connect
+    from starter.operations.adjustments import adjustment_status
 
     async def run() -> AdjustmentStatus:
-        return await adjustment_status(await connect(Settings()), request_id)
+        return await adjustment_status(await temporal(), request_id)
 
     with operator_errors():
         found = asyncio.run(run())

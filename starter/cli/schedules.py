@@ -10,10 +10,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from starter.cli_events import console, err_console, operator_errors
+from starter.cli.output import console, err_console, operator_errors, temporal
 
 if TYPE_CHECKING:
-    from starter.operations import ScheduleView, TriggerResult
+    from starter.operations.schedule_views import ScheduleView, TriggerResult
 
 
 def _when(moment: object) -> str:
@@ -62,14 +62,13 @@ def schedules(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """List the engine's schedules (times, next run, paused, last run), or run one now."""
-    from billing.config import Settings
-    from starter.operations import connect_client, list_schedules, trigger_schedule
+    from starter.operations.schedule_views import list_schedules, trigger_schedule
 
     async def listed() -> list[ScheduleView]:
-        return await list_schedules(await connect_client(Settings()))
+        return await list_schedules(await temporal())
 
     async def triggered(name: str) -> TriggerResult:
-        return await trigger_schedule(await connect_client(Settings()), name)
+        return await trigger_schedule(await temporal(), name)
 
     if trigger is None:
         with operator_errors():

@@ -4,66 +4,30 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from starter.operations import FailedWorkflow, OnProgress, ReplayResult, RetryReport
+    from starter.operations.failures import FailedWorkflow
+    from starter.operations.progress import OnProgress
+    from starter.operations.replay import ReplayResult
+    from starter.operations.retries import RetryReport
 
-console = Console()
-err_console = Console(stderr=True)
+from starter.cli.output import (
+    console,
+    err_console,
+    operator_errors,
+    progress_bars,
+    store_runtime,
+    temporal,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000/stripe/webhook"
-
-
-@contextlib.contextmanager
-def operator_errors() -> Iterator[None]:
-    """`reported_errors` plus what Temporal answers: one line on stderr and exit 1."""
-    from temporalio.service import RPCError
-
-    from starter.cli import EXIT_ERROR, reported_errors
-
-    with reported_errors():
-        try:
-            yield
-        except RPCError as exc:
-            err_console.print(f"[red]Temporal refused:[/red] {escape(exc.message)}")
-            raise typer.Exit(EXIT_ERROR) from exc
-
-
-@contextlib.contextmanager
-def progress_bars(*descriptions: str) -> Iterator[list[OnProgress]]:
-    """One rich progress bar per step on stderr (stdout stays clean for `--json`); each
-    callback takes `(done, total)` and shows its bar from its first report."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TaskID,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as bars:
-        tasks = [bars.add_task(d, total=None, visible=False) for d in descriptions]
-
-        def updater(task: TaskID) -> OnProgress:
-            def update(done: int, total: int | None) -> None:
-                bars.update(task, completed=done, total=total, visible=True)
-            return update
-
-        yield [updater(task) for task in tasks]
 
 
 def failures(
@@ -73,15 +37,14 @@ def failures(
     """List what needs an operator, newest first: failed billing workflows (the dead letters)
     with their root cause, then Stripe events recorded `unresolved` with their reason."""
     from billing.config import Settings
-    from starter.cli import _store_runtime
-    from starter.operations import connect_client, list_failed, list_unresolved
+    from starter.operations.failures import list_failed, list_unresolved
 
     async def run(on_progress: OnProgress) -> list[FailedWorkflow]:
         settings = Settings()
-        client = await connect_client(settings)
+        client = await temporal()
         failed = await list_failed(client, org=org, task_queue=settings.temporal_task_queue,
                                    on_progress=on_progress)
-        runtime = _store_runtime()
+        runtime = store_runtime()
         try:
             return failed + await list_unresolved(runtime.db, org=org)
         finally:
@@ -125,7 +88,7 @@ def retry(
 
     --all-failed resets them with a Temporal batch operation and waits for it to finish."""
     from billing.config import Settings
-    from starter.operations import connect_client, reset_to_first_task, retry_all_failed
+    from starter.operations.retries import reset_to_first_task, retry_all_failed
 
     if (workflow_id is None) == (not all_failed):
         err_console.print("give either a WORKFLOW_ID or --all-failed")
@@ -137,7 +100,7 @@ def retry(
 
     if workflow_id is not None:
         async def one() -> str:
-            client = await connect_client(settings)
+            client = await temporal()
             return await reset_to_first_task(client, workflow_id)
 
         with operator_errors():
@@ -146,7 +109,7 @@ def retry(
         return
 
     async def every(on_listing: OnProgress, on_progress: OnProgress) -> RetryReport:
-        client = await connect_client(settings)
+        client = await temporal()
         return await retry_all_failed(client, org=org, task_queue=settings.temporal_task_queue,
                                       on_listing=on_listing, on_progress=on_progress)
 
@@ -188,11 +151,11 @@ def replay(
 
     An event already applied comes back `duplicate` and writes nothing (ledger keys)."""
     from billing.config import Settings
-    from starter.operations import connect_client, replay_event, replay_request
+    from starter.operations.replay import replay_event, replay_request
 
     async def run() -> ReplayResult:
         settings = Settings()
-        client = await connect_client(settings)
+        client = await temporal()
         return await replay_event(client, event_id, task_queue=settings.temporal_task_queue)
 
     with operator_errors():

@@ -1,0 +1,138 @@
+"""What every command shares: the consoles, exit codes, how errors become one line on stderr,
+progress bars, and the runtime and Temporal client a command uses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Coroutine, Iterator
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+if TYPE_CHECKING:
+    from temporalio.client import Client
+
+    from billing.runtime import Runtime
+    from starter.operations.progress import OnProgress
+
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """Errors an operator can act on become one line on stderr and an exit code, not a traceback:
+    invalid configuration exits 2, a domain error (unknown organization, bad id), an embedded
+    server that cannot start or an unreachable MongoDB exit 1."""
+    from pymongo.errors import ConnectionFailure
+
+    from billing.config import ConfigError
+    from billing.errors import BillingError
+    from starter.embedded import EmbeddedError
+
+    try:
+        yield
+    except ConfigError as exc:
+        err_console.print(f"[red]configuration error:[/red] {escape(str(exc))}")
+        raise typer.Exit(EXIT_CONFIG) from exc
+    except BillingError as exc:
+        err_console.print(f"[red]{exc.code}:[/red] {escape(exc.message)}")
+        raise typer.Exit(EXIT_ERROR) from exc
+    except EmbeddedError as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(EXIT_ERROR) from exc
+    except ConnectionFailure as exc:
+        err_console.print(f"[red]cannot reach MongoDB:[/red] {escape(str(exc).split(',')[0])}")
+        raise typer.Exit(EXIT_ERROR) from exc
+
+
+@contextlib.contextmanager
+def operator_errors() -> Iterator[None]:
+    """`reported_errors` plus what Temporal answers: one line on stderr and exit 1."""
+    from temporalio.service import RPCError
+
+    with reported_errors():
+        try:
+            yield
+        except RPCError as exc:
+            err_console.print(f"[red]Temporal refused:[/red] {escape(exc.message)}")
+            raise typer.Exit(EXIT_ERROR) from exc
+
+
+@contextlib.contextmanager
+def progress_bars(*descriptions: str) -> Iterator[list[OnProgress]]:
+    """One rich progress bar per step on stderr (stdout stays clean for `--json`); each
+    callback takes `(done, total)` and shows its bar from its first report."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bars:
+        tasks = [bars.add_task(d, total=None, visible=False) for d in descriptions]
+
+        def updater(task: TaskID) -> OnProgress:
+            def update(done: int, total: int | None) -> None:
+                bars.update(task, completed=done, total=total, visible=True)
+            return update
+
+        yield [updater(task) for task in tasks]
+
+
+def run_until_signal(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main`; the first SIGINT or SIGTERM cancels it so it can stop what it started (later
+    signals are ignored while it does). Ending on a signal is a normal exit."""
+
+    async def supervise() -> None:
+        task = asyncio.ensure_future(main)
+        loop = asyncio.get_running_loop()
+        signalled = False
+
+        def on_signal() -> None:
+            nonlocal signalled
+            if not signalled:
+                signalled = True
+                err_console.print("stopping ...")
+                task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not signalled:
+                raise
+            err_console.print("stopped")
+
+    asyncio.run(supervise())
+
+
+def store_runtime() -> Runtime:
+    """Settings from the environment and the configuration file (`Runtime.from_settings`)."""
+    from billing.config import Settings
+    from billing.runtime import Runtime
+
+    return Runtime.from_settings(Settings())
+
+
+async def temporal() -> Client:
+    """The Temporal client of `TEMPORAL_ADDRESS`; unreachable is a `TemporalUnavailable`."""
+    from billing.config import Settings
+    from starter.temporal_client import connect
+
+    return await connect(Settings())

@@ -1,0 +1,27 @@
+"""The worker process (`billing worker`, and the worker inside `billing dev`): what must be true
+before it polls, then the worker `worker.py` composes."""
+
+from __future__ import annotations
+
+from temporalio.client import Client
+
+from billing.runtime import Runtime
+from billing.store.migrations import migrate
+from starter.schedules import ensure_schedules
+from starter.temporal_client import connect
+from worker import build_worker
+
+
+async def prepare(runtime: Runtime) -> Client:
+    """Indexes, start-up migrations and schedules, all idempotent; returns the client."""
+    await runtime.db.ensure_indexes()
+    await migrate(runtime.db, runtime.subscriptions)
+    client = await connect(runtime.settings)
+    await ensure_schedules(client, runtime.settings.temporal_task_queue)
+    return client
+
+
+async def run_worker(runtime: Runtime) -> None:
+    """Prepare, then run until cancelled."""
+    client = await prepare(runtime)
+    await build_worker(client, runtime).run()
