@@ -28,8 +28,6 @@ async def api(runtime: Runtime) -> AsyncIterator[AsyncClient]:
         yield c
 
 
-
-
 def parse_utc(value: str) -> datetime:
     assert value.endswith("Z"), value
     parsed = datetime.fromisoformat(value)

@@ -48,8 +48,6 @@ TWO_MIB = 2 * 1024 * 1024
 #: The collections a hostile request could write to (the event records are checked apart).
 
 
-
-
 @dataclass(frozen=True)
 class Probe:
     method: str
@@ -350,12 +348,6 @@ CASES: list[Case] = [
 
 
 # ---- fixtures and checks -----------------------------------------------------------------
-
-
-
-
-
-
 
 
 def assert_error_format(response: httpx.Response, expect: Refused) -> None:

@@ -19,10 +19,6 @@ from billing.store.ledger import Ledger
 EXAMPLE = Path(__file__).resolve().parents[1] / "billing" / "billing.example.toml"
 
 
-
-
-
-
 @pytest.fixture
 def store_env(settings: Settings) -> dict[str, str]:
     return {"MONGODB_URI": settings.mongodb_uri, "MONGODB_DB": settings.mongodb_db}

@@ -74,14 +74,10 @@ def lot_of(result: LedgerResult) -> str:
     return str(result.entry["lot_id"])
 
 
-
-
 async def lot_doc(db: Database, lot_id: str) -> Doc:
     found = await db.lots.find_one({"_id": lot_id})
     assert found is not None
     return found
-
-
 
 
 # ---- accounts ----------------------------------------------------------------------------------

@@ -22,12 +22,6 @@ def meters(db: Database, meter_config: BillingConfig) -> Meters:
     return Meters(db, meter_config)
 
 
-
-
-
-
-
-
 async def notes(db: Database, org: str, type: str | None = None) -> list[Doc]:
     query: Doc = {"org_id": org} if type is None else {"org_id": org, "type": type}
     return [doc async for doc in db.notifications.find(query)]

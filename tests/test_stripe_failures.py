@@ -44,14 +44,6 @@ async def failing_inserts(db: Database) -> AsyncIterator[None]:
         await db.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
 
 
-
-
-
-
-
-
-
-
 async def test_a_failing_transaction_fails_after_five_attempts_and_retry_applies_once(
     api, stripe_worker, temporal_client, stripe_runtime: Runtime, db, org
 ):

@@ -10,15 +10,15 @@ unique `(org_id, run_id, step)` index (and the ledger key) make a replay abort t
 on a duplicate key; the stored first result is then returned with `applied: false`.
 
 Every record of an organization increments the same meter document, so concurrent transactions
-on one organization conflict and start again. A `Meters` instance therefore queues the records
-of one organization behind an in-process lock: within a process they wait instead of
-conflicting (transactions stay the guarantee across processes). Share one instance per process.
+on one organization conflict and start again. A `Meters` instance therefore commits the records
+of its process in groups, one transaction at a time (`record`): within a process records never
+conflict, and a commit carries every record that arrived while the previous one committed
+(transactions stay the guarantee across processes). Share one instance per process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import weakref
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -52,6 +52,9 @@ from billing.weeks import iso_week
 #: A duplicate key that is not a replay (two transactions opening the same meter or writing the
 #: same notification) is retried this many times before it is reported.
 DUPLICATE_RETRIES = 5
+#: Records committed in one transaction at most: big enough to amortise the commit, small enough
+#: to keep a transaction short and a retried group cheap.
+GROUP_MAX = 100
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,23 @@ class UsageResult:
     used: int
     quota: int
     balance: int
+
+
+@dataclass
+class _Pending:
+    """A usage record waiting for its group's commit, and where its caller waits."""
+
+    request: UsageRequest
+    now: datetime
+    result: asyncio.Future[UsageResult]
+
+    def succeed(self, result: UsageResult) -> None:
+        if not self.result.done():  # the caller may have gone (a cancelled request)
+            self.result.set_result(result)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.result.done():
+            self.result.set_exception(exc)
 
 
 @dataclass(frozen=True)
@@ -92,15 +112,8 @@ class Meters:
         self.db = db
         self.config = config
         self.ledger = Ledger(db)
-        self._org_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
-
-    def _org_lock(self, org_id: str) -> asyncio.Lock:
-        lock = self._org_locks.get(org_id)
-        if lock is None:
-            lock = self._org_locks[org_id] = asyncio.Lock()
-        return lock
+        self._queue: list[_Pending] = []
+        self._committer: asyncio.Task[None] | None = None
 
     # ---- shared steps ---------------------------------------------------------------------------
 
@@ -176,13 +189,92 @@ class Meters:
 
     async def record(self, request: UsageRequest, now: datetime) -> UsageResult:
         """Record one usage record; a replay of `(org_id, run_id, step)` returns the first result
-        with `applied: false` and writes nothing."""
+        with `applied: false` and writes nothing.
+
+        Group commit: the records that arrive while a group is committing wait for the next one,
+        and each group is ONE transaction (records of any organization, applied in arrival
+        order), so under load a commit carries many records and at low load a lone record
+        commits at once. A record that fails inside a group (a replay's duplicate key, an
+        unknown organization) aborts that attempt; its neighbours are committed again without it
+        and it runs alone, in arrival order."""
+        loop = asyncio.get_running_loop()
+        pending = _Pending(request, now, loop.create_future())
+        self._queue.append(pending)
+        if self._committer is None or self._committer.done() \
+                or self._committer.get_loop() is not loop:
+            self._committer = loop.create_task(self._commit_groups())
+        return await pending.result
+
+    async def record_many(
+        self, requests: list[UsageRequest], now: datetime
+    ) -> list[UsageResult | BillingError]:
+        """Record several usage records, each with its own idempotency, in their order (so a
+        repeated `(run_id, step)` replays the first): they join the group commit together. A
+        record refused (unknown organization, invalid units) is answered with its error and does
+        not stop the others; a failure of the database fails the call, and a retry of it is
+        safe."""
+
+        async def one(request: UsageRequest) -> UsageResult | BillingError:
+            try:
+                return await self.record(request, now)
+            except BillingError as exc:
+                return exc
+
+        return list(await asyncio.gather(*(one(request) for request in requests)))
+
+    async def _commit_groups(self) -> None:
+        group: list[_Pending] = []
+        try:
+            while self._queue:
+                group, self._queue = self._queue[:GROUP_MAX], self._queue[GROUP_MAX:]
+                await self._commit(group)
+        except BaseException as exc:  # cancelled with its loop: nobody may wait forever
+            for pending in group + self._queue:
+                pending.fail(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
+            self._queue = []
+            raise
+
+    async def _commit(self, group: list[_Pending]) -> None:
+        """Commit `group` in one transaction. A record that fails is taken out: the records
+        before it commit, then it runs alone (its own result or error), then the ones after it:
+        every record applies in arrival order, as if each had its own transaction."""
+        while group:
+            at = 0
+
+            async def apply(session: AsyncClientSession,
+                            members: list[_Pending] = group) -> list[UsageResult]:
+                nonlocal at
+                results = []
+                for index, pending in enumerate(members):
+                    at = index  # the record being applied names the one that failed
+                    results.append(await self._record_in(session, pending.request, pending.now))
+                return results
+
+            try:
+                results = await run_in_transaction(self.db.client, apply)
+            except (DuplicateKeyError, BillingError):
+                before, alone, group = group[:at], group[at], group[at + 1:]
+                await self._commit(before)  # arrival order holds: a repeat replays the first
+                try:
+                    alone.succeed(await self._record_alone(alone.request, alone.now))
+                except Exception as exc:
+                    alone.fail(exc)
+                continue
+            except Exception as exc:  # the database failed: every record of the group says so
+                for pending in group:
+                    pending.fail(exc)
+                return
+            for pending, result in zip(group, results, strict=True):
+                pending.succeed(result)
+            return
+
+    async def _record_alone(self, request: UsageRequest, now: datetime) -> UsageResult:
+        """One record in a transaction of its own: a replay answers the stored first result."""
         for _ in range(DUPLICATE_RETRIES):
             try:
-                async with self._org_lock(request.org_id):
-                    return await run_in_transaction(
-                        self.db.client, lambda session: self._record_in(session, request, now)
-                    )
+                return await run_in_transaction(
+                    self.db.client, lambda session: self._record_in(session, request, now)
+                )
             except DuplicateKeyError:
                 stored = await self.db.usage.find_one(
                     {"org_id": request.org_id, "run_id": request.run_id, "step": request.step}
@@ -190,31 +282,6 @@ class Meters:
                 if stored is not None:
                     return _stored_result(stored)
         raise RuntimeError(f"usage {request.run_id}:{request.step} kept hitting duplicate keys")
-
-    async def record_many(
-        self, requests: list[UsageRequest], now: datetime, *, concurrency: int = 16
-    ) -> list[UsageResult | BillingError]:
-        """Record several usage records, each with its own idempotency and its own transaction:
-        one organization's records in their order (so a repeated `(run_id, step)` replays the
-        first), organizations side by side. A record refused (unknown organization, invalid
-        units) is answered with its error and does not stop the others; a failure of the
-        database fails the call, and a retry of it is safe."""
-        results: list[UsageResult | BillingError | None] = [None] * len(requests)
-        by_org: dict[str, list[int]] = {}
-        for index, request in enumerate(requests):
-            by_org.setdefault(request.org_id, []).append(index)
-        gate = asyncio.Semaphore(concurrency)
-
-        async def one_org(indexes: list[int]) -> None:
-            async with gate:
-                for index in indexes:
-                    try:
-                        results[index] = await self.record(requests[index], now)
-                    except BillingError as exc:
-                        results[index] = exc
-
-        await asyncio.gather(*(one_org(indexes) for indexes in by_org.values()))
-        return [result for result in results if result is not None]
 
     async def _record_in(
         self, session: AsyncClientSession, request: UsageRequest, now: datetime
