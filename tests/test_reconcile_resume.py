@@ -15,6 +15,7 @@ from faults import fail_point, runtime_on
 from pymongo import monitoring
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
+from test_query_shapes import index_backed
 
 from billing.clock import utcnow
 from billing.config import BillingConfig
@@ -32,14 +33,19 @@ APP_NAME = "billing-reconcile-resume"
 
 class OrgReads(monitoring.CommandListener):
     """Per organization: the ledger chunks read (`seq` ranges) and the snapshots begun (the
-    week's usage aggregation, one per snapshot)."""
+    week's usage aggregation, one per snapshot); and every read's filter."""
 
     def __init__(self) -> None:
         self.chunks: Counter[tuple[str, int]] = Counter()
         self.snapshots: Counter[str] = Counter()
+        self.filters: list[tuple[str, dict[str, Any]]] = []
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         command: dict[str, Any] = event.command
+        if event.command_name == "find":
+            self.filters.append((command["find"], command.get("filter") or {}))
+        elif event.command_name == "aggregate":
+            self.filters.append((command["aggregate"], command["pipeline"][0].get("$match", {})))
         if event.command_name == "find" and command.get("find") == "ledger":
             query = command.get("filter") or {}
             upto = (query.get("seq") or {}).get("$lte")
@@ -103,6 +109,9 @@ async def test_a_failed_attempt_resumes_after_the_organizations_it_finished(
         # No ledger chunk was read twice, not even the failed organization's: it was carried.
         assert set(reads.chunks) >= {(org, 4) for org in orgs}
         assert [k for k, n in reads.chunks.items() if n > 1] == []
+        # Every read is an index lookup (the first page of accounts walks the `_id` index).
+        assert [(c, q) for c, q in reads.filters
+                if not index_backed(c, q) and (c, q) != ("accounts", {})] == []
         # The report is that of an uninterrupted run.
         assert report.counts.orgs == 6
         assert (report.counts.ledger_divergent, report.counts.meter_divergent) == (2, 0)
