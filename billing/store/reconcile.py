@@ -27,7 +27,7 @@ from billing.stripe.subscriptions import STATUS_NONE
 from billing.weeks import week_start
 
 REPORT_KIND = "reconcile"
-#: Sequence numbers per ledger read (one ledger transaction writes one entry per `seq`).
+#: Sequence numbers per ledger read: a `seq` is one ledger transaction of the organization.
 LEDGER_CHUNK = 1000
 _ENTRY_FIELDS = {"_id": 0, "amount": 1, "draws": 1, "kind": 1, "key": 1, "created_at": 1}
 
