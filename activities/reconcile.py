@@ -12,7 +12,9 @@ from activities.stripe_api import StripeApiActivities
 from billing.models import (
     Divergence,
     EventListQuery,
+    LedgerSums,
     MissedEventsPage,
+    PageProgress,
     ReconcilePage,
     ReconcilePageResult,
     ReconcileReport,
@@ -47,26 +49,42 @@ class ReconcileActivities:
 
     @activity.defn(name="reconcile_org_page")
     async def org_page(self, page: ReconcilePage) -> ReconcilePageResult:
-        """Checks (a) ledger and (b) meter for one page of organizations, in `_id` order, and
-        their linked Stripe subscriptions for check (c)."""
-        org_ids = await self.accounts.page_ids(page.after, page.limit)
-        next_after = org_ids[-1] if len(org_ids) == page.limit else None
-        if not org_ids:
-            return ReconcilePageResult(org_ids=[], divergences=[], subscriptions=[],
-                                       next_after=None)
-        readings = await self.store.read_page(org_ids, page.week)
+        """Checks (a) ledger and (b) meter for one page of organizations, in `_id` order, one
+        organization at a time, and collects their linked Stripe subscriptions for check (c).
+
+        Heartbeats its `PageProgress` after every organization and every ledger chunk; a retry
+        resumes from the last one, so a done organization is not read again, nor a chunk."""
+        details = activity.info().heartbeat_details
+        progress = (PageProgress.model_validate(details[0]) if details else
+                    PageProgress(org_ids=await self.accounts.page_ids(page.after, page.limit)))
         tolerance = self.config.reconcile
-        divergences: list[Divergence] = []
-        for org in readings.orgs:
-            divergences.extend(ledger_divergences(org.ledger))
-            gap = meter_divergence(org.ledger.org_id, page.week, org.overflow, org.debited,
-                                   tolerance)
-            if gap is not None:
-                divergences.append(gap)
-        await self._report(divergences, page.report_id, page.started_at)
-        return ReconcilePageResult(org_ids=[org.ledger.org_id for org in readings.orgs],
-                                   divergences=divergences, subscriptions=readings.subscriptions,
-                                   next_after=next_after)
+
+        def beat(sums: LedgerSums) -> None:
+            progress.current = sums
+            activity.heartbeat(progress.model_copy(deep=True))
+
+        for org_id in progress.org_ids[progress.done:]:
+            current = progress.current
+            sums = current if current is not None and current.org_id == org_id else (
+                LedgerSums(org_id=org_id))
+            readings = await self.store.read_org(sums, page.week, beat)
+            if readings is not None:
+                divergences = ledger_divergences(readings.ledger)
+                gap = meter_divergence(org_id, page.week, readings.overflow, readings.debited,
+                                       tolerance)
+                if gap is not None:
+                    divergences.append(gap)
+                await self._report(divergences, page.report_id, page.started_at)
+                progress.checked.append(org_id)
+                progress.divergences.extend(divergences)
+                progress.subscriptions.extend(readings.subscriptions)
+            progress.done += 1
+            progress.current = None
+            activity.heartbeat(progress.model_copy(deep=True))
+        full = len(progress.org_ids) == page.limit
+        return ReconcilePageResult(org_ids=progress.checked, divergences=progress.divergences,
+                                   subscriptions=progress.subscriptions,
+                                   next_after=progress.org_ids[-1] if full else None)
 
     @activity.defn(name="reconcile_subscription")
     async def subscription(self, check: SubscriptionCheck) -> list[Divergence]:

@@ -352,6 +352,38 @@ class ReconcilePageResult(BaseModel):
     next_after: str | None
 
 
+class LedgerSums(BaseModel):
+    """Running sums over one organization's ledger entries with `seq <= through_seq`.
+
+    Entries are immutable and an organization's `seq` grows with every ledger transaction, so
+    sums up to a `seq` never change: the reconciliation adds them up in bounded chunks and
+    carries them in its heartbeat, and only the entries after `through_seq` are read in the
+    final snapshot."""
+
+    org_id: str
+    through_seq: int = 0
+    entries_total: int = 0
+    #: Units drawn from each lot, by lot id.
+    drawn: dict[str, int] = Field(default_factory=dict)
+    #: The checked week's usage debits (`debit` entries keyed `usage:*`), as positive units.
+    week_usage_debits: int = 0
+
+
+class PageProgress(BaseModel):
+    """How far `reconcile_org_page` got: its heartbeat details, from which a retry resumes."""
+
+    #: Organizations of the page done so far (checked, divergences notified).
+    done: int = 0
+    #: The page, as the first attempt read it.
+    org_ids: list[str]
+    #: The organization in progress, summed through a chunk of its ledger.
+    current: LedgerSums | None = None
+    #: What the done organizations gave (an organization without an account gives nothing).
+    checked: list[str] = Field(default_factory=list)
+    divergences: list[Divergence] = Field(default_factory=list)
+    subscriptions: list[SubscriptionRef] = Field(default_factory=list)
+
+
 class EventListQuery(BaseModel):
     """One page of `GET /v1/events`, newest first."""
 

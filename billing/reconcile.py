@@ -6,12 +6,15 @@ as a `Divergence`. The reconciliation only reports: it never changes a balance i
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from billing.config import BillingConfig, ReconcileConfig
-from billing.models import Divergence
+from billing.ledger import EntryKind
+from billing.models import Divergence, LedgerSums
 from billing.stripe.subscriptions import ENDED_STATUSES, plan_for_subscription
 
 
@@ -45,6 +48,29 @@ class LedgerState:
     other_debt: int
     entries_total: int
     lots: tuple[LotState, ...]
+
+
+def add_entries(
+    sums: LedgerSums, entries: Iterable[Mapping[str, Any]], *, through_seq: int,
+    week_start: datetime, week_end: datetime,
+) -> LedgerSums:
+    """`sums` plus `entries`, which must be every entry of the organization with
+    `sums.through_seq < seq <= through_seq`: each entry is then counted exactly once.
+
+    Adds the amount to the entries' total, each draw to its lot, and a `usage:*` debit created
+    in `[week_start, week_end)` to the week's usage debits (as positive units)."""
+    total, debits = sums.entries_total, sums.week_usage_debits
+    drawn = dict(sums.drawn)
+    for entry in entries:
+        amount = int(entry["amount"])
+        total += amount
+        for draw in entry.get("draws") or ():
+            drawn[draw["lot_id"]] = drawn.get(draw["lot_id"], 0) + int(draw["units"])
+        if (entry["kind"] == EntryKind.DEBIT.value and str(entry["key"]).startswith("usage:")
+                and week_start <= entry["created_at"] < week_end):
+            debits -= amount
+    return LedgerSums(org_id=sums.org_id, through_seq=through_seq, entries_total=total,
+                      drawn=drawn, week_usage_debits=debits)
 
 
 def ledger_divergences(state: LedgerState) -> list[Divergence]:

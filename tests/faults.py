@@ -205,9 +205,10 @@ async def assert_ledger_invariants(db: Database, org: str) -> None:
 @asynccontextmanager
 async def fail_point(db: Database, *, app_name: str, commands: list[str], times: int,
                      error_code: int | None = None, error_labels: list[str] | None = None,
-                     close_connection: bool = False) -> AsyncIterator[None]:
-    """`failCommand` on the next `times` of `commands` sent by the client named `app_name` only;
-    `db` is a client of the test (it must not carry that name)."""
+                     close_connection: bool = False, skip: int = 0) -> AsyncIterator[None]:
+    """`failCommand` on the next `times` of `commands` sent by the client named `app_name` only,
+    after letting `skip` of them pass; `db` is a client of the test (it must not carry that
+    name)."""
     data: dict[str, Any] = {"failCommands": commands, "appName": app_name}
     if error_code is not None:
         data["errorCode"] = error_code
@@ -215,8 +216,9 @@ async def fail_point(db: Database, *, app_name: str, commands: list[str], times:
         data["errorLabels"] = error_labels
     if close_connection:
         data["closeConnection"] = True
+    mode = {"skip": skip, "times": times} if skip else {"times": times}
     await db.client.admin.command({"configureFailPoint": "failCommand",
-                                   "mode": {"times": times}, "data": data})
+                                   "mode": mode, "data": data})
     try:
         yield
     finally:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from ledger_ops import clawback, reinstate
 
 from billing.config import BillingConfig, ReconcileConfig
 from billing.ledger import EntryKind
 from billing.metering import UsageRequest
+from billing.models import LedgerSums
 from billing.reconcile import (
     LedgerState,
     LotState,
+    add_entries,
     is_divergent,
     ledger_divergences,
     meter_divergence,
@@ -137,13 +141,87 @@ async def test_every_kind_of_entry_leaves_the_checks_quiet(
     await ledger.write(org, key="settle:2026-W20", kind=EntryKind.SETTLEMENT, amount=5000, now=now)
     await meters.record(UsageRequest(org_id=org, run_id="run-late", units=300), now)
 
-    readings = await ReconcileStore(db).read_page([org], iso_week(now))
+    # Chunks of 2 sequence numbers: the sums are carried from chunk to chunk.
+    chunks: list[LedgerSums] = []
+    found = await ReconcileStore(db, chunk=2).read_org(LedgerSums(org_id=org), iso_week(now),
+                                                       chunks.append)
 
-    [found] = readings.orgs
+    assert found is not None
+    account = await db.accounts.find_one({"_id": org})
+    assert account is not None
+    seq = account["seq"]
+    assert [c.through_seq for c in chunks] == [*range(2, seq, 2), seq]
     assert ledger_divergences(found.ledger) == []
     assert found.overflow == found.debited == 3 * 4000 + 300
     assert meter_divergence(org, iso_week(now), found.overflow, found.debited,
                             config.reconcile) is None
-    account = await db.accounts.find_one({"_id": org})
-    assert account is not None and account["balance"] == found.ledger.entries_total
+    assert account["balance"] == found.ledger.entries_total
     assert account["usage_debt"] + account["other_debt"] > 0  # the debts took part
+
+
+WEEK_START = datetime(2026, 5, 4, tzinfo=UTC)
+WEEK_END = WEEK_START + timedelta(days=7)
+
+
+def _entry(seq: int, amount: int, *, key: str = "", kind: str = "debit",
+           draws: tuple[tuple[str, int], ...] = (), days: int = 1) -> dict[str, Any]:
+    return {"seq": seq, "amount": amount, "kind": kind, "key": key or f"usage:run-{seq}:initial",
+            "created_at": WEEK_START + timedelta(days=days),
+            "draws": [{"lot_id": lot, "units": units} for lot, units in draws]}
+
+
+def test_sums_count_each_entry_once_and_only_the_weeks_usage_debits() -> None:
+    entries = [
+        _entry(1, 500, kind="grant", key="grant:signup"),
+        _entry(2, -200, draws=(("lot_a", 200),)),
+        _entry(3, -100, draws=(("lot_a", 100),), days=-1),  # the week before
+        _entry(4, -50, kind="adjustment", key="admin:r1", draws=(("lot_a", 50),)),
+        _entry(5, -30, kind="debit", key="usage:late:initial", days=7),  # the week after
+    ]
+    sums = add_entries(LedgerSums(org_id="acme"), entries, through_seq=5,
+                       week_start=WEEK_START, week_end=WEEK_END)
+    assert (sums.through_seq, sums.entries_total, sums.drawn, sums.week_usage_debits) == (
+        5, 120, {"lot_a": 350}, 200)
+
+
+@given(amounts=st.lists(st.integers(-10**6, 10**6).filter(bool), max_size=30),
+       cuts=st.lists(st.integers(0, 30), max_size=5))
+def test_chunked_sums_equal_one_pass(amounts: list[int], cuts: list[int]) -> None:
+    """However the entries are split into chunks by `seq`, the sums are those of one pass."""
+    entries = [_entry(seq, amount, draws=(((f"lot_{seq % 3}", -amount),) if amount < 0 else ()))
+               for seq, amount in enumerate(amounts, start=1)]
+    whole = add_entries(LedgerSums(org_id="acme"), entries, through_seq=len(entries),
+                        week_start=WEEK_START, week_end=WEEK_END)
+    chunked = LedgerSums(org_id="acme")
+    for upto in sorted({*(min(c, len(entries)) for c in cuts), len(entries)}):
+        chunk = [e for e in entries if chunked.through_seq < e["seq"] <= upto]
+        chunked = add_entries(chunked, chunk, through_seq=upto, week_start=WEEK_START,
+                              week_end=WEEK_END)
+    assert chunked == whole
+    assert whole.entries_total == sum(amounts)
+
+
+async def test_a_read_resumed_from_carried_sums_counts_nothing_twice(
+    db: Database, config: BillingConfig, org: str, now: datetime
+) -> None:
+    """A retry carries the sums of the chunks already read; entries written since are read in
+    the snapshot: the readings are those of a fresh read."""
+    meters = Meters(db, config)
+    await Accounts(db, config).register(org, now)
+    for run in range(5):
+        await meters.record(UsageRequest(org_id=org, run_id=f"run-{run}", units=300), now)
+    carried: list[LedgerSums] = []
+    store = ReconcileStore(db, chunk=2)
+    await store.read_org(LedgerSums(org_id=org), iso_week(now), carried.append)
+    for run in range(5, 8):  # written after the chunks were read
+        await meters.record(UsageRequest(org_id=org, run_id=f"run-{run}", units=300), now)
+
+    reread: list[LedgerSums] = []
+    resumed = await store.read_org(carried[-1], iso_week(now), reread.append)
+    fresh = await store.read_org(LedgerSums(org_id=org), iso_week(now), lambda _: None)
+
+    assert resumed is not None and resumed == fresh
+    assert reread[0].through_seq > carried[-1].through_seq  # no chunk read again
+    assert ledger_divergences(resumed.ledger) == []
+    assert resumed.ledger.entries_total == 500 - 8 * 300
+    assert resumed.overflow == resumed.debited == 8 * 300

@@ -42,14 +42,17 @@ FAIL_ON: list[type[BaseException]] = [
 
 
 async def call(
-    name: str, arg: Any, result_type: type[T], *, start_to_close: timedelta = ACTIVITY_TIMEOUT
+    name: str, arg: Any, result_type: type[T], *, start_to_close: timedelta = ACTIVITY_TIMEOUT,
+    heartbeat: timedelta | None = None,
 ) -> T:
-    """Run the activity `name` with the shared retry policy and return its typed result."""
+    """Run the activity `name` with the shared retry policy and return its typed result; a
+    long activity that heartbeats passes its `heartbeat` timeout."""
     result: T = await workflow.execute_activity(
         name,
         arg,
         result_type=result_type,
         start_to_close_timeout=start_to_close,
+        heartbeat_timeout=heartbeat,
         retry_policy=ACTIVITY_RETRY,
     )
     return result

@@ -4,7 +4,10 @@ Two phases, each paged and bounded:
 
 1. **orgs**: every organization, in `_id` order, a page per activity: (a) the ledger against its
    entries and lots, (b) the week's metered overflow against its usage debits, then (c) each
-   linked Stripe subscription against Stripe, a few organizations at a time.
+   linked Stripe subscription against Stripe, a few organizations at a time. The page activity
+   reads one organization at a time in bounded chunks and heartbeats its progress: a worker
+   killed mid-page is noticed within `ORG_PAGE_HEARTBEAT` and the retry resumes where the last
+   heartbeat left off.
 2. **events**: (d) the handled Stripe events of the last `events_window_hours`, a page per
    activity; each one the engine has no outcome record of runs as the normal
    `StripeEventWorkflow` (child id `stripe-<evt id>`, the webhook's id and reuse policy), so a
@@ -51,6 +54,13 @@ with workflow.unsafe.imports_passed_through():
     from billing.stripe.events import HANDLED_TYPES
 
 
+#: One page of organizations (up to 1000, each read in chunks); a stalled attempt is caught by
+#: the heartbeat timeout long before this.
+ORG_PAGE_TIMEOUT = timedelta(minutes=10)
+#: The page activity heartbeats after every organization and ledger chunk (each a bounded read).
+ORG_PAGE_HEARTBEAT = timedelta(seconds=20)
+
+
 def _orgs(divergences: list[Divergence]) -> int:
     return len({d.org_id for d in divergences})
 
@@ -90,7 +100,7 @@ class ReconcileWorkflow:
             "reconcile_org_page",
             ReconcilePage(after=state.after, limit=state.page_size, week=report.week,
                           report_id=report.report_id, started_at=report.started_at),
-            ReconcilePageResult, start_to_close=PAGE_TIMEOUT,
+            ReconcilePageResult, start_to_close=ORG_PAGE_TIMEOUT, heartbeat=ORG_PAGE_HEARTBEAT,
         )
         counts = report.counts
         counts.orgs += len(page.org_ids)

@@ -1,114 +1,146 @@
 """The reconciliation's reads, its notifications and its report (collection `reports`).
 
-A page of organizations is read in one snapshot transaction, so a usage record or a Stripe event
-committing meanwhile cannot show up as a false divergence.
+One organization at a time, in bounded reads: its ledger entries are summed in chunks of at most
+`chunk` sequence numbers outside any transaction (entries are immutable, so a sum up to a `seq`
+never changes), then one short snapshot transaction reads the account, its lots, the entries
+written since the last chunk, the week's usage records and its subscriptions. A usage record or a
+Stripe event committing meanwhile therefore cannot show up as a false divergence, and no
+transaction reads an unbounded part of a busy organization's history.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.asynchronous.collection import AsyncCollection
 
-from billing.ledger import EntryKind
-from billing.models import Divergence, ReconcileReport, SubscriptionRef
-from billing.reconcile import LedgerState, LotState
-from billing.store.database import Database, Doc
+from billing.models import Divergence, LedgerSums, ReconcileReport, SubscriptionRef
+from billing.reconcile import LedgerState, LotState, add_entries
+from billing.store.database import Database
 from billing.store.notifications import notify
 from billing.store.transactions import run_in_transaction
 from billing.stripe.subscriptions import STATUS_NONE
 from billing.weeks import week_start
 
 REPORT_KIND = "reconcile"
+#: Sequence numbers per ledger read: a `seq` is one ledger transaction of the organization.
+LEDGER_CHUNK = 1000
+_ENTRY_FIELDS = {"_id": 0, "amount": 1, "draws": 1, "kind": 1, "key": 1, "created_at": 1}
 
 
 @dataclass(frozen=True)
 class OrgReadings:
-    """What the checks of one organization compare, read in one snapshot."""
+    """What the checks of one organization compare, as of one snapshot."""
 
     ledger: LedgerState
     #: The week's metered overflow: the sum of its usage records' `overflow`.
     overflow: int
     #: The week's usage debits (`debit` entries keyed `usage:*`), as positive units.
     debited: int
-
-
-@dataclass(frozen=True)
-class PageReadings:
-    orgs: list[OrgReadings]
     subscriptions: list[SubscriptionRef]
 
 
-async def _sums(
-    collection: AsyncCollection[Doc], session: AsyncClientSession, match: Doc, key: str,
-    value: str, unwind: str | None = None,
-) -> dict[str, int]:
-    """`{key: sum(value)}` over the documents matching `match` (after `$unwind`, if given)."""
-    pipeline: list[Doc] = [{"$match": match}]
-    if unwind is not None:
-        pipeline.append({"$unwind": unwind})
-    pipeline.append({"$group": {"_id": key, "total": {"$sum": value}}})
-    cursor = await collection.aggregate(pipeline, session=session)
-    return {doc["_id"]: int(doc["total"]) async for doc in cursor}
+class _Behind(Exception):
+    """More entries were written since the last chunk than one chunk holds."""
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
 
 
 class ReconcileStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, chunk: int = LEDGER_CHUNK) -> None:
         self.db = db
+        self.chunk = chunk
 
-    async def read_page(self, org_ids: list[str], week: str) -> PageReadings:
-        """The ledger, the week's meter and the subscription of each organization."""
+    async def read_org(
+        self, sums: LedgerSums, week: str, on_chunk: Callable[[LedgerSums], None],
+    ) -> OrgReadings | None:
+        """The organization's readings, its ledger summed on from `sums` (a fresh
+        `LedgerSums(org_id=...)`, or the progress of an earlier attempt); `on_chunk` gets the
+        sums after every chunk. None when the organization has no account."""
         start = week_start(week)
         end = start + timedelta(days=7)
-        orgs: Doc = {"$in": org_ids}
+        while True:
+            account = await self.db.accounts.find_one({"_id": sums.org_id}, {"seq": 1})
+            if account is None:
+                return None
+            sums = await self._sum_through(sums, int(account.get("seq", 0)), start, end,
+                                           on_chunk)
+            try:
+                return await self._snapshot(sums, week, start, end)
+            except _Behind as behind:
+                sums = await self._sum_through(sums, behind.seq, start, end, on_chunk)
 
-        async def work(session: AsyncClientSession) -> PageReadings:
+    async def _sum_through(
+        self, sums: LedgerSums, seq: int, start: datetime, end: datetime,
+        on_chunk: Callable[[LedgerSums], None],
+    ) -> LedgerSums:
+        """Add the entries up to `seq`, a chunk per read (outside any transaction)."""
+        while sums.through_seq < seq:
+            upto = min(sums.through_seq + self.chunk, seq)
+            cursor = self.db.ledger.find(
+                {"org_id": sums.org_id, "seq": {"$gt": sums.through_seq, "$lte": upto}},
+                _ENTRY_FIELDS)
+            sums = add_entries(sums, [doc async for doc in cursor], through_seq=upto,
+                               week_start=start, week_end=end)
+            on_chunk(sums)
+        return sums
+
+    async def _snapshot(
+        self, sums: LedgerSums, week: str, start: datetime, end: datetime
+    ) -> OrgReadings | None:
+        """The account, lots, entries after `sums.through_seq`, usage and subscriptions of
+        the organization in one snapshot transaction; raises `_Behind` when the entries after
+        `sums` exceed a chunk (the transaction then reads nothing more)."""
+        org_id = sums.org_id
+
+        async def work(session: AsyncClientSession) -> OrgReadings | None:
             db = self.db
-            accounts = {doc["_id"]: doc async for doc in db.accounts.find(
-                {"_id": orgs}, {"balance": 1, "usage_debt": 1, "other_debt": 1, "plan_id": 1},
-                session=session)}
-            totals = await _sums(db.ledger, session, {"org_id": orgs}, "$org_id", "$amount")
-            drawn = await _sums(db.ledger, session, {"org_id": orgs, "draws": {"$exists": True}},
-                                "$draws.lot_id", "$draws.units", unwind="$draws")
-            overflow = await _sums(db.usage, session, {"org_id": orgs, "week": week},
-                                   "$org_id", "$overflow")
-            debited = await _sums(
-                db.ledger, session,
-                {"org_id": orgs, "kind": EntryKind.DEBIT.value,
-                 "created_at": {"$gte": start, "$lt": end}, "key": {"$regex": "^usage:"}},
-                "$org_id", "$amount")
-            lots: dict[str, list[LotState]] = defaultdict(list)
-            async for lot in db.lots.find({"org_id": orgs},
-                                          {"org_id": 1, "units": 1, "remaining": 1,
-                                           "repaid_debt": 1}, session=session):
-                lots[lot["org_id"]].append(LotState(
-                    id=lot["_id"], units=int(lot["units"]), remaining=int(lot["remaining"]),
-                    repaid_debt=int(lot.get("repaid_debt", 0)), drawn=drawn.get(lot["_id"], 0)))
-            subscriptions = [doc async for doc in db.stripe_subscriptions.find(
-                {"org_id": orgs}, {"org_id": 1, "status": 1, "plan_id": 1}, session=session)]
-            readings = [
-                OrgReadings(
-                    ledger=LedgerState(
-                        org_id=org, balance=int(account.get("balance", 0)),
-                        usage_debt=int(account.get("usage_debt", 0)),
-                        other_debt=int(account.get("other_debt", 0)),
-                        entries_total=totals.get(org, 0), lots=tuple(lots[org])),
-                    overflow=overflow.get(org, 0),
-                    debited=-debited.get(org, 0),
-                )
-                for org, account in sorted(accounts.items())
-            ]
-            refs = [
-                SubscriptionRef(org_id=doc["org_id"], subscription_id=str(doc["_id"]),
-                                status=doc.get("status") or STATUS_NONE,
-                                plan_id=doc.get("plan_id"))
-                for doc in sorted(subscriptions, key=lambda d: (str(d["org_id"]), str(d["_id"])))
-            ]
-            return PageReadings(orgs=readings, subscriptions=refs)
+            account = await db.accounts.find_one(
+                {"_id": org_id}, {"balance": 1, "usage_debt": 1, "other_debt": 1, "seq": 1},
+                session=session)
+            if account is None:
+                return None
+            seq = int(account.get("seq", 0))
+            if seq - sums.through_seq > self.chunk:
+                raise _Behind(seq)
+            tail = db.ledger.find({"org_id": org_id, "seq": {"$gt": sums.through_seq}},
+                                  _ENTRY_FIELDS, session=session)
+            final = add_entries(sums, [doc async for doc in tail], through_seq=seq,
+                                week_start=start, week_end=end)
+            lots = [LotState(id=lot["_id"], units=int(lot["units"]),
+                             remaining=int(lot["remaining"]),
+                             repaid_debt=int(lot.get("repaid_debt", 0)),
+                             drawn=final.drawn.get(lot["_id"], 0))
+                    async for lot in db.lots.find(
+                        {"org_id": org_id}, {"units": 1, "remaining": 1, "repaid_debt": 1},
+                        session=session)]
+            cursor = await db.usage.aggregate([
+                {"$match": {"org_id": org_id, "week": week}},
+                {"$group": {"_id": None, "total": {"$sum": "$overflow"}}},
+            ], session=session)
+            overflow = sum([int(doc["total"]) async for doc in cursor])
+            subscriptions = sorted([doc async for doc in db.stripe_subscriptions.find(
+                {"org_id": org_id}, {"status": 1, "plan_id": 1}, session=session)],
+                key=lambda doc: str(doc["_id"]))
+            return OrgReadings(
+                ledger=LedgerState(
+                    org_id=org_id, balance=int(account.get("balance", 0)),
+                    usage_debt=int(account.get("usage_debt", 0)),
+                    other_debt=int(account.get("other_debt", 0)),
+                    entries_total=final.entries_total, lots=tuple(lots)),
+                overflow=overflow,
+                debited=final.week_usage_debits,
+                subscriptions=[
+                    SubscriptionRef(org_id=org_id, subscription_id=str(doc["_id"]),
+                                    status=doc.get("status") or STATUS_NONE,
+                                    plan_id=doc.get("plan_id"))
+                    for doc in subscriptions],
+            )
 
         return await run_in_transaction(self.db.client, work)
 
