@@ -211,6 +211,11 @@ class Settings(BaseSettings):
     billing_api_token: str = ""
     billing_config: str | None = None
 
+    def environment(self) -> dict[str, str]:
+        """These settings as the environment variables that give them, for a child process."""
+        return {name.upper(): str(value) for name, value in self.model_dump().items()
+                if value is not None}
+
     @property
     def webhook_secrets(self) -> tuple[str, ...]:
         return _split_csv(self.stripe_webhook_secret)

@@ -1,7 +1,8 @@
 """`billing dev`: the whole engine in one process tree, for development.
 
-SecantusDB and the Temporal dev server (with its Web UI) run as child processes; the worker and
-the HTTP API run in this process's event loop. Everything is kept under the data directory
+SecantusDB, the Temporal dev server (with its Web UI) and the worker run as child processes (the
+worker apart so that it and the API each use a core); the HTTP API runs in this process's event
+loop. Everything is kept under the data directory
 (MongoDB storage, the Temporal database file, the generated dev token and webhook secret), so a
 restart finds the same organizations, ledgers and workflow history.
 """
@@ -24,7 +25,9 @@ import uvicorn
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from temporalio.worker import Worker
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import Client
 
 from billing.config import Settings, load_config
 from billing.runtime import Runtime
@@ -33,12 +36,12 @@ from starter.embedded import (
     EmbeddedError,
     LocalStripe,
     MongoServer,
+    WorkerProcess,
     ensure_port_free,
     free_port,
     start_temporal,
 )
 from starter.worker_process import prepare
-from worker import build_worker
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 60.0
@@ -171,9 +174,18 @@ async def _stop_task(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-async def _stop_worker(worker: Worker, task: asyncio.Task[None]) -> None:
-    await worker.shutdown()
-    await _stop_task(task)
+async def _wait_polling(client: Client, task_queue: str, worker: asyncio.Task[None]) -> None:
+    """Wait until a worker polls the task queue, so an event sent once `billing dev` says it is
+    ready is picked up at once."""
+    request = DescribeTaskQueueRequest(namespace=client.namespace,
+                                       task_queue=TaskQueue(name=task_queue))
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not (await client.workflow_service.describe_task_queue(request)).pollers:
+        if worker.done():
+            raise _failure("the worker", worker)
+        if time.monotonic() > deadline:
+            raise EmbeddedError(f"no worker polls {task_queue} after {READY_TIMEOUT_S:.0f} s")
+        await asyncio.sleep(0.2)
 
 
 async def _stop_server(server: uvicorn.Server, task: asyncio.Task[None]) -> None:
@@ -225,7 +237,7 @@ async def _until_a_part_stops(mongo: MongoServer, parts: dict[str, asyncio.Task[
 
 
 def _print_ready(
-    console: Console, options: DevOptions, settings: Settings, data_dir: Path
+    console: Console, options: DevOptions, settings: Settings, data_dir: Path, worker: WorkerProcess
 ) -> None:
     api = f"http://{HOST}:{options.http_port}"
     token = settings.api_tokens[0]
@@ -236,6 +248,7 @@ def _print_ready(
         ("Temporal", f"{settings.temporal_address} (namespace {settings.temporal_namespace}, "
                      f"task queue {settings.temporal_task_queue})"),
         ("MongoDB", f"{settings.mongodb_uri} (database {settings.mongodb_db})"),
+        ("Worker metrics", f"http://{HOST}:{worker.metrics_port}/metrics"),
         ("Data", str(data_dir)),
         ("API token", token),
         ("Webhook secret", settings.webhook_secrets[0]),
@@ -307,9 +320,12 @@ async def run_dev(options: DevOptions, console: Console) -> None:
         client = await prepare(runtime)
 
         console.print("starting the worker and the HTTP API ...")
-        worker = build_worker(client, runtime)
-        worker_task = asyncio.create_task(worker.run(), name="worker")
-        stack.push_async_callback(_stop_worker, worker, worker_task)
+        worker = WorkerProcess(settings, metrics_port=free_port())
+        stack.push_async_callback(worker.stop)
+        await worker.start()
+        worker_task = asyncio.create_task(worker.exited(), name="worker")
+        stack.callback(worker_task.cancel)  # first, so that stopping the worker is no failure
+        await _wait_polling(client, settings.temporal_task_queue, worker_task)
         server = _EmbeddedHTTPServer(
             uvicorn.Config(
                 create_app(runtime, client), log_level="warning", timeout_graceful_shutdown=5
@@ -322,5 +338,5 @@ async def run_dev(options: DevOptions, console: Console) -> None:
         await _wait_ready(
             f"http://{HOST}:{options.http_port}", f"http://{HOST}:{options.ui_port}", parts
         )
-        _print_ready(console, options, settings, data_dir)
+        _print_ready(console, options, settings, data_dir, worker)
         await _until_a_part_stops(mongo, parts)

@@ -22,6 +22,7 @@ from pathlib import Path
 from temporalio.common import SearchAttributeKey
 from temporalio.testing import WorkflowEnvironment
 
+from billing.config import Settings
 from workflows.search import ORG_ID, STRIPE_EVENT_TYPE
 
 SEARCH_ATTRIBUTES: tuple[SearchAttributeKey[str], ...] = (ORG_ID, STRIPE_EVENT_TYPE)
@@ -194,3 +195,31 @@ async def start_temporal(
         dev_server_database_filename=str(database_file) if database_file else None,
         search_attributes=SEARCH_ATTRIBUTES,
     )
+
+
+@dataclass
+class WorkerProcess:
+    """`billing worker` as a child process of `billing dev`, so that the API and the worker each
+    have a core: both are CPU-bound Python, and one process shares one core among them."""
+
+    settings: Settings
+    metrics_port: int
+    process: asyncio.subprocess.Process | None = field(default=None, init=False)
+
+    async def start(self) -> None:
+        ensure_port_free(self.metrics_port, "the worker's metrics")
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "starter.cli", "worker", "--log-format", "text",
+            "--metrics-port", str(self.metrics_port),
+            env={**os.environ, **self.settings.environment()}, start_new_session=True)
+        await wait_for_port(self.metrics_port, "the worker", timeout_s=60, process=self.process)
+
+    async def exited(self) -> None:
+        """Wait for the worker to exit, which `billing dev` reports as a failure."""
+        assert self.process is not None
+        code = await self.process.wait()
+        raise EmbeddedError(f"the worker exited with code {code} (its output is above)")
+
+    async def stop(self) -> None:
+        await terminate(self.process, grace_s=15)
+        self.process = None

@@ -74,19 +74,24 @@ def worker(
     metrics_port: Annotated[
         int, typer.Option("--metrics-port", min=0, max=65535, help="Prometheus port, 0: none")
     ] = 9464,
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="json (one line per record) or text")
+    ] = "json",
 ) -> None:
     """Run the Temporal worker (creates the indexes and schedules it needs first)."""
+    if log_format not in ("json", "text"):
+        err_console.print("--log-format is json or text")
+        raise typer.Exit(EXIT_CONFIG)
     with reported_errors():
         from billing.logs import configure_logging
         from starter.telemetry import enable_sdk_metrics, serve_metrics
         from starter.worker_process import run_worker
 
-        configure_logging()
+        configure_logging(json=log_format == "json")
         enable_sdk_metrics()
         if metrics_port:
             serve_metrics(metrics_port)
         run_until_signal(run_worker(store_runtime()))
-
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,5 @@
+"""`python -m starter.cli`: the `billing` command line, for child processes of `billing dev`."""
+
+from starter.cli import app
+
+app()
