@@ -24,6 +24,7 @@ from activities.stripe_refunds import RefundActivities
 from billing.config import Settings
 from billing.runtime import Runtime
 from billing.store.migrations import migrate
+from starter import tracing
 from starter.schedules import ensure_schedules
 from workflows.admin_adjustment import AdminAdjustmentWorkflow
 from workflows.dunning import DunningWorkflow
@@ -95,6 +96,7 @@ async def connect(settings: Settings) -> Client:
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
+        interceptors=tracing.client_interceptors(),
     )
 
 
@@ -118,6 +120,7 @@ def build_worker(client: Client, runtime: Runtime, task_queue: str | None = None
 
 async def run_worker(runtime: Runtime) -> None:
     """Connect, prepare the database and schedules, and run until cancelled."""
+    tracing.setup_tracing("billing-worker")
     await runtime.db.ensure_indexes()
     await migrate(runtime.db)
     client = await connect(runtime.settings)
