@@ -129,4 +129,5 @@ async def run_worker(runtime: Runtime) -> None:
 
 
 if __name__ == "__main__":
+    tracing.instrument_mongodb()
     asyncio.run(run_worker(Runtime.from_settings(Settings())))
