@@ -74,6 +74,13 @@ def setup_tracing(default_service: str) -> bool:
     return True
 
 
+def flush() -> None:
+    """Export the spans the batch processor holds. For processes that end on a re-raised signal
+    (uvicorn), where the SDK's exit hook does not run."""
+    if _provider is not None:
+        _provider.force_flush()
+
+
 def shutdown_tracing() -> None:
     """Export what is buffered and stop tracing in this process (new clients, apps and MongoDB
     commands are no longer traced)."""

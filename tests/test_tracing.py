@@ -4,6 +4,7 @@ no OTLP endpoint configured, nothing is installed."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from billing.runtime import Runtime
 from billing.store.database import Database
 from starter import tracing
 from starter.api.app import create_app
+from starter.embedded import find_binary, free_port, terminate, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 OTEL_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -149,6 +151,39 @@ async def test_a_webhook_is_one_trace_from_request_to_mongodb(
     # Nothing of this workflow's run was left out of the request's trace.
     assert not [span.name for _, span in spans if span.trace_id != trace_id
                 and span.name.startswith(("RunWorkflow:", "StartActivity:", "RunActivity:"))]
+
+
+async def test_billing_serve_traces_requests_and_their_mongodb_commands(
+    otlp: Receiver, stripe_runtime: Runtime, org
+):
+    """The production command: MongoDB's command tracer is registered before its client."""
+    port = free_port()
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("OTEL_", "MONGODB_", "TEMPORAL_", "STRIPE_", "BILLING_"))}
+    env |= {"MONGODB_URI": stripe_runtime.settings.mongodb_uri,
+            "MONGODB_DB": stripe_runtime.settings.mongodb_db, "BILLING_API_TOKEN": "t",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url.removesuffix("/v1/traces"),
+            "OTEL_SERVICE_NAME": "billing-api-traced"}
+    serve = await asyncio.create_subprocess_exec(
+        find_binary("billing"), "serve", "--port", str(port), env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await wait_for_port(port, "billing serve", process=serve)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            assert (await http.get("/healthz")).status_code == 200
+            registered = await http.put(f"/v1/orgs/{org}", headers={"Authorization": "Bearer t"})
+            assert registered.status_code == 201
+    finally:
+        await terminate(serve, grace_s=30)  # exports what is buffered on the way out
+
+    spans = otlp.spans()
+    assert {service for service, _ in spans} == {"billing-api-traced"}
+    [request] = [span for _, span in spans if span.kind == Span.SPAN_KIND_SERVER]
+    assert request.name == "PUT /v1/orgs/{org}"  # /healthz is not traced
+    commands = {span.name.split(".")[-1] for _, span in spans
+                if attributes(span.attributes).get("db.system") == "mongodb"
+                and span.trace_id == request.trace_id}
+    assert {"find", "insert", "commitTransaction"} <= commands
 
 
 async def test_without_an_endpoint_nothing_is_installed(

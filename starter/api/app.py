@@ -24,6 +24,7 @@ def create_app(runtime: Runtime, temporal: Client | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.db.ensure_indexes()
         yield
+        tracing.flush()
 
     app = FastAPI(
         title="Billing engine",
