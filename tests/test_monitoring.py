@@ -12,6 +12,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import promql_parser
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
@@ -60,8 +61,6 @@ DELIVERY_METRICS = {
 }
 TARGET_LABELS = {"job", "instance"}
 SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
-KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
-            "group_left", "group_right", "inf", "nan"}
 
 
 @cache
@@ -98,27 +97,36 @@ def sdk_names() -> set[str]:
             for sample in family.samples if not sample.name.endswith("_created")}
 
 
+def parse(expr: str) -> promql_parser.Expr:
+    """Parse PromQL; Grafana's `$__rate_interval` stands for a duration."""
+    return promql_parser.parse(expr.replace("$__rate_interval", "5m"))
+
+
 def selectors(expr: str) -> list[tuple[str, set[str]]]:
     """(metric name, label names matched) of every series selector of a PromQL expression."""
-    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges and subqueries
-    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
     found = []
-    for match in re.finditer(r"(?<![\w:$.])([A-Za-z_:][\w:]*)\s*(\{[^}]*\})?(\s*\()?", expr):
-        name, matchers, call = match.groups()
-        if call or name in KEYWORDS:
-            continue
-        labels = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", matchers or ""))
-        found.append((name, labels))
+
+    def visit(node: promql_parser.Expr) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            found.append((node.name, {matcher.name for matcher in node.matchers.matchers}))
+
+    promql_parser.walk(parse(expr), visit)
     return found
 
 
 def grouping_labels(expr: str) -> set[str]:
-    return {label.strip() for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr)
-            for label in group.split(",") if label.strip()}
+    """The labels of every aggregation's `by (...)` or `without (...)`."""
+    found: set[str] = set()
+
+    def visit(node: promql_parser.Expr) -> None:
+        if isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            found.update(node.modifier.labels)
+
+    promql_parser.walk(parse(expr), visit)
+    return found
 
 
 def check_expression(expr: str) -> None:
-    assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
     found = selectors(expr)
     assert found, f"no metric in {expr!r}"
     known = exported()
@@ -162,6 +170,8 @@ def test_the_expression_parser_finds_metrics_and_rejects_unknown_ones() -> None:
         check_expression('billing_failed_workflows{org="acme"}')
     with pytest.raises(AssertionError):
         check_expression("sum by (org) (rate(billing_ledger_entries_total[5m]))")
+    with pytest.raises(ValueError, match="unclosed left parenthesis"):
+        check_expression("sum(rate(billing_ledger_entries_total[5m])")
 
 
 def test_the_dashboard_is_valid_and_reads_only_exported_metrics() -> None:
