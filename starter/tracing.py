@@ -16,7 +16,6 @@ PyMongo's command monitoring, which the async API shares).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from temporalio.client import Interceptor
@@ -32,11 +31,11 @@ EXCLUDED_URLS = "/healthz,/readyz,/metrics"
 _provider: TracerProvider | None = None
 
 
-def configured(environ: Mapping[str, str] = os.environ) -> bool:
+def configured() -> bool:
     """Whether the environment asks for traces: an OTLP endpoint, and the SDK not disabled."""
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    return any(environ.get(name, "").strip() for name in ENDPOINT_VARIABLES)
+    return any(os.environ.get(name, "").strip() for name in ENDPOINT_VARIABLES)
 
 
 def instrument_mongodb() -> None:
@@ -47,7 +46,9 @@ def instrument_mongodb() -> None:
         return
     from opentelemetry.instrumentation.pymongo import PymongoInstrumentor
 
-    PymongoInstrumentor().instrument()
+    instrumentor = PymongoInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument()
 
 
 def setup_tracing(default_service: str) -> bool:
