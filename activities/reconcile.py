@@ -9,6 +9,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.stripe_api import StripeApiActivities
+from billing.metrics import RECONCILE_DIVERGENCES
 from billing.models import (
     Divergence,
     EventListQuery,
@@ -39,13 +40,15 @@ class ReconcileActivities:
     async def _report(
         self, divergences: list[Divergence], report_id: str, started_at: datetime
     ) -> None:
-        """Log each divergence and notify its organization (once a day per check)."""
+        """Log each divergence, notify its organization (once a day per check), then count it."""
         for d in divergences:
             activity.logger.warning(
                 "reconcile: %s divergence %s on %s: expected %s, found %s", d.check, d.kind,
                 d.subject, d.expected, d.actual, extra={"org_id": d.org_id})
         await self.store.notify_divergences(divergences, report_id=report_id,
                                             started_at=started_at)
+        for d in divergences:
+            RECONCILE_DIVERGENCES.labels(d.check).inc()
 
     @activity.defn(name="reconcile_org_page")
     async def org_page(self, page: ReconcilePage) -> ReconcilePageResult:

@@ -6,7 +6,11 @@ HTTP app exposes at `/metrics`. Define every new metric here so names stay in on
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from billing.models import ReconcileCheck
 
 HTTP_REQUESTS = Counter(
     "billing_http_requests_total",
@@ -51,3 +55,12 @@ FAILED_WORKFLOWS = Gauge(
     "Billing workflows whose last run failed (the dead letters), read from Temporal visibility "
     "at scrape time.",
 )
+RECONCILE_DIVERGENCES = Counter(
+    "billing_reconcile_divergences_total",
+    "Divergences found by reconciliation runs (each run counts what it finds, after reporting "
+    "it), by check (ledger, meter, subscription).",
+    ["check"],
+)
+# Every check's series exists from the start at 0, so `increase()` also sees the first one.
+for _check in get_args(ReconcileCheck):
+    RECONCILE_DIVERGENCES.labels(_check)

@@ -31,6 +31,7 @@ from temporalio.client import Client
 
 from billing.config import Settings, load_config
 from billing.runtime import Runtime
+from starter import tracing
 from starter.api.app import create_app
 from starter.embedded import (
     EmbeddedError,
@@ -280,6 +281,7 @@ async def run_dev(options: DevOptions, console: Console) -> None:
     started first."""
     config = load_config(Settings().billing_config)
     check_ports(options)
+    tracing.setup_tracing("billing-dev")
     data_dir = options.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     settings = dev_settings(options, dev_credentials(data_dir))

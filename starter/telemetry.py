@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
 from starter.embedded import free_port
+from starter.tracing import instrument_mongodb
 
 SCRAPE_TIMEOUT_S = 2.0
 
@@ -40,10 +41,12 @@ _enabled = False
 def enable_sdk_metrics() -> None:
     """Make the default Temporal runtime export its metrics and add them to the registry.
 
-    Call once per process, before the first Temporal client connects."""
+    Call once per process, before the first Temporal client connects and the first MongoDB
+    client is built: it also registers the MongoDB command tracer when tracing is configured."""
     global _enabled
     if _enabled:
         return
+    instrument_mongodb()
     address = f"127.0.0.1:{free_port()}"
     Runtime.set_default(
         Runtime(telemetry=TelemetryConfig(

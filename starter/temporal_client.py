@@ -10,6 +10,7 @@ from temporalio.service import RPCError
 
 from billing.config import Settings
 from billing.errors import BillingError
+from starter import tracing
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -20,7 +21,8 @@ class TemporalUnavailable(BillingError):
 
 
 async def connect(settings: Settings, *, timeout_s: float = CONNECT_TIMEOUT_S) -> Client:
-    """The engine's client (pydantic payloads, the configured namespace). A server that cannot
+    """The engine's client (pydantic payloads, the configured namespace, and the tracing
+    interceptor when tracing is configured, which workers built on it inherit). A server that cannot
     be reached within `timeout_s` is a `TemporalUnavailable`: a 503 from the API, one line and
     exit 1 from the CLI."""
     try:
@@ -29,6 +31,7 @@ async def connect(settings: Settings, *, timeout_s: float = CONNECT_TIMEOUT_S) -
                 settings.temporal_address,
                 namespace=settings.temporal_namespace,
                 data_converter=pydantic_data_converter,
+                interceptors=tracing.client_interceptors(),
             )
     except (RuntimeError, RPCError, TimeoutError) as exc:
         raise TemporalUnavailable(

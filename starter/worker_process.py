@@ -7,6 +7,7 @@ from temporalio.client import Client
 
 from billing.runtime import Runtime
 from billing.store.migrations import migrate
+from starter import tracing
 from starter.schedules import ensure_schedules
 from starter.temporal_client import connect
 from worker import build_worker
@@ -23,5 +24,6 @@ async def prepare(runtime: Runtime) -> Client:
 
 async def run_worker(runtime: Runtime) -> None:
     """Prepare, then run until cancelled."""
+    tracing.setup_tracing("billing-worker")
     client = await prepare(runtime)
     await build_worker(client, runtime).run()

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 from cli_helpers import billing
+from prometheus_client import REGISTRY
 from stripe_fake import StripeFake
 from stripe_payloads import deliver, event, metadata, new_id, payment_intent, subscription
 from temporalio.client import Client
@@ -96,6 +97,15 @@ async def notifications(db: Database, org: str) -> list[Obj]:
         {"org_id": org, "type": "reconcile.divergence"})]
 
 
+def divergences_counted() -> Counter[str]:
+    counted = Counter[str]()
+    for check in ("ledger", "meter", "subscription"):
+        value = REGISTRY.get_sample_value("billing_reconcile_divergences_total", {"check": check})
+        assert value is not None  # the series exists before the first divergence
+        counted[check] = int(value)
+    return counted
+
+
 async def topups(db: Database, org: str) -> int:
     return await db.ledger.count_documents({"org_id": org, "kind": "topup"})
 
@@ -139,12 +149,14 @@ async def test_reconcile_reports_divergences_and_repairs_a_missed_event_once(
     # One page per run, one event per page: the sweep pages through the events and continues
     # as new between pages, carrying its report.
     workflow_id = f"reconcile-test-{uuid.uuid4().hex[:8]}"
+    counted_before = divergences_counted()
     handle = await temporal_client.start_workflow(
         ReconcileWorkflow.run, ReconcileInput(pages_per_run=1, events_page_size=1), id=workflow_id,
         task_queue=stripe_runtime.settings.temporal_task_queue)
     report = await handle.result()
     latest_run = await temporal_client.get_workflow_handle(workflow_id).describe()
     assert latest_run.run_id != handle.first_execution_run_id
+    assert divergences_counted() - counted_before == Counter(d.check for d in report.divergences)
 
     assert of(report, orgs.balance_off) == [
         ("ledger", "balance_vs_entries", 500, 507), ("ledger", "balance_vs_lots", 500, 507)]

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from temporalio.client import Client
 
 from billing.runtime import Runtime
+from starter import tracing
 from starter.api import events, health, metering, metrics, orgs, webhook
 from starter.api.deps import AppState
 from starter.api.errors import install_error_handlers
@@ -23,6 +24,7 @@ def create_app(runtime: Runtime, temporal: Client | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.db.ensure_indexes()
         yield
+        tracing.flush()
 
     app = FastAPI(
         title="Billing engine",
@@ -42,4 +44,5 @@ def create_app(runtime: Runtime, temporal: Client | None = None) -> FastAPI:
     app.include_router(metering.router)
     app.include_router(webhook.router)
     app.include_router(events.router)
+    tracing.instrument_app(app)
     return app
