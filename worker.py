@@ -12,6 +12,7 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.admin import AdminActivities
+from activities.auto_topup import AutoTopUpActivities
 from activities.dunning import DunningActivities
 from activities.ledger import LedgerActivities
 from activities.reconcile import ReconcileActivities
@@ -25,7 +26,9 @@ from billing.config import Settings
 from billing.runtime import Runtime
 from billing.store.migrations import migrate
 from starter.schedules import ensure_schedules
+from starter.topup_dispatch import TopUpDispatcher
 from workflows.admin_adjustment import AdminAdjustmentWorkflow
+from workflows.auto_topup import AutoTopUpWorkflow
 from workflows.dunning import DunningWorkflow
 from workflows.expire_credits import ExpireCreditsWorkflow
 from workflows.org_sweep import OrgSweepWorkflow
@@ -42,6 +45,7 @@ WORKFLOWS: Sequence[type] = (
     DunningWorkflow,
     ReconcileWorkflow,
     OrgSweepWorkflow,
+    AutoTopUpWorkflow,
 )
 
 
@@ -56,6 +60,7 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
     invoices = InvoiceActivities(runtime)
     dunning = DunningActivities(runtime)
     reconcile = ReconcileActivities(runtime, stripe_api)
+    auto_topup = AutoTopUpActivities(runtime, stripe_api)
     return [
         ledger.expire_credit_page,
         ledger.expire_org_page,
@@ -87,6 +92,8 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
         reconcile.subscription,
         reconcile.missed_events,
         reconcile.write_report,
+        auto_topup.charge,
+        auto_topup.record,
     ]
 
 
@@ -122,7 +129,9 @@ async def run_worker(runtime: Runtime) -> None:
     await migrate(runtime.db)
     client = await connect(runtime.settings)
     await ensure_schedules(client, runtime.settings.temporal_task_queue)
-    await build_worker(client, runtime).run()
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(build_worker(client, runtime).run())
+        tasks.create_task(TopUpDispatcher(client, runtime).run())
 
 
 if __name__ == "__main__":

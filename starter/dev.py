@@ -39,6 +39,7 @@ from starter.embedded import (
     start_temporal,
 )
 from starter.schedules import ensure_schedules
+from starter.topup_dispatch import TopUpDispatcher
 from worker import build_worker, connect
 
 HOST = "127.0.0.1"
@@ -170,6 +171,12 @@ async def _stop_task(task: asyncio.Task[None]) -> None:
     await asyncio.wait({task})
     if not task.cancelled():
         task.exception()
+
+
+async def _cancel_task(task: asyncio.Task[None]) -> None:
+    """Stop a part that runs until cancelled (a polling loop)."""
+    task.cancel()
+    await _stop_task(task)
 
 
 async def _stop_worker(worker: Worker, task: asyncio.Task[None]) -> None:
@@ -314,6 +321,9 @@ async def run_dev(options: DevOptions, console: Console) -> None:
         worker = build_worker(client, runtime)
         worker_task = asyncio.create_task(worker.run(), name="worker")
         stack.push_async_callback(_stop_worker, worker, worker_task)
+        dispatch_task = asyncio.create_task(TopUpDispatcher(client, runtime).run(),
+                                            name="auto top-up dispatch")
+        stack.push_async_callback(_cancel_task, dispatch_task)
         server = _EmbeddedHTTPServer(
             uvicorn.Config(
                 create_app(runtime, client), log_level="warning", timeout_graceful_shutdown=5
@@ -322,7 +332,8 @@ async def run_dev(options: DevOptions, console: Console) -> None:
         server_task = asyncio.create_task(server.serve(sockets=[http_socket]), name="HTTP API")
         stack.push_async_callback(_stop_server, server, server_task)
 
-        parts = {"the worker": worker_task, "the HTTP API": server_task}
+        parts = {"the worker": worker_task, "the HTTP API": server_task,
+                 "the auto top-up dispatch": dispatch_task}
         await _wait_ready(
             f"http://{HOST}:{options.http_port}", f"http://{HOST}:{options.ui_port}", parts
         )
