@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from temporalio.client import Client
 
 from billing.runtime import Runtime
-from starter.api import events, health, metering, metrics, orgs, webhook
+from starter.api import auto_topup, events, health, metering, metrics, orgs, webhook
 from starter.api.deps import AppState
 from starter.api.errors import install_error_handlers
 from starter.api.limits import BodyLimitMiddleware
@@ -42,4 +42,5 @@ def create_app(runtime: Runtime, temporal: Client | None = None) -> FastAPI:
     app.include_router(metering.router)
     app.include_router(webhook.router)
     app.include_router(events.router)
+    app.include_router(auto_topup.router)
     return app
