@@ -124,14 +124,17 @@ def build_worker(client: Client, runtime: Runtime, task_queue: str | None = None
 
 
 async def run_worker(runtime: Runtime) -> None:
-    """Connect, prepare the database and schedules, and run until cancelled."""
+    """Connect, prepare the database and schedules, and run the worker and the automatic top-up
+    dispatcher until cancelled."""
     await runtime.db.ensure_indexes()
     await migrate(runtime.db)
     client = await connect(runtime.settings)
     await ensure_schedules(client, runtime.settings.temporal_task_queue)
-    async with asyncio.TaskGroup() as tasks:
-        tasks.create_task(build_worker(client, runtime).run())
-        tasks.create_task(TopUpDispatcher(client, runtime).run())
+    dispatch = asyncio.create_task(TopUpDispatcher(client, runtime).run(), name="top-up dispatch")
+    try:
+        await build_worker(client, runtime).run()
+    finally:
+        dispatch.cancel()
 
 
 if __name__ == "__main__":
