@@ -11,11 +11,18 @@ import os
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from faults import assert_ledger_invariants, wait_until
+from faults import (
+    WorkerProcess,
+    assert_ledger_invariants,
+    delete_schedules_of,
+    wait_until,
+    worker_env,
+)
 from stripe_fake import StripeFake
 from stripe_payloads import deliver, dispute, event, metadata, new_id, subscription
 from temporalio.client import Client
@@ -34,7 +41,7 @@ PACK_UNITS = 500_000
 GRANT = 500  # the free plan's signup grant
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 async def dispatcher(stripe_worker: Worker, stripe_runtime: Runtime,
                      temporal_client: Client) -> AsyncIterator[None]:
     """The worker's dispatcher, polling every 0.1 s, for the engine under test."""
@@ -334,3 +341,30 @@ async def test_cli_shows_and_sets_auto_top_up(
     assert code == 1 and "UNKNOWN_PACK" in err
     code, _, err = await billing_cli("org-never-registered", runtime=stripe_runtime)
     assert code == 1 and "ORG_NOT_FOUND" in err
+
+
+async def test_a_trigger_recorded_while_no_worker_runs_is_bought_once_it_starts(
+    api: httpx.AsyncClient, stripe_fake: StripeFake, stripe_runtime: Runtime,
+    temporal_client: Client, org: str, tmp_path: Path,
+) -> None:
+    """No dispatcher runs when the debit commits (a worker down, or killed right after the
+    commit): `billing worker` starts the recorded top-up when it comes up."""
+    customer = await linked_org(api, temporal_client, stripe_fake, org)
+    await configure(api, org, below=1000)
+    await debit(stripe_runtime, org, 10)
+    trigger = await stripe_runtime.db["auto_topups"].find_one({"_id": f"auto-topup-{org}-1"})
+    assert trigger is not None and trigger["dispatch"] is True
+    assert stripe_fake.intents_of(customer) == []
+
+    queue = f"billing-topup-{uuid.uuid4().hex[:8]}"
+    settings = stripe_runtime.settings.model_copy(update={"temporal_task_queue": queue})
+    process = WorkerProcess(worker_env(settings, temporal_client), tmp_path / "worker.log")
+    try:
+        await process.start()
+        result = await finished(temporal_client, stripe_runtime, org, 1)
+    finally:
+        await process.stop()
+        await delete_schedules_of(temporal_client, queue)
+    assert result.outcome == "succeeded"
+    assert len(stripe_fake.intents_of(customer)) == 1
+    assert await balance(api, org) == GRANT - 10 + PACK_UNITS
