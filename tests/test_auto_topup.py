@@ -63,12 +63,12 @@ async def stripe_event(api: httpx.AsyncClient, client: Client,
 
 
 async def linked_org(api: httpx.AsyncClient, client: Client, fake: StripeFake, org: str, *,
-                     outcome: str = "succeeded") -> str:
+                     outcome: str = "succeeded", default_method: bool = True) -> str:
     """A registered organization (free plan: its grant of 500 units) whose Stripe customer is
     linked by a subscription and pays off-session as `outcome`; the customer id."""
     assert (await api.put(f"/v1/orgs/{org}")).status_code == 201
     customer = new_id("cus")
-    fake.customer(customer, outcome=outcome)
+    fake.customer(customer, outcome=outcome, default_method=default_method)
     sub = subscription(sub=new_id("sub"), customer=customer, price="price_starter_monthly",
                        meta=metadata(org))
     linked = await stripe_event(api, client, event("customer.subscription.created", sub))
@@ -184,11 +184,14 @@ async def test_the_monthly_cap_stops_the_next_top_up(
     api: httpx.AsyncClient, stripe_fake: StripeFake, stripe_runtime: Runtime,
     temporal_client: Client, dispatcher: None, org: str,
 ) -> None:
-    customer = await linked_org(api, temporal_client, stripe_fake, org)
+    # No default payment method: the customer's card is charged.
+    customer = await linked_org(api, temporal_client, stripe_fake, org, default_method=False)
     await configure(api, org, below=1000, max_per_month=2)
     # The balance (500) is already below: the first write that lowers it buys.
     await debit(stripe_runtime, org, 10)
     assert (await finished(temporal_client, stripe_runtime, org, 1)).outcome == "succeeded"
+    card = stripe_fake.objects[stripe_fake.intents_of(customer)[0]["payment_method"]]
+    assert (card["object"], card["customer"]) == ("payment_method", customer)
     await debit(stripe_runtime, org, PACK_UNITS)
     assert (await finished(temporal_client, stripe_runtime, org, 2)).outcome == "succeeded"
     assert await balance(api, org) == GRANT - 10 + PACK_UNITS

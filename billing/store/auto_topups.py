@@ -10,7 +10,7 @@ marked `dispatch` and then clears the mark, so a crash between commit and start 
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime
 from typing import Any
 
@@ -192,10 +192,7 @@ class AutoTopUps:
             return False
         org_id = trigger["org_id"]
         state = await _state_in(self.db, session, org_id)
-        await _save_in(self.db, session, org_id,
-                       configured(state, enabled=False, pack_id=state.pack_id or trigger["pack_id"],
-                                  below_units=state.below_units,
-                                  max_per_month=state.max_per_month))
+        await _save_in(self.db, session, org_id, replace(state, enabled=False))
         await notify(self.db, session, org_id=org_id, type="auto_topup.disabled",
                      key=f"auto_topup.disabled:{dispute}",
                      payload={"workflow_id": trigger["_id"], "payment_intent": payment_intent,
