@@ -14,6 +14,7 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.admin import AdminActivities
+from activities.auto_topup import AutoTopUpActivities
 from activities.dunning import DunningActivities
 from activities.ledger import LedgerActivities
 from activities.reconcile import ReconcileActivities
@@ -25,6 +26,7 @@ from activities.stripe_purchases import PurchaseActivities
 from activities.stripe_refunds import RefundActivities
 from billing.runtime import Runtime
 from workflows.admin_adjustment import AdminAdjustmentWorkflow
+from workflows.auto_topup import AutoTopUpWorkflow
 from workflows.dunning import DunningWorkflow
 from workflows.expire_credits import ExpireCreditsWorkflow
 from workflows.org_sweep import OrgSweepWorkflow
@@ -41,6 +43,7 @@ WORKFLOWS: Sequence[type] = (
     DunningWorkflow,
     ReconcileWorkflow,
     OrgSweepWorkflow,
+    AutoTopUpWorkflow,
 )
 
 
@@ -55,6 +58,7 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
     invoices = InvoiceActivities(runtime)
     dunning = DunningActivities(runtime)
     reconcile = ReconcileActivities(runtime, stripe_api)
+    auto_topup = AutoTopUpActivities(runtime, stripe_api)
     return [
         ledger.expire_credit_page,
         ledger.expire_org_page,
@@ -86,6 +90,8 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
         reconcile.subscription,
         reconcile.missed_events,
         reconcile.write_report,
+        auto_topup.charge,
+        auto_topup.record,
     ]
 
 

@@ -3,12 +3,15 @@ closed`."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from pymongo.asynchronous.client_session import AsyncClientSession
 from temporalio import activity
 
 from activities.stripe_frame import Outcome, StripeFrame
 from billing.ledger import EntryKind
 from billing.models import StripeApply, StripeStep
+from billing.store.database import Doc
 from billing.stripe.disputes import DisputeAction, dispute_action, reinstated_key, withdrawn_key
 from billing.stripe.objects import amount, ref_id
 
@@ -43,6 +46,10 @@ class DisputeActivities(StripeFrame):
                 return await self._notify(session, outcome, "dispute.opened",
                                           f"dispute.opened:{dp}", payload)
             if action is DisputeAction.WITHDRAW:
+                # Before the clawback, whose debit could otherwise trigger the next top-up.
+                if not _recorded(lots, withdrawn_key(dp)) and await self._disable_auto_topup(
+                        session, lots[0].get("payment_intent"), dp, apply.now):
+                    outcome.written.append("auto top-up disabled")
                 result = await ledger.clawback_in(
                     session, org_id, key=withdrawn_key(dp), kind=EntryKind.DISPUTE,
                     lot_ids=lot_ids, cents=amount(dispute.get("amount")), now=apply.now,
@@ -61,3 +68,17 @@ class DisputeActivities(StripeFrame):
             return await self._notify(session, outcome, note, f"{note}:{dp}", payload)
 
         return await self._run(apply, work)
+
+    async def _disable_auto_topup(self, session: AsyncClientSession, payment_intent: str | None,
+                                  dispute: str, now: datetime) -> bool:
+        """A dispute on an automatic top-up's payment disables auto top-up (SPEC §5.8): a
+        stolen card must not keep buying."""
+        if payment_intent is None:
+            return False
+        return await self.runtime.auto_topups.disable_for_payment_in(
+            session, payment_intent=payment_intent, dispute=dispute, now=now)
+
+
+def _recorded(lots: list[Doc], key: str) -> bool:
+    """The lots already hold this clawback (applied, or voided by a reversal that came first)."""
+    return any(c["key"] == key for lot in lots for c in lot.get("clawbacks", []))

@@ -210,6 +210,8 @@ class Settings(BaseSettings):
     stripe_api_base: str | None = None
     billing_api_token: str = ""
     billing_config: str | None = None
+    #: How often the worker starts the automatic top-ups recorded since (SPEC §5.8).
+    auto_topup_dispatch_interval_s: float = Field(default=1.0, gt=0)
 
     def environment(self) -> dict[str, str]:
         """These settings as the environment variables that give them, for a child process."""

@@ -467,3 +467,30 @@ class ReconcileInput(BaseModel):
     after: str | None = None
     events_after: str | None = None
     report: ReconcileReport | None = None
+
+
+class AutoTopUpOrder(BaseModel):
+    """What `AutoTopUpWorkflow` buys; `trigger_id` is its workflow id, `auto-topup-<org>-<n>`."""
+
+    trigger_id: str
+    org_id: str
+    pack_id: str
+
+
+class AutoTopUpCharge(BaseModel):
+    """Stripe's answer to the off-session PaymentIntent of a top-up."""
+
+    order: AutoTopUpOrder
+    succeeded: bool
+    payment_intent: str | None = None
+    intent: dict[str, Any] | None = None  # the PaymentIntent when it succeeded
+    reason: str | None = None  # the decline code or the status when it did not
+
+
+class AutoTopUpResult(BaseModel):
+    trigger_id: str
+    outcome: Literal["succeeded", "failed"]
+    payment_intent: str | None = None
+    credited_units: int = 0
+    paused: bool = False
+    reason: str | None = None

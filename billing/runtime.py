@@ -8,6 +8,7 @@ from functools import cached_property
 
 from billing.config import BillingConfig, Settings, load_config
 from billing.store.accounts import Accounts
+from billing.store.auto_topups import AutoTopUps
 from billing.store.database import Database
 from billing.store.ledger import Ledger
 from billing.store.meters import Meters
@@ -54,3 +55,7 @@ class Runtime:
     @cached_property
     def reports(self) -> ReconcileStore:
         return ReconcileStore(self.db)
+
+    @cached_property
+    def auto_topups(self) -> AutoTopUps:
+        return AutoTopUps(self.db, self.config)

@@ -3,6 +3,8 @@ before it polls, then the worker `worker.py` composes."""
 
 from __future__ import annotations
 
+import asyncio
+
 from temporalio.client import Client
 
 from billing.runtime import Runtime
@@ -10,6 +12,7 @@ from billing.store.migrations import migrate
 from starter import tracing
 from starter.schedules import ensure_schedules
 from starter.temporal_client import connect
+from starter.topup_dispatch import TopUpDispatcher
 from worker import build_worker
 
 
@@ -23,7 +26,11 @@ async def prepare(runtime: Runtime) -> Client:
 
 
 async def run_worker(runtime: Runtime) -> None:
-    """Prepare, then run until cancelled."""
+    """Prepare, then run the worker and the automatic top-up dispatcher until cancelled."""
     tracing.setup_tracing("billing-worker")
     client = await prepare(runtime)
-    await build_worker(client, runtime).run()
+    dispatch = asyncio.create_task(TopUpDispatcher(client, runtime).run(), name="top-up dispatch")
+    try:
+        await build_worker(client, runtime).run()
+    finally:
+        dispatch.cancel()

@@ -2,12 +2,14 @@
 
 It answers what `localstripe` lacks (subscription retrieval with items, refunds listed by charge,
 Checkout sessions listed by payment intent, checkout line items, events listed by creation time
-and type) and can answer 500 on demand.
+and type), creates PaymentIntents with a programmed outcome per customer or payment method
+(honouring `Idempotency-Key`), and can answer 500 on demand.
 `conftest.py` shares its fixtures with every test module.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -43,6 +45,12 @@ class StripeFake:
         self.refunds: dict[str, list[Obj]] = {}
         self.line_items: dict[str, list[Obj]] = {}
         self.events: list[Obj] = []
+        #: What confirming a PaymentIntent does, by payment method or customer id:
+        #: `succeeded` (the default), `declined` (402 card_declined) or `requires_action`.
+        self.outcomes: dict[str, str] = {}
+        #: Every PaymentIntent created, in order (a request repeating an idempotency key adds none).
+        self.intents: list[Obj] = []
+        self._idempotent: dict[str, tuple[int, Obj]] = {}
         self.fail_with: int | None = None
         self.calls: Counter[str] = Counter()
         self.port = free_port()
@@ -64,6 +72,49 @@ class StripeFake:
             line_item("price_pack_500k", amount_total=int(session.get("amount_total") or 4900))]
         return session
 
+    def customer(self, customer_id: str, *, outcome: str = "succeeded",
+                 default_method: bool = True) -> str:
+        """A customer with one card (its default payment method unless `default_method` is
+        false), whose off-session payments end as `outcome`; the card's id."""
+        method = f"pm_{uuid.uuid4().hex[:16]}"
+        self.add({"id": method, "object": "payment_method", "type": "card",
+                  "customer": customer_id, "card": {"brand": "visa", "last4": "4242"}})
+        self.add({"id": customer_id, "object": "customer", "invoice_settings": {
+            "default_payment_method": method if default_method else None}})
+        self.outcomes[customer_id] = outcome
+        return method
+
+    def intents_of(self, customer_id: str) -> list[Obj]:
+        return [pi for pi in self.intents if pi["customer"] == customer_id]
+
+    def _create_intent(self, form: dict[str, str], key: str | None) -> web.Response:
+        if key is not None and key in self._idempotent:
+            status, body = self._idempotent[key]
+            return web.json_response(body, status=status)
+        customer, method = form.get("customer"), form.get("payment_method")
+        outcome = self.outcomes.get(method or "") or self.outcomes.get(customer or "",
+                                                                        "succeeded")
+        amount = int(form["amount"])
+        pi = f"pi_{uuid.uuid4().hex[:20]}"
+        intent: Obj = {
+            "id": pi, "object": "payment_intent", "amount": amount,
+            "amount_received": amount if outcome == "succeeded" else 0,
+            "currency": form.get("currency", "usd"), "customer": customer,
+            "payment_method": method, "created": int(time.time()), "invoice": None,
+            "latest_charge": f"ch_{uuid.uuid4().hex[:20]}" if outcome == "succeeded" else None,
+            "metadata": {k[len("metadata["):-1]: v for k, v in form.items()
+                         if k.startswith("metadata[")},
+            "status": {"succeeded": "succeeded", "requires_action": "requires_action"}.get(
+                outcome, "requires_payment_method"),
+        }
+        self.intents.append(self.add(intent))
+        status, body = (200, intent) if outcome != "declined" else (402, {"error": {
+            "type": "card_error", "code": "card_declined", "decline_code": "generic_decline",
+            "message": "Your card was declined.", "payment_intent": intent}})
+        if key is not None:
+            self._idempotent[key] = (status, body)
+        return web.json_response(body, status=status)
+
     @staticmethod
     def _list(url: str, data: list[Obj]) -> web.Response:
         return web.json_response({"object": "list", "url": url, "has_more": False, "data": data})
@@ -84,6 +135,14 @@ class StripeFake:
         parts = path.strip("/").split("/")
         if parts == ["v1", "events"]:
             return self._events(request)
+        if parts == ["v1", "payment_intents"] and request.method == "POST":
+            form = {k: str(v) for k, v in (await request.post()).items()}
+            return self._create_intent(form, request.headers.get("Idempotency-Key"))
+        if parts == ["v1", "payment_methods"]:
+            customer = request.query.get("customer")
+            return self._list(path, [o for o in self.objects.values()
+                                     if o.get("object") == "payment_method"
+                                     and o.get("customer") == customer])
         if parts == ["v1", "checkout", "sessions"]:
             pi = request.query.get("payment_intent")
             return self._list(path, [o for o in self.objects.values()

@@ -14,11 +14,20 @@ from typing import Any
 from faults import app_client, runtime_on
 from pymongo import monitoring
 from stripe_fake import StripeFake
-from stripe_payloads import deliver, event, metadata, payment_intent, refund, subscription
+from stripe_payloads import (
+    deliver,
+    dispute,
+    event,
+    metadata,
+    payment_intent,
+    refund,
+    subscription,
+)
 from temporalio.client import Client
 
 from billing.runtime import Runtime
 from billing.store.database import INDEXES
+from starter.topup_dispatch import TopUpDispatcher
 from worker import build_worker
 
 Obj = dict[str, Any]
@@ -98,6 +107,51 @@ async def test_hot_paths_use_index_lookups_and_no_find_and_modify(
         await engine.db.close()
 
     assert commands.seen, "the listener saw no command"
+    assert not [c for c in commands.seen if c[0] == "findAndModify"]
+    unindexed = [(name, collection, query) for name, collection, query in commands.seen
+                 if not index_backed(collection, query)]
+    assert unindexed == []
+
+
+async def test_auto_top_up_uses_index_lookups_and_no_find_and_modify(
+    runtime: Runtime, stripe_fake: StripeFake, temporal_client: Client
+) -> None:
+    """Settings, the usage record that triggers, the dispatcher's round, the workflow's charge
+    and record, and a dispute on the top-up payment."""
+    commands = Commands()
+    engine = runtime_on(runtime, temporal_task_queue=f"billing-shapes-{uuid.uuid4().hex[:8]}",
+                        client_options={"event_listeners": [commands]})
+    org, cus = f"org-shapes-{uuid.uuid4().hex[:8]}", f"cus_{uuid.uuid4().hex[:12]}"
+    stripe_fake.customer(cus)
+    try:
+        async with build_worker(temporal_client, engine), \
+                app_client(engine, temporal_client) as api:
+            assert (await api.put(f"/v1/orgs/{org}")).status_code == 201
+            sub = subscription(sub=f"sub_{uuid.uuid4().hex[:12]}", customer=cus,
+                               price="price_starter_monthly", meta=metadata(org))
+            linked = event("customer.subscription.created", sub)
+            assert (await deliver(api, linked)).status_code == 200
+            await temporal_client.get_workflow_handle(f"stripe-{linked['id']}").result()
+            assert (await api.put(f"/v1/orgs/{org}/auto-topup", json={
+                "enabled": True, "pack_id": "pack_500k", "below_units": 1000,
+                "max_per_month": 3})).status_code == 200
+            for run in ("r1", "r2", "r3", "r4", "r5", "r6"):  # the quota, then an overflow
+                used = await api.post("/v1/usage", json={"org_id": org, "run_id": run,
+                                                         "units": 10_000})
+                assert used.status_code == 200
+            assert (await api.get(f"/v1/orgs/{org}/auto-topup")).json()["this_month"] == 1
+            assert await TopUpDispatcher(temporal_client, engine).dispatch_once() == 1
+            await temporal_client.get_workflow_handle(f"auto-topup-{org}-1").result()
+            intent = stripe_fake.intents_of(cus)[0]
+            withdrawn = event("charge.dispute.funds_withdrawn", dispute(
+                dp=f"dp_{uuid.uuid4().hex[:12]}", ch=intent["latest_charge"], pi=intent["id"],
+                amount=4900, status="needs_response"))
+            assert (await deliver(api, withdrawn)).status_code == 200
+            await temporal_client.get_workflow_handle(f"stripe-{withdrawn['id']}").result()
+    finally:
+        await engine.db.close()
+
+    assert any(collection == "auto_topups" for _, collection, _ in commands.seen)
     assert not [c for c in commands.seen if c[0] == "findAndModify"]
     unindexed = [(name, collection, query) for name, collection, query in commands.seen
                  if not index_backed(collection, query)]

@@ -62,6 +62,13 @@ INDEXES: dict[str, list[IndexModel]] = {
                    partialFilterExpression={"outcome": "unresolved"}),
     ],
     "reports": [IndexModel([("created_at", DESCENDING)], name="time")],
+    "auto_topups": [
+        # The dispatcher's outbox: only the triggers whose workflow may not be started yet.
+        IndexModel([("dispatch", ASCENDING)], name="pending_dispatch",
+                   partialFilterExpression={"dispatch": True}),
+        IndexModel([("payment_intent", ASCENDING)], name="payment_intent",
+                   partialFilterExpression={"payment_intent": {"$type": "string"}}),
+    ],
 }
 
 

@@ -36,6 +36,7 @@ from billing.ledger import (
     plan_purchase_clawback,
 )
 from billing.metrics import LEDGER_ENTRIES
+from billing.store.auto_topups import trigger_in
 from billing.store.database import Database, Doc
 from billing.store.transactions import after_commit, run_in_transaction
 
@@ -224,6 +225,10 @@ class Ledger:
             },
             session=session,
         )
+        if amount < 0:
+            # Every write that lowers a balance passes here, on the locked account: the one
+            # place an automatic top-up is triggered (SPEC §5.8).
+            await trigger_in(self.db, session, account, balance_after=balance, now=now)
         return LedgerResult(True, entry, balance)
 
     async def write_in(

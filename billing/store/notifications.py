@@ -28,6 +28,10 @@ NOTIFICATION_TYPES = frozenset(
         "dispute.lost",
         "dispute.reinstated",
         "reconcile.divergence",
+        "auto_topup.succeeded",
+        "auto_topup.failed",
+        "auto_topup.paused",
+        "auto_topup.disabled",
     }
 )
 

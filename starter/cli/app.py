@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import typer
 
-from starter.cli import adjustments, events, orgs, processes, reconcile, schedules
+from starter.cli import (
+    adjustments,
+    auto_topup,
+    events,
+    orgs,
+    processes,
+    reconcile,
+    schedules,
+)
 
 app = typer.Typer(
     name="billing",
@@ -18,5 +26,5 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals hold tokens and secrets
 )
 
-for group in (processes, orgs, adjustments, events, schedules, reconcile):
+for group in (processes, orgs, adjustments, auto_topup, events, schedules, reconcile):
     group.register(app)
