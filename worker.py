@@ -21,16 +21,19 @@ from activities.stripe_disputes import DisputeActivities
 from activities.stripe_invoices import InvoiceActivities
 from activities.stripe_purchases import PurchaseActivities
 from activities.stripe_refunds import RefundActivities
+from activities.webhooks import WebhookActivities
 from billing.config import Settings
 from billing.runtime import Runtime
 from billing.store.migrations import migrate
 from starter.schedules import ensure_schedules
+from starter.webhook_dispatch import run_webhook_dispatcher
 from workflows.admin_adjustment import AdminAdjustmentWorkflow
 from workflows.dunning import DunningWorkflow
 from workflows.expire_credits import ExpireCreditsWorkflow
 from workflows.org_sweep import OrgSweepWorkflow
 from workflows.reconcile import ReconcileWorkflow
 from workflows.stripe_event import StripeEventWorkflow
+from workflows.webhook_delivery import WebhookDeliveryWorkflow
 from workflows.weekly_reset import WeeklyResetOrgWorkflow, WeeklyResetWorkflow
 
 WORKFLOWS: Sequence[type] = (
@@ -42,6 +45,7 @@ WORKFLOWS: Sequence[type] = (
     DunningWorkflow,
     ReconcileWorkflow,
     OrgSweepWorkflow,
+    WebhookDeliveryWorkflow,
 )
 
 
@@ -56,6 +60,7 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
     invoices = InvoiceActivities(runtime)
     dunning = DunningActivities(runtime)
     reconcile = ReconcileActivities(runtime, stripe_api)
+    webhooks = WebhookActivities(runtime)
     return [
         ledger.expire_credit_page,
         ledger.expire_org_page,
@@ -87,6 +92,7 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
         reconcile.subscription,
         reconcile.missed_events,
         reconcile.write_report,
+        webhooks.deliver_webhook,
     ]
 
 
@@ -117,12 +123,18 @@ def build_worker(client: Client, runtime: Runtime, task_queue: str | None = None
 
 
 async def run_worker(runtime: Runtime) -> None:
-    """Connect, prepare the database and schedules, and run until cancelled."""
+    """Connect, prepare the database and schedules, and run (with the outbox dispatcher)
+    until cancelled."""
+    runtime.settings.check_webhooks()
     await runtime.db.ensure_indexes()
     await migrate(runtime.db)
     client = await connect(runtime.settings)
     await ensure_schedules(client, runtime.settings.temporal_task_queue)
-    await build_worker(client, runtime).run()
+    dispatcher = asyncio.create_task(run_webhook_dispatcher(client, runtime))
+    try:
+        await build_worker(client, runtime).run()
+    finally:
+        dispatcher.cancel()
 
 
 if __name__ == "__main__":
