@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from starter import cli_admin, cli_events, cli_reconcile, cli_schedules
+from starter import cli_admin, cli_events, cli_reconcile, cli_schedules, cli_webhooks
 
 if TYPE_CHECKING:
     from billing.runtime import Runtime
@@ -286,3 +286,4 @@ cli_admin.register(app)
 cli_events.register(app)
 cli_schedules.register(app)
 cli_reconcile.register(app)
+cli_webhooks.register(app)

@@ -9,6 +9,7 @@ restart finds the same organizations, ledgers and workflow history.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -39,6 +40,7 @@ from starter.embedded import (
     start_temporal,
 )
 from starter.schedules import ensure_schedules
+from starter.webhook_dispatch import run_webhook_dispatcher
 from worker import build_worker, connect
 
 HOST = "127.0.0.1"
@@ -129,6 +131,11 @@ def dev_credentials(data_dir: Path) -> DevCredentials:
     return DevCredentials(**wanted)
 
 
+def new_webhook_secret() -> str:
+    """A fresh Standard Webhooks secret, `whsec_<base64 of 24 random bytes>`."""
+    return f"whsec_{base64.b64encode(secrets.token_bytes(24)).decode()}"
+
+
 def dev_settings(options: DevOptions, credentials: DevCredentials) -> Settings:
     """The environment's settings, pointed at the embedded servers; `BILLING_API_TOKEN` and
     `STRIPE_WEBHOOK_SECRET` win over the generated dev values when they are set."""
@@ -174,6 +181,11 @@ async def _stop_task(task: asyncio.Task[None]) -> None:
 
 async def _stop_worker(worker: Worker, task: asyncio.Task[None]) -> None:
     await worker.shutdown()
+    await _stop_task(task)
+
+
+async def _stop_dispatcher(task: asyncio.Task[None]) -> None:
+    task.cancel()
     await _stop_task(task)
 
 
@@ -259,6 +271,14 @@ def _print_ready(
         f"export MONGODB_URI='{settings.mongodb_uri}' TEMPORAL_ADDRESS={settings.temporal_address}",
         soft_wrap=True,
     )
+    if settings.webhook_receivers:
+        console.print(f"Notifications are delivered to {escape(settings.billing_webhook_url)}; "
+                      "check a receiver with: billing webhooks test", soft_wrap=True)
+    else:
+        console.print(
+            "Outbound webhooks are off. To deliver notifications to a local receiver, start "
+            f"with: BILLING_WEBHOOK_URL=http://{HOST}:9000/hooks "
+            f"BILLING_WEBHOOK_SECRET={new_webhook_secret()} billing dev", soft_wrap=True)
     console.print("Press Ctrl-C to stop.")
 
 
@@ -271,6 +291,7 @@ async def run_dev(options: DevOptions, console: Console) -> None:
     data_dir = options.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     settings = dev_settings(options, dev_credentials(data_dir))
+    settings.check_webhooks()
     mongo = MongoServer(
         port=options.mongo_port, data_dir=data_dir / "mongo", log_path=data_dir / "mongo.log"
     )
@@ -314,6 +335,9 @@ async def run_dev(options: DevOptions, console: Console) -> None:
         worker = build_worker(client, runtime)
         worker_task = asyncio.create_task(worker.run(), name="worker")
         stack.push_async_callback(_stop_worker, worker, worker_task)
+        dispatcher = asyncio.create_task(run_webhook_dispatcher(client, runtime),
+                                         name="webhook dispatcher")
+        stack.push_async_callback(_stop_dispatcher, dispatcher)
         server = _EmbeddedHTTPServer(
             uvicorn.Config(
                 create_app(runtime, client), log_level="warning", timeout_graceful_shutdown=5

@@ -127,11 +127,14 @@ def sample_notification(now: datetime) -> OutboundNotification:
 
 
 async def send_test(settings: Settings, url: str | None = None) -> list[TestDelivery]:
-    """POST one signed sample to `url`, or to every configured receiver; each one's answer."""
+    """POST one signed sample to `url`, or to every configured receiver; each one's answer
+    (none when there is no receiver)."""
     settings.check_webhooks()
+    targets = (url,) if url else settings.webhook_receivers
+    if not targets:
+        return []
     if not settings.webhook_signing_secrets:
         raise ConfigError("BILLING_WEBHOOK_SECRET is not set: nothing can be signed")
-    targets = (url,) if url else settings.webhook_receivers
     note = sample_notification(datetime.now(UTC))
     results: list[TestDelivery] = []
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as http:

@@ -288,3 +288,51 @@ async def test_without_a_receiver_notifications_leave_the_outbox_and_nothing_sta
     assert len(stored) == 2 and not any("dispatch" in d or "undelivered" in d for d in stored)
     started = [w async for w in temporal_client.list_workflows(f'OrgId="{org}"')]
     assert started == []
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("MONGODB_", "TEMPORAL_", "STRIPE_", "BILLING_"))}
+    return subprocess.run([find_binary("billing"), *args], env={**clean, "COLUMNS": "200", **env},
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+async def test_billing_webhooks_test_sends_a_signed_sample_and_says_what_each_answered(
+    receiver: Receiver,
+) -> None:
+    failing = Receiver()
+    failing.script = [503]
+    await failing.start()
+    try:
+        env = {"BILLING_WEBHOOK_URL": receiver.url, "BILLING_WEBHOOK_SECRET": SECRET}
+        sent = await asyncio.to_thread(cli, "webhooks", "test", "--json", env=env)
+        assert sent.returncode == 0, sent.stderr
+        assert json.loads(sent.stdout) == [
+            {"url": receiver.url, "status": 200, "error": None, "ok": True}]
+        [sample] = receiver.received
+        assert sample.verified and sample.body["type"] == "webhook.test"
+        assert sample.webhook_id == sample.body["id"]
+
+        both = {**env, "BILLING_WEBHOOK_URL": f"{receiver.url},{failing.url}"}
+        mixed = await asyncio.to_thread(cli, "webhooks", "test", env=both)
+        assert mixed.returncode == 1 and "503" in mixed.stdout and "200" in mixed.stdout
+        assert len(failing.received) == 1 and failing.received[0].verified
+    finally:
+        await failing.stop()
+    explicit = await asyncio.to_thread(cli, "webhooks", "test", "--url", receiver.url,
+                                       env={"BILLING_WEBHOOK_SECRET": SECRET})
+    assert explicit.returncode == 0 and len(receiver.received) == 3
+    nowhere = await asyncio.to_thread(cli, "webhooks", "test", env={})
+    assert nowhere.returncode == 1 and "no receiver" in nowhere.stderr
+
+
+@pytest.mark.parametrize("command", [("worker", "--metrics-port", "0"), ("webhooks", "test")])
+async def test_a_receiver_without_a_secret_is_a_configuration_error_at_start(
+    command: tuple[str, ...],
+) -> None:
+    started = await asyncio.to_thread(cli, *command, env={
+        "BILLING_WEBHOOK_URL": "http://127.0.0.1:9/hooks",
+        "MONGODB_URI": "mongodb://127.0.0.1:9/", "TEMPORAL_ADDRESS": "127.0.0.1:9"})
+    assert started.returncode == 2
+    assert "configuration error" in started.stderr and "BILLING_WEBHOOK_SECRET" in \
+        started.stderr
