@@ -12,10 +12,11 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
-from faults import runtime_on, wait_until
+from faults import WorkerProcess, delete_schedules_of, runtime_on, wait_until, worker_env
 from standardwebhooks import Webhook
 from temporalio.client import Client, WorkflowExecutionStatus
 from webhook_receiver import OLD_SECRET, SECRET, Receiver
@@ -336,3 +337,39 @@ async def test_a_receiver_without_a_secret_is_a_configuration_error_at_start(
     assert started.returncode == 2
     assert "configuration error" in started.stderr and "BILLING_WEBHOOK_SECRET" in \
         started.stderr
+
+
+async def test_a_worker_killed_while_dispatching_leaves_nothing_undelivered(
+    hooks_db_runtime: Runtime, temporal_client: Client, receiver: Receiver, tmp_path: Path
+) -> None:
+    """`billing worker` killed (SIGKILL) in the middle of dispatching: some notifications
+    started and not cleared, others not started; the next worker delivers every one."""
+    runtime = configured(hooks_db_runtime, receiver.url)
+    orgs = [await new_org(runtime) for _ in range(4)]
+    await asyncio.gather(*(write(runtime, org, 40) for org in orgs))
+    env = {**worker_env(runtime.settings, temporal_client),
+           "BILLING_WEBHOOK_URL": receiver.url, "BILLING_WEBHOOK_SECRET": SECRET}
+    first = WorkerProcess(env, tmp_path / "worker-1.log", "--metrics-port", "0")
+    second = WorkerProcess(env, tmp_path / "worker-2.log", "--metrics-port", "0")
+
+    async def some_delivered() -> bool:
+        assert first.process is not None and first.process.returncode is None, \
+            (tmp_path / "worker-1.log").read_text()
+        return len(receiver.received) > 0
+
+    try:
+        await first.start()
+        await wait_until(some_delivered, "the first delivery", every_s=0.01)
+        await first.kill()
+        left = await runtime.db.notifications.count_documents(
+            {"org_id": {"$in": orgs}, **outbox.MARK})
+        await second.start()
+        for org in orgs:
+            await arrived(receiver, org, 40)
+    finally:
+        await first.stop()
+        await second.stop()
+        await delete_schedules_of(temporal_client, runtime.settings.temporal_task_queue)
+    print(f"pending at the kill: {left} of 160")
+    for org in orgs:
+        assert sorted({r.body["seq"] for r in receiver.of(org)}) == list(range(1, 41))
