@@ -102,3 +102,55 @@ async def test_hot_paths_use_index_lookups_and_no_find_and_modify(
     unindexed = [(name, collection, query) for name, collection, query in commands.seen
                  if not index_backed(collection, query)]
     assert unindexed == []
+
+
+async def test_outbound_webhooks_use_index_lookups_and_no_find_and_modify(
+    runtime: Runtime, temporal_client: Client
+) -> None:
+    """The notification outbox: notify, the dispatcher's poll and clear, the delivery's
+    acknowledgement and the oldest-undelivered gauge (on a database of its own: the dispatcher
+    takes every pending notification it finds)."""
+    from datetime import UTC, datetime
+
+    from webhook_receiver import SECRET, Receiver
+
+    from billing.store.accounts import Accounts
+    from billing.store.notifications import notify
+    from billing.webhooks import delivery_workflow_id
+    from starter.outbox import dispatch_pending
+    from starter.webhook_dispatch import WebhookStarter, refresh_oldest_undelivered
+
+    commands = Commands()
+    receiver = Receiver()
+    await receiver.start()
+    engine = runtime_on(runtime, temporal_task_queue=f"billing-shapes-{uuid.uuid4().hex[:8]}",
+                        mongodb_db=f"billing_shapes_{uuid.uuid4().hex[:8]}",
+                        billing_webhook_url=receiver.url, billing_webhook_secret=SECRET,
+                        client_options={"event_listeners": [commands]})
+    org = f"org-shapes-{uuid.uuid4().hex[:8]}"
+    try:
+        await engine.db.ensure_indexes()
+        await Accounts(engine.db, engine.config).register(org, datetime.now(UTC))
+        async with build_worker(temporal_client, engine):
+            for i in range(3):
+                await notify(engine.db, None, org_id=org, type="payment.failed",
+                             key=f"payment.failed:{i}", payload={}, now=datetime.now(UTC))
+            assert await dispatch_pending(engine.db.notifications,
+                                          WebhookStarter(temporal_client, engine)) == 3
+            await refresh_oldest_undelivered(engine)
+            for seq in (1, 2, 3):
+                await temporal_client.get_workflow_handle(
+                    delivery_workflow_id(receiver.url, org, seq)).result()
+            await refresh_oldest_undelivered(engine)
+    finally:
+        await receiver.stop()
+        await engine.db.client.drop_database(engine.db.db.name)
+        await engine.db.close()
+
+    assert len(receiver.received) == 3
+    seen = [c for c in commands.seen if c[1] == "notifications"]
+    assert seen, "the listener saw no notification command"
+    assert not [c for c in commands.seen if c[0] == "findAndModify"]
+    unindexed = [(name, collection, query) for name, collection, query in commands.seen
+                 if not index_backed(collection, query)]
+    assert unindexed == []
