@@ -7,8 +7,7 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from standardwebhooks import Webhook
-from standardwebhooks.webhooks import WebhookVerificationError
+from standardwebhooks import Webhook, WebhookVerificationError
 from webhook_receiver import OLD_SECRET, SECRET
 
 from billing.config import ConfigError, Settings

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from standardwebhooks import Webhook
-from standardwebhooks.webhooks import WebhookVerificationError
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from starter.embedded import free_port
 
