@@ -24,6 +24,7 @@ from activities.stripe_disputes import DisputeActivities
 from activities.stripe_invoices import InvoiceActivities
 from activities.stripe_purchases import PurchaseActivities
 from activities.stripe_refunds import RefundActivities
+from activities.webhooks import WebhookActivities
 from billing.runtime import Runtime
 from workflows.admin_adjustment import AdminAdjustmentWorkflow
 from workflows.auto_topup import AutoTopUpWorkflow
@@ -32,6 +33,7 @@ from workflows.expire_credits import ExpireCreditsWorkflow
 from workflows.org_sweep import OrgSweepWorkflow
 from workflows.reconcile import ReconcileWorkflow
 from workflows.stripe_event import StripeEventWorkflow
+from workflows.webhook_delivery import WebhookDeliveryWorkflow
 from workflows.weekly_reset import WeeklyResetOrgWorkflow, WeeklyResetWorkflow
 
 WORKFLOWS: Sequence[type] = (
@@ -44,6 +46,7 @@ WORKFLOWS: Sequence[type] = (
     ReconcileWorkflow,
     OrgSweepWorkflow,
     AutoTopUpWorkflow,
+    WebhookDeliveryWorkflow,
 )
 
 
@@ -59,6 +62,7 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
     dunning = DunningActivities(runtime)
     reconcile = ReconcileActivities(runtime, stripe_api)
     auto_topup = AutoTopUpActivities(runtime, stripe_api)
+    webhooks = WebhookActivities(runtime)
     return [
         ledger.expire_credit_page,
         ledger.expire_org_page,
@@ -92,6 +96,7 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
         reconcile.write_report,
         auto_topup.charge,
         auto_topup.record,
+        webhooks.deliver_webhook,
     ]
 
 

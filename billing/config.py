@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from billing.webhooks import check_receivers
+
 EXAMPLE_CONFIG = Path(__file__).with_name("billing.example.toml")
 
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
@@ -210,17 +212,38 @@ class Settings(BaseSettings):
     stripe_api_base: str | None = None
     billing_api_token: str = ""
     billing_config: str | None = None
-    #: How often the worker starts the automatic top-ups recorded since (SPEC §5.8).
-    auto_topup_dispatch_interval_s: float = Field(default=1.0, gt=0)
 
     def environment(self) -> dict[str, str]:
         """These settings as the environment variables that give them, for a child process."""
         return {name.upper(): str(value) for name, value in self.model_dump().items()
                 if value is not None}
+    billing_webhook_url: str = ""
+    billing_webhook_secret: str = ""
+    #: How long a delivery keeps retrying before its workflow fails (SPEC §5.7: 3 days).
+    billing_webhook_budget_seconds: int = Field(default=3 * 24 * 3600, gt=0)
+    #: How often the worker looks for notifications whose deliveries are not started yet.
+    billing_outbox_poll_seconds: float = Field(default=1.0, gt=0)
 
     @property
     def webhook_secrets(self) -> tuple[str, ...]:
         return _split_csv(self.stripe_webhook_secret)
+
+    @property
+    def webhook_receivers(self) -> tuple[str, ...]:
+        """Where notifications are delivered (`BILLING_WEBHOOK_URL`); empty: nowhere."""
+        return _split_csv(self.billing_webhook_url)
+
+    @property
+    def webhook_signing_secrets(self) -> tuple[str, ...]:
+        """`BILLING_WEBHOOK_SECRET`, the current secret first."""
+        return _split_csv(self.billing_webhook_secret)
+
+    def check_webhooks(self) -> None:
+        """Raise `ConfigError` when outbound webhooks are configured but cannot be signed."""
+        try:
+            check_receivers(self.webhook_receivers, self.webhook_signing_secrets)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
     @property
     def api_tokens(self) -> tuple[str, ...]:

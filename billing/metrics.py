@@ -64,3 +64,20 @@ RECONCILE_DIVERGENCES = Counter(
 # Every check's series exists from the start at 0, so `increase()` also sees the first one.
 for _check in get_args(ReconcileCheck):
     RECONCILE_DIVERGENCES.labels(_check)
+WEBHOOK_DELIVERIES = Counter(
+    "billing_webhook_deliveries_total",
+    "Outbound webhook delivery attempts, by outcome (delivered: 2xx; rejected: another status; "
+    "unreachable: no answer).",
+    ["outcome"],
+)
+WEBHOOK_DELIVERY_SECONDS = Histogram(
+    "billing_webhook_delivery_latency_seconds",
+    "Time from a notification's creation to its receiver's 2xx, retries included.",
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
+             86400.0, 259200.0),
+)
+WEBHOOK_OLDEST_UNDELIVERED_SECONDS = Gauge(
+    "billing_webhook_oldest_undelivered_seconds",
+    "Age of the oldest notification some receiver has not acknowledged yet (not started, "
+    "retrying or failed); 0 when every one is delivered. Set by the worker's dispatcher.",
+)

@@ -10,6 +10,7 @@ restart finds the same organizations, ledgers and workflow history.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -130,6 +131,11 @@ def dev_credentials(data_dir: Path) -> DevCredentials:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             json.dump(wanted, out, indent=2)
     return DevCredentials(**wanted)
+
+
+def new_webhook_secret() -> str:
+    """A fresh Standard Webhooks secret, `whsec_<base64 of 24 random bytes>`."""
+    return f"whsec_{base64.b64encode(secrets.token_bytes(24)).decode()}"
 
 
 def dev_settings(options: DevOptions, credentials: DevCredentials) -> Settings:
@@ -272,6 +278,14 @@ def _print_ready(
         f"export MONGODB_URI='{settings.mongodb_uri}' TEMPORAL_ADDRESS={settings.temporal_address}",
         soft_wrap=True,
     )
+    if settings.webhook_receivers:
+        console.print(f"Notifications are delivered to {escape(settings.billing_webhook_url)}; "
+                      "check a receiver with: billing webhooks test", soft_wrap=True)
+    else:
+        console.print(
+            "Outbound webhooks are off. To deliver notifications to a local receiver, start "
+            f"with: BILLING_WEBHOOK_URL=http://{HOST}:9000/hooks "
+            f"BILLING_WEBHOOK_SECRET={new_webhook_secret()} billing dev", soft_wrap=True)
     console.print("Press Ctrl-C to stop.")
 
 
@@ -285,6 +299,7 @@ async def run_dev(options: DevOptions, console: Console) -> None:
     data_dir = options.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     settings = dev_settings(options, dev_credentials(data_dir))
+    settings.check_webhooks()
     mongo = MongoServer(
         port=options.mongo_port, data_dir=data_dir / "mongo", log_path=data_dir / "mongo.log"
     )

@@ -12,7 +12,8 @@ from billing.store.migrations import migrate
 from starter import tracing
 from starter.schedules import ensure_schedules
 from starter.temporal_client import connect
-from starter.topup_dispatch import TopUpDispatcher
+from starter.topup_dispatch import run_topup_dispatcher
+from starter.webhook_dispatch import run_webhook_dispatcher
 from worker import build_worker
 
 
@@ -26,11 +27,17 @@ async def prepare(runtime: Runtime) -> Client:
 
 
 async def run_worker(runtime: Runtime) -> None:
-    """Prepare, then run the worker and the automatic top-up dispatcher until cancelled."""
+    """Prepare, then run the worker and the outbox dispatchers (outbound webhooks, automatic
+    top-ups) until cancelled."""
+    runtime.settings.check_webhooks()
     tracing.setup_tracing("billing-worker")
     client = await prepare(runtime)
-    dispatch = asyncio.create_task(TopUpDispatcher(client, runtime).run(), name="top-up dispatch")
+    dispatchers = [
+        asyncio.create_task(run_webhook_dispatcher(client, runtime), name="webhook dispatch"),
+        asyncio.create_task(run_topup_dispatcher(client, runtime), name="top-up dispatch"),
+    ]
     try:
         await build_worker(client, runtime).run()
     finally:
-        dispatch.cancel()
+        for dispatcher in dispatchers:
+            dispatcher.cancel()

@@ -69,15 +69,16 @@ def worker_env(settings: Settings, client: Client, *, stripe_api_base: str | Non
 class WorkerProcess:
     """`billing worker` in its own OS process; its output goes to `log_path`."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
         self.env = env
         self.log_path = log_path
+        self.args = args
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                find_binary("billing"), "worker", env=self.env, stdout=log, stderr=log,
+                find_binary("billing"), "worker", *self.args, env=self.env, stdout=log, stderr=log,
                 start_new_session=True,
             )
 

@@ -34,7 +34,7 @@ from billing.models import AutoTopUpResult, StripeEventOutcome
 from billing.runtime import Runtime
 from billing.store.database import Doc
 from starter.embedded import find_binary
-from starter.topup_dispatch import TopUpDispatcher
+from starter.topup_dispatch import run_topup_dispatcher
 
 PACK = "pack_500k"
 PACK_UNITS = 500_000
@@ -45,9 +45,9 @@ GRANT = 500  # the free plan's signup grant
 async def dispatcher(stripe_worker: Worker, stripe_runtime: Runtime,
                      temporal_client: Client) -> AsyncIterator[None]:
     """The worker's dispatcher, polling every 0.1 s, for the engine under test."""
-    settings = stripe_runtime.settings.model_copy(update={"auto_topup_dispatch_interval_s": 0.1})
+    settings = stripe_runtime.settings.model_copy(update={"billing_outbox_poll_seconds": 0.1})
     runtime = Runtime(settings=settings, config=stripe_runtime.config, db=stripe_runtime.db)
-    task = asyncio.create_task(TopUpDispatcher(temporal_client, runtime).run())
+    task = asyncio.create_task(run_topup_dispatcher(temporal_client, runtime))
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -356,7 +356,7 @@ async def test_a_trigger_recorded_while_no_worker_runs_is_bought_once_it_starts(
     await configure(api, org, below=1000)
     await debit(stripe_runtime, org, 10)
     trigger = await stripe_runtime.db["auto_topups"].find_one({"_id": f"auto-topup-{org}-1"})
-    assert trigger is not None and trigger["dispatch"] is True
+    assert trigger is not None and trigger["dispatch"] == "pending"
     assert stripe_fake.intents_of(customer) == []
 
     queue = f"billing-topup-{uuid.uuid4().hex[:8]}"

@@ -140,6 +140,7 @@ def test_dev_stack_starts_serves_stops_and_keeps_its_data(
     assert token in output
     assert credentials["webhook_secret"] in output
     assert f"http://127.0.0.1:{ports['ui']}" in output
+    assert "BILLING_WEBHOOK_URL=http://127.0.0.1:9000/hooks BILLING_WEBHOOK_SECRET=whsec_" in output
     assert httpx.get(f"http://127.0.0.1:{ports['ui']}/", timeout=5).status_code < 400
     assert httpx.get(f"{stack.api}/v1/orgs/{org}/balance", timeout=5).status_code == 401
     registered = httpx.put(f"{stack.api}/v1/orgs/{org}", headers=headers, timeout=10)

@@ -27,7 +27,8 @@ from temporalio.client import Client
 
 from billing.runtime import Runtime
 from billing.store.database import INDEXES
-from starter.topup_dispatch import TopUpDispatcher
+from starter.outbox import dispatch_pending
+from starter.topup_dispatch import TopUpStarter
 from worker import build_worker
 
 Obj = dict[str, Any]
@@ -140,7 +141,8 @@ async def test_auto_top_up_uses_index_lookups_and_no_find_and_modify(
                                                          "units": 10_000})
                 assert used.status_code == 200
             assert (await api.get(f"/v1/orgs/{org}/auto-topup")).json()["this_month"] == 1
-            assert await TopUpDispatcher(temporal_client, engine).dispatch_once() == 1
+            assert await dispatch_pending(engine.db["auto_topups"],
+                                          TopUpStarter(temporal_client, engine)) == 1
             await temporal_client.get_workflow_handle(f"auto-topup-{org}-1").result()
             intent = stripe_fake.intents_of(cus)[0]
             withdrawn = event("charge.dispute.funds_withdrawn", dispute(
@@ -152,6 +154,57 @@ async def test_auto_top_up_uses_index_lookups_and_no_find_and_modify(
         await engine.db.close()
 
     assert any(collection == "auto_topups" for _, collection, _ in commands.seen)
+    assert not [c for c in commands.seen if c[0] == "findAndModify"]
+    unindexed = [(name, collection, query) for name, collection, query in commands.seen
+                 if not index_backed(collection, query)]
+    assert unindexed == []
+
+
+async def test_outbound_webhooks_use_index_lookups_and_no_find_and_modify(
+    runtime: Runtime, temporal_client: Client
+) -> None:
+    """The notification outbox: notify, the dispatcher's poll and clear, the delivery's
+    acknowledgement and the oldest-undelivered gauge (on a database of its own: the dispatcher
+    takes every pending notification it finds)."""
+    from datetime import UTC, datetime
+
+    from webhook_receiver import SECRET, Receiver
+
+    from billing.store.accounts import Accounts
+    from billing.store.notifications import notify
+    from billing.webhooks import delivery_workflow_id
+    from starter.webhook_dispatch import WebhookStarter, refresh_oldest_undelivered
+
+    commands = Commands()
+    receiver = Receiver()
+    await receiver.start()
+    engine = runtime_on(runtime, temporal_task_queue=f"billing-shapes-{uuid.uuid4().hex[:8]}",
+                        mongodb_db=f"billing_shapes_{uuid.uuid4().hex[:8]}",
+                        billing_webhook_url=receiver.url, billing_webhook_secret=SECRET,
+                        client_options={"event_listeners": [commands]})
+    org = f"org-shapes-{uuid.uuid4().hex[:8]}"
+    try:
+        await engine.db.ensure_indexes()
+        await Accounts(engine.db, engine.config).register(org, datetime.now(UTC))
+        async with build_worker(temporal_client, engine):
+            for i in range(3):
+                await notify(engine.db, None, org_id=org, type="payment.failed",
+                             key=f"payment.failed:{i}", payload={}, now=datetime.now(UTC))
+            assert await dispatch_pending(engine.db.notifications,
+                                          WebhookStarter(temporal_client, engine)) == 3
+            await refresh_oldest_undelivered(engine)
+            for seq in (1, 2, 3):
+                await temporal_client.get_workflow_handle(
+                    delivery_workflow_id(receiver.url, org, seq)).result()
+            await refresh_oldest_undelivered(engine)
+    finally:
+        await receiver.stop()
+        await engine.db.client.drop_database(engine.db.db.name)
+        await engine.db.close()
+
+    assert len(receiver.received) == 3
+    seen = [c for c in commands.seen if c[1] == "notifications"]
+    assert seen, "the listener saw no notification command"
     assert not [c for c in commands.seen if c[0] == "findAndModify"]
     unindexed = [(name, collection, query) for name, collection, query in commands.seen
                  if not index_backed(collection, query)]

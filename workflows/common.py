@@ -43,16 +43,18 @@ FAIL_ON: list[type[BaseException]] = [
 
 async def call(
     name: str, arg: Any, result_type: type[T], *, start_to_close: timedelta = ACTIVITY_TIMEOUT,
-    heartbeat: timedelta | None = None,
+    heartbeat: timedelta | None = None, retry_policy: RetryPolicy = ACTIVITY_RETRY,
+    schedule_to_close: timedelta | None = None,
 ) -> T:
-    """Run the activity `name` with the shared retry policy and return its typed result; a
-    long activity that heartbeats passes its `heartbeat` timeout."""
+    """Run the activity `name` with the shared retry policy (unless another is given) and return
+    its typed result; a long activity that heartbeats passes its `heartbeat` timeout."""
     result: T = await workflow.execute_activity(
         name,
         arg,
         result_type=result_type,
         start_to_close_timeout=start_to_close,
         heartbeat_timeout=heartbeat,
-        retry_policy=ACTIVITY_RETRY,
+        schedule_to_close_timeout=schedule_to_close,
+        retry_policy=retry_policy,
     )
     return result

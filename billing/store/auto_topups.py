@@ -3,9 +3,9 @@ document per top-up in `auto_topups`.
 
 A trigger is recorded by the ledger write that lowered the balance (`trigger_in`, called from
 `Ledger.post_in` on the locked account), so it commits or vanishes with that write. Its document
-`{_id: auto-topup-<org>-<n>, dispatch: true, status: pending, ...}` is the outbox entry: the
-worker's dispatcher (`starter/topup_dispatch.py`) starts the workflow of every document still
-marked `dispatch` and then clears the mark, so a crash between commit and start only delays it.
+`{_id: auto-topup-<org>-<n>, dispatch: "pending", status: pending, ...}` is an outbox entry
+(`billing/store/outbox.py`): the worker's dispatcher starts its workflow and then clears the
+mark, so a crash between commit and start only delays it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from billing.auto_topup import (
 )
 from billing.config import BillingConfig
 from billing.errors import InvalidInput, NotFound, OrgNotFound
+from billing.store import outbox
 from billing.store.database import Database, Doc
 from billing.store.notifications import notify
 from billing.store.transactions import run_in_transaction
@@ -57,7 +58,7 @@ async def trigger_in(db: Database, session: AsyncClientSession, account: Doc, *,
     assert new.in_flight is not None
     await triggers(db).insert_one({
         "_id": new.in_flight, "org_id": account["_id"], "n": new.triggers,
-        "pack_id": new.pack_id, "month": month, "status": PENDING, "dispatch": True,
+        "pack_id": new.pack_id, "month": month, "status": PENDING, **outbox.MARK,
         "payment_intent": None, "balance_after": balance_after, "created_at": now,
     }, session=session)
     await _save_in(db, session, account["_id"], new)
@@ -124,16 +125,6 @@ class AutoTopUps:
             {"_id": org_id}, {"stripe_customer_id": 1}, session=session)
         customer = (standing or {}).get("stripe_customer_id")
         return str(customer) if customer else None
-
-    # ---- the dispatcher's seam -----------------------------------------------------------------
-
-    async def pending(self, limit: int = 100) -> list[Doc]:
-        """Triggers whose workflow may not be started yet."""
-        return await triggers(self.db).find({"dispatch": True}).limit(limit).to_list()
-
-    async def dispatched(self, trigger_id: str) -> None:
-        await triggers(self.db).update_one({"_id": trigger_id, "dispatch": True},
-                                           {"$unset": {"dispatch": ""}})
 
     # ---- the workflow's outcome -----------------------------------------------------------------
 

@@ -10,6 +10,8 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import CollectionInvalid, OperationFailure
 
+from billing.store import outbox
+
 Doc = dict[str, Any]
 
 INDEXES: dict[str, list[IndexModel]] = {
@@ -54,6 +56,11 @@ INDEXES: dict[str, list[IndexModel]] = {
         # The feed: gapless per organization, unique so that no two share a place.
         IndexModel([("org_id", ASCENDING), ("seq", ASCENDING)], unique=True, name="org_seq",
                    partialFilterExpression={"seq": {"$type": "number"}}),
+        # Notifications whose outbound deliveries are not started yet, and those a receiver
+        # has not acknowledged yet (SPEC §5.7).
+        outbox.INDEX,
+        IndexModel([("undelivered_since", ASCENDING)], name="undelivered",
+                   partialFilterExpression={"undelivered_since": {"$type": "date"}}),
     ],
     "stripe_events": [
         IndexModel([("org_id", ASCENDING)], name="org"),
@@ -63,9 +70,7 @@ INDEXES: dict[str, list[IndexModel]] = {
     ],
     "reports": [IndexModel([("created_at", DESCENDING)], name="time")],
     "auto_topups": [
-        # The dispatcher's outbox: only the triggers whose workflow may not be started yet.
-        IndexModel([("dispatch", ASCENDING)], name="pending_dispatch",
-                   partialFilterExpression={"dispatch": True}),
+        outbox.INDEX,  # the triggers whose workflow may not be started yet
         IndexModel([("payment_intent", ASCENDING)], name="payment_intent",
                    partialFilterExpression={"payment_intent": {"$type": "string"}}),
     ],

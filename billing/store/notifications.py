@@ -8,6 +8,7 @@ from typing import Any
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from billing.errors import OrgNotFound
+from billing.store import outbox
 from billing.store.database import Database, Doc
 from billing.store.transactions import run_in_transaction
 
@@ -52,8 +53,9 @@ async def notify(
     for week W and threshold 80 has the key `meter.threshold_crossed:W:80`, and a second writer
     finds it there. A new notification takes the organization's next `seq` in the same
     transaction (the account's `notification_seq` counter), so the sequence has no gap and no
-    repeat and a reader paging by `seq` never misses one. Without a session it runs in a
-    transaction of its own.
+    repeat and a reader paging by `seq` never misses one. It enters the outbox in the same
+    transaction, so its outbound deliveries (SPEC §5.7) are started after commit even across a
+    crash. Without a session it runs in a transaction of its own.
     """
     if type not in NOTIFICATION_TYPES:
         raise ValueError(f"unknown notification type {type!r}")
@@ -65,7 +67,7 @@ async def notify(
         return await run_in_transaction(db.client, alone)
     result = await db.notifications.update_one(
         {"org_id": org_id, "key": key},
-        {"$setOnInsert": {"type": type, "payload": payload, "created_at": now}},
+        {"$setOnInsert": {"type": type, "payload": payload, "created_at": now, **outbox.MARK}},
         upsert=True,
         session=session,
     )

@@ -16,6 +16,7 @@ from starter.cli import (
     processes,
     reconcile,
     schedules,
+    webhooks,
 )
 
 app = typer.Typer(
@@ -26,5 +27,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals hold tokens and secrets
 )
 
-for group in (processes, orgs, adjustments, auto_topup, events, schedules, reconcile):
+for group in (processes, orgs, adjustments, auto_topup, events, schedules, reconcile,
+              webhooks):
     group.register(app)
