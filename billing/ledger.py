@@ -15,7 +15,7 @@ plans in one transaction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
@@ -144,10 +144,10 @@ class Clawback:
 def plan_purchase_clawback(
     shares: list[ClawShare], others: list[OpenLot], now: datetime
 ) -> Clawback:
-    """A refund or dispute takes its units from the lots bought with the charge first; what they
-    no longer hold is drawn from the organization's other lots in debit order, and only what no
-    lot covers becomes debt, so debt never stands beside lots that still hold units (a later
-    expiry can never take units twice).
+    """A refund or dispute takes each lot's share from that lot first; what a lot no longer holds
+    is drawn from every lot that still holds units, in debit order (the purchase's other lots,
+    after their own share, included), and only what no lot covers becomes debt, so debt never
+    stands beside lots that still hold units (a later expiry can never take units twice).
 
     Units a purchased lot spent repaying usage debt come back as usage debt (the weekly
     settlement may still forgive them); the rest of the debt is `other`. Lots cover the `other`
@@ -156,13 +156,15 @@ def plan_purchase_clawback(
     if any(share.units < 0 for share in shares) or not any(share.units for share in shares):
         raise ValueError("a clawback takes positive units")
     own = {share.lot.id for share in shares}
-    draws: list[tuple[str, int]] = []
+    draws: dict[str, int] = {}
     returned: list[tuple[str, int]] = []
+    rest: list[OpenLot] = []
     shortfall = usage_origin = 0
     for share in shares:
         taken = min(share.lot.remaining, share.units)
         if taken:
-            draws.append((share.lot.id, taken))
+            draws[share.lot.id] = taken
+        rest.append(replace(share.lot, remaining=share.lot.remaining - taken))
         short = share.units - taken
         usage = min(short, share.usage_repaid)
         if usage:
@@ -171,11 +173,14 @@ def plan_purchase_clawback(
         usage_origin += usage
     debt = 0
     if shortfall:
-        covered = plan_draw([lot for lot in others if lot.id not in own], shortfall, now)
-        draws.extend(covered.draws)
+        pool = [lot for lot in others if lot.id not in own] + rest
+        covered = plan_draw([lot for lot in pool if lot.remaining > 0], shortfall, now)
+        for lot_id, units in covered.draws:
+            draws[lot_id] = draws.get(lot_id, 0) + units
         debt = covered.shortfall
     usage_debt = min(debt, usage_origin)
-    return Clawback(draws=tuple(draws), usage_debt=usage_debt, other_debt=debt - usage_debt,
+    return Clawback(draws=tuple(draws.items()), usage_debt=usage_debt,
+                    other_debt=debt - usage_debt,
                     usage_returned=tuple(returned))
 
 

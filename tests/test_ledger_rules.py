@@ -210,6 +210,17 @@ def test_a_cart_claws_back_from_each_of_its_lots():
     assert (plan.usage_debt, plan.other_debt) == (0, 0)
 
 
+def test_a_cart_lot_that_is_spent_is_covered_by_its_sibling_before_any_debt():
+    """Found by the ledger property test: a dispute of a cart whose first lot is spent drew the
+    shortfall from other purchases only, and left debt beside the cart's second lot."""
+    plan = plan_purchase_clawback(
+        [ClawShare(lot("spent", 0, days=-1, seq=1), 40),
+         ClawShare(lot("live", 100, days=None, seq=2), 60)],
+        [lot("other", 5, days=None, seq=3), lot("live", 100, days=None, seq=2)], NOW)
+    assert plan.draws == (("live", 100),)
+    assert (plan.usage_debt, plan.other_debt) == (0, 0)
+
+
 @settings(max_examples=300)
 @given(remaining=st.integers(0, 10_000), units=st.integers(1, 20_000),
        others=st.lists(st.integers(0, 5_000), max_size=3), usage=st.integers(0, 20_000))
