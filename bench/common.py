@@ -39,6 +39,7 @@ from temporalio.client import Client
 
 from billing.config import Settings
 from starter.embedded import (
+    LocalStripe,
     MongoServer,
     find_binary,
     free_port,
@@ -157,6 +158,7 @@ class Stack:
     client: Client | None
     pids: dict[str, int]
     log_dir: Path
+    stripe_api_base: str | None = None
 
     def settings(self, db_name: str, task_queue: str = "") -> Settings:
         return Settings(
@@ -166,6 +168,8 @@ class Stack:
             temporal_task_queue=task_queue or f"bench-{uuid.uuid4().hex[:8]}",
             stripe_webhook_secret=WEBHOOK_SECRET,
             billing_api_token=TOKEN,
+            stripe_api_key=LocalStripe.API_KEY if self.stripe_api_base else "",
+            stripe_api_base=self.stripe_api_base,
         )
 
     def temporal(self) -> Client:
@@ -215,39 +219,38 @@ async def stack(*, temporal: bool) -> AsyncIterator[Stack]:
             if not temporal:
                 yield Stack(uri, None, None, pids, Path(logs))
                 return
-            address = os.environ.get("TEMPORAL_ADDRESS")
-            if address:
-                client = await connect(Settings(temporal_address=address))
-                yield Stack(uri, address, client, pids, Path(logs))
-                return
-            port = free_port()
-            env = await start_temporal(port=port)
+            # A purchase reads its Checkout session from Stripe (SPEC §5.5): localstripe serves
+            # those reads on 127.0.0.1, as it does for `billing dev`.
+            local_stripe = LocalStripe(port=free_port())
+            await local_stripe.start()
+            assert local_stripe.process is not None
+            pids["localstripe"] = local_stripe.process.pid
             try:
-                found = _children_named("temporal")
-                if found:
-                    pids["Temporal server"] = found[0]
-                address = f"127.0.0.1:{port}"
-                client = await connect(Settings(temporal_address=address))
-                yield Stack(uri, address, client, pids, Path(logs))
+                address = os.environ.get("TEMPORAL_ADDRESS")
+                if address:
+                    client = await connect(Settings(temporal_address=address))
+                    yield Stack(uri, address, client, pids, Path(logs), local_stripe.url)
+                    return
+                port = free_port()
+                env = await start_temporal(port=port)
+                try:
+                    found = _children_named("temporal")
+                    if found:
+                        pids["Temporal server"] = found[0]
+                    address = f"127.0.0.1:{port}"
+                    client = await connect(Settings(temporal_address=address))
+                    yield Stack(uri, address, client, pids, Path(logs), local_stripe.url)
+                finally:
+                    await env.shutdown()
             finally:
-                await env.shutdown()
+                await local_stripe.stop()
         finally:
             if mongo is not None:
                 await mongo.stop()
 
 
 def _engine_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "MONGODB_URI": settings.mongodb_uri,
-        "MONGODB_DB": settings.mongodb_db,
-        "TEMPORAL_ADDRESS": settings.temporal_address,
-        "TEMPORAL_NAMESPACE": settings.temporal_namespace,
-        "TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,
-        "STRIPE_WEBHOOK_SECRET": settings.stripe_webhook_secret,
-        "BILLING_API_TOKEN": settings.billing_api_token,
-    })
-    return env
+    return {**os.environ, **settings.environment()}
 
 
 class EngineProcess:
