@@ -8,7 +8,8 @@ and the worker, on SecantusDB and the Temporal dev server (started here unless `
 `TEMPORAL_ADDRESS` are set). This process only generates load:
 
 - webhook: N distinct pack purchases (`payment_intent.succeeded`, organization and pack in
-  metadata, so no Stripe API read) signed and posted `concurrency` at a time; timed from the
+  metadata; the worker reads the Checkout session behind each from Stripe, here localstripe
+  on 127.0.0.1, as SPEC §5.5 asks) signed and posted `concurrency` at a time; timed from the
   first post until every event's workflow has completed, with the acknowledgement latency of
   each post;
 - baseline: N `BenchWorkflow`s (bench/bare.py: one no-op activity) started `concurrency` at a
@@ -241,7 +242,9 @@ def report(hook: Load, hook_alone: Alone, bares: list[Load], bare_alone: Alone,
         f"{args.events:,} distinct pack purchases (`{EVENT_TYPE}`, organization and pack in",
         f"metadata, spread over {args.orgs} organizations), signed and posted to",
         f"`POST /stripe/webhook`, {args.concurrency} at a time. The HTTP app (`billing serve`,",
-        "uvicorn) and the worker each run in their own process, as deployed. The time runs from",
+        "uvicorn) and the worker each run in their own process, as deployed; the worker reads",
+        "the Checkout session behind each purchase (SPEC §5.5: quantities) from `localstripe` on",
+        "127.0.0.1, which answers that the payment has none. The time runs from",
         "the first post until every event's `StripeEventWorkflow` has completed (its ledger entry",
         "is written by its activity, just before). The baseline is `BenchWorkflow`",
         "(`bench/bare.py`): one no-op activity, started through the Temporal client at the same",
