@@ -28,12 +28,14 @@ APP = "billing-group-commit-tests"
 
 
 class Commits(monitoring.CommandListener):
-    """Counts the transactions a client committed."""
+    """Counts the transactions a client committed, and every command it sent."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.commands = 0
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.commands += 1
         if event.command_name == "commitTransaction":
             self.count += 1
 
@@ -52,10 +54,14 @@ async def counted(mongo_uri: str, db: Database) -> AsyncIterator[tuple[Database,
     await own.close()
 
 
-async def registered(accounts: Accounts, now: datetime, count: int) -> list[str]:
+async def registered(accounts: Accounts, now: datetime, count: int, *,
+                     on: tuple[Meters, str] | None = None) -> list[str]:
+    """`count` new organizations, on the default plan or `on`'s (meters, plan id)."""
     orgs = [f"org_{uuid.uuid4().hex[:10]}" for _ in range(count)]
     for org in orgs:
         await accounts.register(org, now)
+        if on is not None:
+            await put_on_plan(on[0], org, on[1], now)
     return orgs
 
 
@@ -65,11 +71,14 @@ async def test_concurrent_records_of_many_orgs_share_transactions_and_each_appli
 ) -> None:
     own, commits = counted
     meters = Meters(own, meter_config)
-    orgs = await registered(accounts, now, 20)
+    orgs = await registered(accounts, now, 20, on=(meters, "pro"))  # within quota: bulk path
     requests = [usage(org, f"run{i}", units=100) for i in range(10) for org in orgs]
+    commits.count = commits.commands = 0
     results = await asyncio.gather(*(meters.record(r, now) for r in requests))
     assert all(r.applied for r in results)
     assert commits.count < len(requests) / 5, commits.count  # grouped, not one per record
+    # written in bulk: a record applied alone takes at least four commands
+    assert commits.commands < len(requests), commits.commands
     for org in orgs:
         meter = await db.meters.find_one({"org_id": org, "week": iso_week(now)})
         assert meter is not None and meter["used"] == 1000
@@ -95,7 +104,7 @@ async def test_failing_records_do_not_fail_their_neighbours(
     record twice, and good records: each good one applies once, the replay and the second copy
     answer the first result, the unknown organization its error."""
     meters = Meters(db, meter_config)
-    orgs = await registered(accounts, now, 5)
+    orgs = await registered(accounts, now, 5, on=(meters, "pro"))
     first = await meters.record(usage(orgs[0], "seen", units=7), now)
     unknown = f"org_{uuid.uuid4().hex[:10]}"
     requests = [usage(org, "good", units=3) for org in orgs]
@@ -130,9 +139,7 @@ async def test_an_aborted_group_commit_applies_every_record_exactly_once(
     overflowing ones included, is counted, debited and alerted once."""
     own, _ = counted
     meters = Meters(own, meter_config)
-    orgs = await registered(accounts, now, 4)
-    for org in orgs:
-        await put_on_plan(meters, org, "tiny", now)  # a weekly quota of 100 units
+    orgs = await registered(accounts, now, 4, on=(meters, "tiny"))  # a weekly quota of 100
     options = ({"close_connection": True} if fault == "dropped-commit"
                else {"error_code": 112, "error_labels": ["TransientTransactionError"]})
     requests = [usage(org, f"run{i}", units=30) for i in range(5) for org in orgs]
@@ -183,11 +190,12 @@ async def test_any_mix_of_records_and_repeats_counts_each_key_once(
     meter_config: BillingConfig, accounts: Accounts, db: Database, now: datetime,
     plan: list[tuple[int, int, int]],
 ) -> None:
-    """Records of three organizations, keys repeated in any order, all sent at once: each
-    `(org, run)` is counted once with the units of its first copy, later copies answer that
-    first result, and the ledger invariants hold."""
+    """Records of three organizations on a quota of 100 (so some apply in bulk, some cross a
+    threshold or overflow), keys repeated in any order, all sent at once: each `(org, run)` is
+    counted once with the units of its first copy, later copies answer that first result, and
+    the ledger invariants hold."""
     meters = Meters(db, meter_config)
-    orgs = await registered(accounts, now, 3)
+    orgs = await registered(accounts, now, 3, on=(meters, "tiny"))
     answers = await asyncio.gather(*(
         meters.record(usage(orgs[o], f"run{r}", units=n), now) for o, r, n in plan))
     first: dict[tuple[int, int], int] = {}

@@ -22,8 +22,9 @@ import asyncio
 from dataclasses import dataclass
 from datetime import datetime
 
+from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from billing.config import BillingConfig, PlanConfig
 from billing.errors import BillingError, InvalidInput, OrgNotFound
@@ -52,6 +53,7 @@ from billing.weeks import iso_week
 #: A duplicate key that is not a replay (two transactions opening the same meter or writing the
 #: same notification) is retried this many times before it is reported.
 DUPLICATE_RETRIES = 5
+DUPLICATE_KEY = 11000
 #: Records committed in one transaction at most: big enough to amortise the commit, small enough
 #: to keep a transaction short and a retried group cheap.
 GROUP_MAX = 100
@@ -239,20 +241,17 @@ class Meters:
         before it commit, then it runs alone (its own result or error), then the ones after it:
         every record applies in arrival order, as if each had its own transaction."""
         while group:
-            at = 0
 
-            async def apply(session: AsyncClientSession,
-                            members: list[_Pending] = group) -> list[UsageResult]:
-                nonlocal at
-                results = []
-                for index, pending in enumerate(members):
-                    at = index  # the record being applied names the one that failed
-                    results.append(await self._record_in(session, pending.request, pending.now))
-                return results
+            failing = [0]  # which record failed: set by the group's application
+
+            async def apply(session: AsyncClientSession, members: list[_Pending] = group,
+                            failed: list[int] = failing) -> list[UsageResult]:
+                return await _Group(self, session, members, failed).apply()
 
             try:
                 results = await run_in_transaction(self.db.client, apply)
             except (DuplicateKeyError, BillingError):
+                at = failing[0]
                 before, alone, group = group[:at], group[at], group[at + 1:]
                 await self._commit(before)  # arrival order holds: a repeat replays the first
                 try:
@@ -549,3 +548,108 @@ class Meters:
                                   used=after["used"], quota=after["quota"])
 
         return await run_in_transaction(self.db.client, work)
+
+
+class _Group:
+    """One group's records applied in one transaction with a few commands for all of them: the
+    accounts and meters they touch are read once, each record is decided in memory in arrival
+    order, and the meter increments and usage records are written in bulk. A record that needs
+    more (a meter to open, a plan that prices differently, an overflow to debit, a threshold
+    alert) is applied by `Meters._record_in` after the writes decided before it, so every
+    record sees exactly the state the records before it left.
+
+    `failing[0]` names the record that raised, so the caller can take it out."""
+
+    def __init__(self, meters: Meters, session: AsyncClientSession, members: list[_Pending],
+                 failing: list[int]) -> None:
+        self.meters = meters
+        self.db = meters.db
+        self.session = session
+        self.members = members
+        self.failing = failing
+        self.accounts: dict[str, Doc] = {}
+        self.open: dict[tuple[str, str], Doc] = {}
+        self.increments: dict[tuple[str, str], tuple[int, datetime]] = {}
+        self.records: list[tuple[int, Doc]] = []
+
+    async def apply(self) -> list[UsageResult]:
+        await self._read({p.request.org_id for p in self.members},
+                         {(p.request.org_id, iso_week(p.now)) for p in self.members})
+        results: list[UsageResult] = []
+        for index, pending in enumerate(self.members):
+            self.failing[0] = index
+            fast = self._decide(index, pending)
+            if fast is None:
+                await self._flush()
+                results.append(await self.meters._record_in(self.session, pending.request,
+                                                             pending.now))
+                await self._read({pending.request.org_id},
+                                 {(pending.request.org_id, iso_week(pending.now))})
+            else:
+                results.append(fast)
+        await self._flush()
+        return results
+
+    async def _read(self, orgs: set[str], keys: set[tuple[str, str]]) -> None:
+        cursor = self.db.accounts.find({"_id": {"$in": sorted(orgs)}},
+                                       {"balance": 1, "plan_id": 1}, session=self.session)
+        self.accounts.update({doc["_id"]: doc async for doc in cursor})
+        weeks = {week for _, week in keys}
+        cursor = self.db.meters.find({"org_id": {"$in": sorted(orgs)},
+                                      "week": {"$in": sorted(weeks)}}, session=self.session)
+        found = {(doc["org_id"], doc["week"]): doc async for doc in cursor}
+        for key in keys:
+            if key in found:
+                self.open[key] = found[key]
+            else:
+                self.open.pop(key, None)
+
+    def _decide(self, index: int, pending: _Pending) -> UsageResult | None:
+        """The record's result when the bulk path can apply it, else None."""
+        request, now = pending.request, pending.now
+        account = self.accounts.get(request.org_id)
+        if account is None:
+            raise OrgNotFound(request.org_id)
+        week = iso_week(now)
+        meter = self.open.get((request.org_id, week))
+        if meter is None:
+            return None
+        config = self.meters.config
+        plan = config.plan(meter["plan_id"])
+        if plan.ratios != config.plan(account.get("plan_id")).ratios:
+            return None
+        metered = meter_usage(request, plan, config.meter)
+        prev_used, quota = int(meter["used"]), int(meter["quota"])
+        used = prev_used + metered.units
+        if overflow(prev_used, used, quota) or thresholds_crossed(
+                prev_used, used, quota, config.meter.alert_thresholds):
+            return None
+        meter["used"] = used
+        units, _ = self.increments.get((request.org_id, week), (0, now))
+        self.increments[(request.org_id, week)] = (units + metered.units, now)
+        balance = int(account["balance"])
+        self.records.append((index, self.meters._usage_doc(request, metered, meter, 0, balance,
+                                                           now)))
+        return UsageResult(applied=True, units=metered.units, overflow=0, week=week, used=used,
+                           quota=quota, balance=balance)
+
+    async def _flush(self) -> None:
+        """Write what the records decided so far: one bulk meter update, one bulk insert."""
+        if self.increments:
+            await self.db.meters.bulk_write([
+                UpdateOne({"org_id": org, "week": week},
+                          {"$inc": {"used": units}, "$set": {"updated_at": now}})
+                for (org, week), (units, now) in self.increments.items()
+            ], ordered=True, session=self.session)
+            self.increments = {}
+        if self.records:
+            records, self.records = self.records, []
+            try:
+                await self.db.usage.insert_many([doc for _, doc in records], ordered=True,
+                                                session=self.session)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                if errors and errors[0].get("code") == DUPLICATE_KEY:
+                    self.failing[0] = records[errors[0]["index"]][0]
+                    raise DuplicateKeyError(errors[0].get("errmsg", "duplicate key")) from exc
+                raise
