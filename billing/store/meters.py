@@ -3,11 +3,11 @@
 A meter is one document per organization and ISO week holding `used` and a snapshot of the
 plan it is metered on (`quota`, `plan_id`, `ratio_version`), kept live by plan changes.
 
-Recording usage is the hot path and takes no workflow. One transaction reads the account,
-increments the meter, debits the overflow (ledger key `usage:<run_id>:<step>`), writes the
-notifications it triggers and inserts the usage record, which carries the response. The record's
-unique `(org_id, run_id, step)` index (and the ledger key) make a replay abort that transaction
-on a duplicate key; the stored first result is then returned with `applied: false`.
+Recording usage is the hot path and takes no workflow. A record reads the account, increments
+the meter, debits the overflow (ledger key `usage:<run_id>:<step>`), writes the notifications it
+triggers and inserts the usage record, which carries the response, all in one transaction. The
+record's unique `(org_id, run_id, step)` index (and the ledger key) make a replay abort that
+transaction on a duplicate key; the stored first result is then returned with `applied: false`.
 
 Every record of an organization increments the same meter document, so concurrent transactions
 on one organization conflict and start again. A `Meters` instance therefore commits the records
