@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from faults import (
     wait_until,
     worker_env,
 )
+from http_helpers import balance, notification_types
 from stripe_fake import StripeFake
 from stripe_payloads import deliver, dispute, event, metadata, new_id, subscription
 from temporalio.client import Client
@@ -91,18 +91,6 @@ async def settings_of(api: httpx.AsyncClient, org: str) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     found: dict[str, Any] = response.json()
     return found
-
-
-async def balance(api: httpx.AsyncClient, org: str) -> int:
-    response = await api.get(f"/v1/orgs/{org}/balance")
-    assert response.status_code == 200, response.text
-    return int(response.json()["balance"])
-
-
-async def notification_types(api: httpx.AsyncClient, org: str) -> Counter[str]:
-    response = await api.get(f"/v1/orgs/{org}/notifications")
-    assert response.status_code == 200, response.text
-    return Counter(n["type"] for n in response.json()["notifications"])
 
 
 async def debit(runtime: Runtime, org: str, units: int) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from http_helpers import balance, notification_types
 from stripe_fake import StripeFake
 from stripe_payloads import (
     PACK_PRICE,
@@ -54,18 +55,6 @@ async def entries(api: httpx.AsyncClient, org: str) -> list[dict[str, Any]]:
     assert response.status_code == 200, response.text
     found: list[dict[str, Any]] = response.json()["entries"]
     return found
-
-
-async def balance(api: httpx.AsyncClient, org: str) -> int:
-    response = await api.get(f"/v1/orgs/{org}/balance")
-    assert response.status_code == 200, response.text
-    return int(response.json()["balance"])
-
-
-async def notification_types(api: httpx.AsyncClient, org: str) -> Counter[str]:
-    response = await api.get(f"/v1/orgs/{org}/notifications")
-    assert response.status_code == 200, response.text
-    return Counter(n["type"] for n in response.json()["notifications"])
 
 
 async def event_view(api: httpx.AsyncClient, evt: dict[str, Any]) -> dict[str, Any]:
