@@ -181,7 +181,19 @@ def plan_purchase_clawback(
     usage_debt = min(debt, usage_origin)
     return Clawback(draws=tuple(draws.items()), usage_debt=usage_debt,
                     other_debt=debt - usage_debt,
-                    usage_returned=tuple(returned))
+                    usage_returned=_first_units(returned, usage_debt))
+
+
+def _first_units(parts: list[tuple[str, int]], total: int) -> tuple[tuple[str, int], ...]:
+    """`parts` cut down, in order, to `total` units: a lot gives back as usage debt only what
+    became usage debt; what other lots covered stays repaid usage for a later clawback."""
+    kept: list[tuple[str, int]] = []
+    for lot_id, units in parts:
+        take = min(units, total)
+        if take:
+            kept.append((lot_id, take))
+        total -= take
+    return tuple(kept)
 
 
 def plan_draw(lots: list[OpenLot], units: int, now: datetime) -> Draw:

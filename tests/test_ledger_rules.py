@@ -221,6 +221,22 @@ def test_a_cart_lot_that_is_spent_is_covered_by_its_sibling_before_any_debt():
     assert (plan.usage_debt, plan.other_debt) == (0, 0)
 
 
+def test_two_half_refunds_of_a_cart_owe_what_one_full_refund_owes():
+    """Usage a lot repaid comes back as usage debt only when it becomes debt: a first half
+    refund covered by the sibling lot keeps it, so the second half owes usage debt the weekly
+    settlement can still forgive, exactly as one full refund would."""
+    a, b = lot("a", 20, days=None, seq=1), lot("b", 100, days=None, seq=2)
+    full = plan_purchase_clawback([ClawShare(a, 100, 30), ClawShare(b, 100)], [a, b], NOW)
+    assert (full.usage_debt, full.other_debt) == (30, 50)
+    first = plan_purchase_clawback([ClawShare(a, 50, 30), ClawShare(b, 50)], [a, b], NOW)
+    assert (first.usage_debt, first.other_debt, first.usage_returned) == (0, 0, ())
+    assert first.draws == (("a", 20), ("b", 80))
+    a2, b2 = lot("a", 0, days=None, seq=1), lot("b", 20, days=None, seq=2)
+    second = plan_purchase_clawback([ClawShare(a2, 50, 30), ClawShare(b2, 50)], [a2, b2], NOW)
+    assert (second.usage_debt, second.other_debt) == (full.usage_debt, full.other_debt)
+    assert second.usage_returned == (("a", 30),)
+
+
 @settings(max_examples=300)
 @given(remaining=st.integers(0, 10_000), units=st.integers(1, 20_000),
        others=st.lists(st.integers(0, 5_000), max_size=3), usage=st.integers(0, 20_000))
@@ -233,6 +249,7 @@ def test_a_clawback_owes_only_what_no_lot_covers(remaining, units, others, usage
     assert taken + debt == units
     assert debt == max(0, units - remaining - sum(others))
     assert plan.usage_debt <= min(usage, debt)
+    assert sum(units for _, units in plan.usage_returned) == plan.usage_debt
 
 
 @pytest.mark.parametrize("units", [0, -5])

@@ -53,9 +53,11 @@ INDEXES: dict[str, list[IndexModel]] = {
     ],
     "notifications": [
         IndexModel([("org_id", ASCENDING), ("key", ASCENDING)], unique=True, name="org_key"),
-        # The feed: gapless per organization, unique so that no two share a place.
-        IndexModel([("org_id", ASCENDING), ("seq", ASCENDING)], unique=True, name="org_seq",
-                   partialFilterExpression={"seq": {"$type": "number"}}),
+        # The feed: gapless per organization, unique so that no two share a place. Partial on
+        # `seq >= 0`, which the feed's `seq > after` (after >= 0) provably falls inside, so
+        # MongoDB uses it; notifications not numbered yet (see migrations) stay out of it.
+        IndexModel([("org_id", ASCENDING), ("seq", ASCENDING)], unique=True, name="feed",
+                   partialFilterExpression={"seq": {"$gte": 0}}),
         # Notifications whose outbound deliveries are not started yet, and those a receiver
         # has not acknowledged yet (SPEC §5.7).
         outbox.INDEX,
@@ -71,15 +73,14 @@ INDEXES: dict[str, list[IndexModel]] = {
     "reports": [IndexModel([("created_at", DESCENDING)], name="time")],
     "auto_topups": [
         outbox.INDEX,  # the triggers whose workflow may not be started yet
-        IndexModel([("payment_intent", ASCENDING)], name="payment_intent",
-                   partialFilterExpression={"payment_intent": {"$type": "string"}}),
+        IndexModel([("payment_intent", ASCENDING)], name="payment_intent"),
     ],
 }
 
 
 #: Indexes of earlier releases that a newer one replaced; dropped at start.
 RETIRED_INDEXES = {"lots": ["one_purchase_per_payment_intent"],
-                   "subscriptions": ["dunning"], "notifications": ["org_time"]}
+                   "subscriptions": ["dunning"], "notifications": ["org_time", "org_seq"]}
 
 
 class Database:

@@ -200,10 +200,14 @@ class Meters:
         unknown organization) aborts that attempt; its neighbours are committed again without it
         and it runs alone, in arrival order."""
         loop = asyncio.get_running_loop()
+        if self._committer is not None and self._committer.get_loop() is not loop:
+            # Used from another event loop than before (tests, embedded runs): records queued
+            # on the old loop cannot be served from this one.
+            self._queue = [p for p in self._queue if p.result.get_loop() is loop]
+            self._committer = None
         pending = _Pending(request, now, loop.create_future())
         self._queue.append(pending)
-        if self._committer is None or self._committer.done() \
-                or self._committer.get_loop() is not loop:
+        if self._committer is None or self._committer.done():
             self._committer = loop.create_task(self._commit_groups())
         return await pending.result
 
