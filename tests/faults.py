@@ -52,17 +52,12 @@ async def wait_until(check: Callable[[], Awaitable[T]], what: str, *,
 
 def worker_env(settings: Settings, client: Client, *, stripe_api_base: str | None = None
                ) -> dict[str, str]:
-    """The environment `billing worker` reads (SPEC §4) for the test's database and queue."""
-    env = {**os.environ,
-           "MONGODB_URI": settings.mongodb_uri,
-           "MONGODB_DB": settings.mongodb_db,
+    """The environment `billing worker` reads (SPEC §4): `settings`, at the test's Temporal."""
+    env = {**os.environ, **settings.environment(),
            "TEMPORAL_ADDRESS": client.service_client.config.target_host,
-           "TEMPORAL_NAMESPACE": client.namespace,
-           "TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,
-           "STRIPE_API_KEY": settings.stripe_api_key}
-    base = stripe_api_base or settings.stripe_api_base
-    if base is not None:
-        env["STRIPE_API_BASE"] = base
+           "TEMPORAL_NAMESPACE": client.namespace}
+    if stripe_api_base is not None:
+        env["STRIPE_API_BASE"] = stripe_api_base
     return env
 
 

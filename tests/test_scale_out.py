@@ -74,8 +74,6 @@ async def deployment(runtime: Runtime, stripe_fake: StripeFake, temporal_client:
     """Two APIs and two workers on a task queue of their own."""
     engine = runtime_on(runtime, temporal_task_queue=f"billing-scale-{new_id('q')[2:10]}")
     env = worker_env(engine.settings, temporal_client, stripe_api_base=stripe_fake.url)
-    env.update(BILLING_API_TOKEN="test-token",
-               STRIPE_WEBHOOK_SECRET=engine.settings.stripe_webhook_secret)
     workers = [WorkerProcess(env, tmp_path / f"worker-{i}.log") for i in range(2)]
     try:
         for worker in workers:
