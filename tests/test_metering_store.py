@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import random
-from datetime import timedelta
+import uuid
+from datetime import datetime, timedelta
 
 import pytest
+from bson import ObjectId
 from meter_helpers import put_on_plan, unregistered, usage
 
 from billing.config import BillingConfig
+from billing.store.accounts import Accounts
 from billing.metering import METER_EXHAUSTED, PAYMENT_PAST_DUE
-from billing.store.database import Database, Doc
-from billing.store.meters import Meters
+from billing.store.database import LEGACY_USAGE_KEY, Database, Doc
+from billing.store.meters import Meters, usage_id
 from billing.store.transactions import run_in_transaction
 from billing.weeks import iso_week
 
@@ -217,3 +220,39 @@ async def test_quota_gate(meters, accounts, db, org, now):
     await db.subscriptions.update_one(
         {"_id": org}, {"$set": {"past_due_since": now - timedelta(days=6)}})
     assert (await meters.gate(org, now)).allowed
+
+
+async def test_a_record_stored_before_keys_became_ids_still_answers_its_replays(
+    mongo_uri: str, meter_config: BillingConfig, org: str, now: datetime
+) -> None:
+    """A database from before usage keys were `_id`s holds records under an `ObjectId`, guarded
+    by the unique `(org_id, run_id, step)` index it keeps: a replay of such a record (a client
+    retrying across the upgrade) answers the stored result and counts nothing."""
+    old = Database(mongo_uri, f"billing_legacy_{uuid.uuid4().hex[:8]}")
+    try:
+        await old.ensure_indexes()
+        await old.usage.create_index([("org_id", 1), ("run_id", 1), ("step", 1)], unique=True,
+                                     name=LEGACY_USAGE_KEY)
+        meters = Meters(old, meter_config)
+        await unregistered(Accounts(old, meter_config), org, now)
+        await put_on_plan(meters, org, "tiny", now)
+        first = await meters.record(usage(org, "new", units=5), now)
+        written = await old.usage.find_one_and_delete({"_id": usage_id(usage(org, "new"))})
+        assert written is not None
+        await old.usage.insert_one({**written, "_id": ObjectId(), "run_id": "old"})
+
+        replay = await meters.record(usage(org, "old", units=40), now)
+        assert (replay.applied, replay.units, replay.used) == (False, 5, first.used)
+        fresh = await meters.record(usage(org, "new", units=7), now)
+        assert (fresh.applied, fresh.units, fresh.used) == (True, 7, 12)
+        assert await old.usage.count_documents({"org_id": org}) == 2
+    finally:
+        await old.client.drop_database(old.db.name)
+        await old.close()
+
+
+async def test_a_new_database_keys_usage_records_by_id_alone(db: Database) -> None:
+    """The idempotency key is the `_id`: no secondary unique index costs each insert a write."""
+    indexes = await db.usage.index_information()
+    assert [name for name, spec in indexes.items() if spec.get("unique")] == []
+    assert LEGACY_USAGE_KEY not in indexes

@@ -6,8 +6,10 @@ plan it is metered on (`quota`, `plan_id`, `ratio_version`), kept live by plan c
 Recording usage is the hot path and takes no workflow. A record reads the account, increments
 the meter, debits the overflow (ledger key `usage:<run_id>:<step>`), writes the notifications it
 triggers and inserts the usage record, which carries the response, all in one transaction. The
-record's unique `(org_id, run_id, step)` index (and the ledger key) make a replay abort that
-transaction on a duplicate key; the stored first result is then returned with `applied: false`.
+record's `_id` is its key `(org_id, run_id, step)` (`usage_id`), so a replay aborts that
+transaction on a duplicate key (as the ledger key does); the stored first result is then returned
+with `applied: false`. The key is the `_id` rather than a unique secondary index because on the
+embedded server every index entry costs each insert about as much as the document itself.
 
 Every record of an organization increments the same meter document, so concurrent transactions
 on one organization conflict and start again. A `Meters` instance therefore commits the records
@@ -44,7 +46,7 @@ from billing.metering import (
 )
 from billing.models import ResetOrgResult
 from billing.store.accounts import Accounts, check_org_id
-from billing.store.database import Database, Doc
+from billing.store.database import LEGACY_USAGE_KEY, Database, Doc
 from billing.store.ledger import Ledger
 from billing.store.notifications import notify
 from billing.store.transactions import run_in_transaction
@@ -73,6 +75,11 @@ class UsageResult:
     used: int
     quota: int
     balance: int
+
+
+def usage_id(request: UsageRequest) -> str:
+    """A usage record's `_id`: its idempotency key. Unambiguous, as no part may contain `/`."""
+    return f"{request.org_id}/{request.run_id}/{request.step}"
 
 
 @dataclass
@@ -282,12 +289,20 @@ class Meters:
                     self.db.client, lambda session: self._record_in(session, request, now)
                 )
             except DuplicateKeyError:
-                stored = await self.db.usage.find_one(
-                    {"org_id": request.org_id, "run_id": request.run_id, "step": request.step}
-                )
+                stored = await self._stored(request)
                 if stored is not None:
                     return _stored_result(stored)
         raise RuntimeError(f"usage {request.run_id}:{request.step} kept hitting duplicate keys")
+
+    async def _stored(self, request: UsageRequest) -> Doc | None:
+        """The first record of `request`'s key, if one is stored. A database created before
+        keys became `_id`s may hold it under an `ObjectId`: it is found by `LEGACY_USAGE_KEY`
+        while that index exists (its duplicate key is what brought the replay here)."""
+        stored = await self.db.usage.find_one({"_id": usage_id(request)})
+        if stored is None and LEGACY_USAGE_KEY in await self.db.usage.index_information():
+            stored = await self.db.usage.find_one(
+                {"org_id": request.org_id, "run_id": request.run_id, "step": request.step})
+        return stored
 
     async def _record_in(
         self, session: AsyncClientSession, request: UsageRequest, now: datetime
@@ -376,6 +391,7 @@ class Meters:
     ) -> Doc:
         costs = None if request.costs is None else {k: str(v) for k, v in request.costs.items()}
         return {
+            "_id": usage_id(request),
             "org_id": request.org_id,
             "run_id": request.run_id,
             "step": request.step,
