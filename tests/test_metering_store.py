@@ -12,8 +12,8 @@ from bson import ObjectId
 from meter_helpers import put_on_plan, unregistered, usage
 
 from billing.config import BillingConfig
-from billing.store.accounts import Accounts
 from billing.metering import METER_EXHAUSTED, PAYMENT_PAST_DUE
+from billing.store.accounts import Accounts
 from billing.store.database import LEGACY_USAGE_KEY, Database, Doc
 from billing.store.meters import Meters, usage_id
 from billing.store.transactions import run_in_transaction
