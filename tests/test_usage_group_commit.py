@@ -210,3 +210,46 @@ async def test_any_mix_of_records_and_repeats_counts_each_key_once(
         meter = await db.meters.find_one({"org_id": org, "week": iso_week(now)})
         assert (meter["used"] if meter else 0) == expected
         await assert_consistent(db, org)
+
+
+async def test_overflow_of_many_orgs_is_debited_in_bulk_exactly_as_one_by_one(
+    counted: tuple[Database, Commits], meter_config: BillingConfig, accounts: Accounts,
+    db: Database, now: datetime,
+) -> None:
+    """Organizations on the free plan (no quota, a signup grant of 500 units): every record
+    debits the ledger. Sent all at once, the debits are written in bulk, and each record still
+    sees the balance the records of its organization before it left: the grant lot drawn down,
+    then usage debt, each grant alert raised once, every entry with its own `seq`."""
+    own, commits = counted
+    meters = Meters(own, meter_config)
+    orgs = await registered(accounts, now, 20)
+    for org in orgs:  # opens the week's meter: 500 -> 490
+        await meters.record(usage(org, "open", units=10), now)
+
+    small = [usage(org, f"small{i}", units=10) for i in range(10) for org in orgs]
+    commits.count = commits.commands = 0
+    results = await asyncio.gather(*(meters.record(r, now) for r in small))
+    # no alert on the way (490 -> 390): all in bulk, where a debit alone takes nine commands
+    assert commits.commands < len(small), commits.commands
+    for org in orgs:
+        mine = [r for q, r in zip(small, results, strict=True) if q.org_id == org]
+        assert [(r.applied, r.overflow, r.balance) for r in mine] == [
+            (True, 10, 490 - 10 * k) for k in range(1, 11)]
+
+    # 390 -> -210: below 20 % of the grant, below 0, then usage debt
+    large = [usage(org, f"large{i}", units=60) for i in range(10) for org in orgs]
+    results = await asyncio.gather(*(meters.record(r, now) for r in large))
+    for org in orgs:
+        mine = [r for q, r in zip(large, results, strict=True) if q.org_id == org]
+        assert [(r.applied, r.overflow, r.balance) for r in mine] == [
+            (True, 60, 390 - 60 * k) for k in range(1, 11)]
+        account = await assert_consistent(db, org)
+        assert (account["balance"], account["usage_debt"]) == (-210, 210)
+        entries = [e async for e in db.ledger.find({"org_id": org})]
+        assert len({e["seq"] for e in entries}) == len(entries) == 22
+        assert sorted(e["key"] for e in entries if e["kind"] == "debit") == sorted(
+            [f"usage:{run}:initial" for run in ("open", *(f"small{i}" for i in range(10)),
+                                                *(f"large{i}" for i in range(10)))])
+        alerts = [n["payload"]["threshold"] async for n in db.notifications.find(
+            {"org_id": org, "type": "extras.balance_threshold_crossed"})]
+        assert sorted(alerts) == [0, 20]

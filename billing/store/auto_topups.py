@@ -44,17 +44,23 @@ def triggers(db: Database) -> AsyncCollection[Doc]:
     return db[COLLECTION]
 
 
+def would_trigger(account: Doc, *, balance_after: int, now: datetime) -> bool:
+    """Whether a write taking `account` (as read before the write) to `balance_after` records a
+    top-up (`billing.auto_topup.should_trigger` on the account's settings)."""
+    return should_trigger(AutoTopUp.from_doc(account.get("auto_topup")),
+                          balance_before=int(account["balance"]), balance_after=balance_after,
+                          month=month_of(now))
+
+
 async def trigger_in(db: Database, session: AsyncClientSession, account: Doc, *,
                      balance_after: int, now: datetime) -> str | None:
     """Record a top-up when the write taking `account` (locked, as read before the write) to
     `balance_after` calls for one (`billing.auto_topup.should_trigger`); the trigger's id or None.
     """
-    state = AutoTopUp.from_doc(account.get("auto_topup"))
-    month = month_of(now)
-    if not should_trigger(state, balance_before=int(account["balance"]),
-                          balance_after=balance_after, month=month):
+    if not would_trigger(account, balance_after=balance_after, now=now):
         return None
-    new = triggered(state, account["_id"], month)
+    month = month_of(now)
+    new = triggered(AutoTopUp.from_doc(account.get("auto_topup")), account["_id"], month)
     assert new.in_flight is not None
     await triggers(db).insert_one({
         "_id": new.in_flight, "org_id": account["_id"], "n": new.triggers,

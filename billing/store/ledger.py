@@ -14,11 +14,13 @@ usage, a Stripe event) can put a ledger change in its own transaction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from bson import ObjectId
+from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from billing.errors import InvalidInput, NotFound, OrgNotFound
@@ -26,6 +28,7 @@ from billing.ledger import (
     Clawback,
     ClawShare,
     Debt,
+    Draw,
     EntryKind,
     OpenLot,
     check_sign,
@@ -74,6 +77,26 @@ def _open_lot(doc: Doc) -> OpenLot:
 
 def _debt(account: Doc) -> Debt:
     return Debt(usage=int(account.get("usage_debt", 0)), other=int(account.get("other_debt", 0)))
+
+
+def _entry(org_id: str, seq: int, key: str, kind: EntryKind, amount: int, memo: str,
+           now: datetime) -> Doc:
+    return {"_id": ObjectId(), "org_id": org_id, "seq": seq, "key": key, "kind": kind.value,
+            "amount": amount, "lot_id": None, "memo": memo, "created_at": now}
+
+
+def _drawn(entry: Doc, draws: Sequence[tuple[str, int]], lot_id: str | None, added: int) -> None:
+    """What a negative entry took: its draws, and the debt it added (what no lot covered)."""
+    entry["draws"] = [{"lot_id": drawn, "units": units} for drawn, units in draws]
+    entry["lot_id"] = lot_id
+    if added:
+        entry["debt_added"] = added
+
+
+def _sealed(entry: Doc, balance: int, meta: dict[str, Any] | None) -> None:
+    entry["balance_after"] = balance
+    if meta:
+        entry["meta"] = meta
 
 
 class Ledger:
@@ -134,20 +157,9 @@ class Ledger:
         `lot_id` (an expiry), or in debit order (a debit or an admin debit)."""
         check_sign(kind, amount)
         org_id = account["_id"]
-        seq = int(account["seq"])
         debt = _debt(account)
-        entry_id = ObjectId()
-        entry: Doc = {
-            "_id": entry_id,
-            "org_id": org_id,
-            "seq": seq,
-            "key": key,
-            "kind": kind.value,
-            "amount": amount,
-            "lot_id": None,
-            "memo": memo,
-            "created_at": now,
-        }
+        entry = _entry(org_id, int(account["seq"]), key, kind, amount, memo, now)
+        entry_id = entry["_id"]
         if amount > 0:
             repay = plan_credit(debt, amount, usage_debt_only=kind is EntryKind.SETTLEMENT)
             lot_id = f"lot_{entry_id}"
@@ -158,7 +170,7 @@ class Ledger:
                     "org_id": org_id,
                     "kind": kind.value,
                     "key": key,
-                    "seq": seq,
+                    "seq": entry["seq"],
                     "units": amount,
                     "remaining": repay.lot_remaining,
                     "repaid_debt": repay.other + repay.usage,
@@ -206,15 +218,10 @@ class Ledger:
                 )
                 if updated.matched_count != 1:
                     raise RuntimeError(f"lot {drawn_lot} changed under a locked account")
-            entry["draws"] = [{"lot_id": drawn, "units": units} for drawn, units in draws]
-            entry["lot_id"] = lot_id
-            if usage_added or other_added:
-                entry["debt_added"] = usage_added + other_added
-                debt = Debt(usage=debt.usage + usage_added, other=debt.other + other_added)
+            _drawn(entry, draws, lot_id, usage_added + other_added)
+            debt = Debt(usage=debt.usage + usage_added, other=debt.other + other_added)
         balance = int(account["balance"]) + amount
-        entry["balance_after"] = balance
-        if meta:
-            entry["meta"] = meta
+        _sealed(entry, balance, meta)
         await self.db.ledger.insert_one(entry, session=session)
         after_commit(session, LEDGER_ENTRIES.labels(kind.value).inc)
         await self.db.accounts.update_one(
@@ -501,3 +508,133 @@ class Ledger:
 
 def _recorded(lots: list[Doc], key: str) -> bool:
     return any(c["key"] == key for lot in lots for c in lot["clawbacks"])
+
+
+@dataclass
+class _Locked:
+    """One organization's ledger as `Debits` keeps it between its bulk writes."""
+
+    account: Doc  # as locked, then as the planned entries leave it
+    lots: list[OpenLot]  # its open lots, as the planned entries leave them
+    seq_taken: int = 0  # entries planned on it: each takes the next `seq`
+    balance_delta: int = 0
+    seq_delta: int = 0
+
+
+@dataclass(frozen=True)
+class PlannedDebit:
+    """A debit worked out on `Debits`' copy of the ledger, not applied yet."""
+
+    org_id: str
+    balance_before: int
+    balance_after: int
+    draw: Draw
+
+
+class Debits:
+    """Debits (`EntryKind.DEBIT`) of several organizations in one transaction, with a fixed
+    number of commands however many there are: what `Ledger.lock_in` + `Ledger.post_in` write
+    for each, planned in memory and written in bulk.
+
+    `lock` bumps the accounts' `seq` (the same lock as `lock_in`) and reads them and their open
+    lots; `plan` works a debit out on that copy and `apply` keeps it; `flush` writes the lots
+    drawn, the entries and the accounts. A debit that would do more than draw and add usage debt
+    (trigger an automatic top-up, raise an alert) is for the caller to see from the
+    `PlannedDebit` and to write through `Ledger.post_in` instead, after a `flush` and with a
+    `forget` of that organization.
+    """
+
+    def __init__(self, ledger: Ledger, session: AsyncClientSession) -> None:
+        self.db = ledger.db
+        self.session = session
+        self.locked: dict[str, _Locked] = {}
+        self.entries: list[Doc] = []
+        self.draws: dict[str, int] = {}
+
+    async def lock(self, org_ids: set[str]) -> None:
+        """Lock and read the organizations not locked yet: three commands for all of them."""
+        new = sorted(org_ids - self.locked.keys())
+        if not new:
+            return
+        locked = await self.db.accounts.bulk_write(
+            [UpdateOne({"_id": org}, {"$inc": {"seq": 1}}) for org in new],
+            ordered=False, session=self.session)
+        if locked.matched_count != len(new):
+            raise OrgNotFound(", ".join(new))
+        accounts = {doc["_id"]: doc async for doc in self.db.accounts.find(
+            {"_id": {"$in": new}}, session=self.session)}
+        lots: dict[str, list[OpenLot]] = {org: [] for org in new}
+        async for doc in self.db.lots.find(
+                {"org_id": {"$in": new}, "remaining": {"$gt": 0}},
+                {"org_id": 1, "remaining": 1, "expires_at": 1, "seq": 1}, session=self.session):
+            lots[doc["org_id"]].append(_open_lot(doc))
+        for org in new:
+            self.locked[org] = _Locked(accounts[org], lots[org])
+
+    def account(self, org_id: str) -> Doc:
+        """The locked account as the debits planned so far leave it."""
+        return self.locked[org_id].account
+
+    def plan(self, org_id: str, units: int, now: datetime) -> PlannedDebit:
+        balance = int(self.locked[org_id].account["balance"])
+        return PlannedDebit(org_id, balance, balance - units,
+                            plan_draw(self.locked[org_id].lots, units, now))
+
+    def apply(self, planned: PlannedDebit, *, key: str, now: datetime, memo: str,
+              meta: dict[str, Any] | None) -> Doc:
+        """Keep `planned` as the organization's next entry (written by `flush`)."""
+        state = self.locked[planned.org_id]
+        account = state.account
+        if state.seq_taken:  # the lock gave the first entry its seq; the next ones take more
+            account["seq"] = int(account["seq"]) + 1
+            state.seq_delta += 1
+        state.seq_taken += 1
+        amount = planned.balance_after - planned.balance_before
+        entry = _entry(planned.org_id, int(account["seq"]), key, EntryKind.DEBIT, amount, memo,
+                       now)
+        _drawn(entry, planned.draw.draws, None, planned.draw.shortfall)
+        _sealed(entry, planned.balance_after, meta)
+        self.entries.append(entry)
+        taken = dict(planned.draw.draws)
+        state.lots = [replace(lot, remaining=lot.remaining - taken.get(lot.id, 0))
+                      for lot in state.lots if lot.remaining > taken.get(lot.id, 0)]
+        for lot_id, units in planned.draw.draws:
+            self.draws[lot_id] = self.draws.get(lot_id, 0) + units
+        account["balance"] = planned.balance_after
+        account["usage_debt"] = int(account.get("usage_debt", 0)) + planned.draw.shortfall
+        state.balance_delta += amount
+        return entry
+
+    async def flush(self, now: datetime) -> None:
+        """Write what `apply` kept: one bulk write per collection."""
+        if self.draws:
+            drawn = await self.db.lots.bulk_write(
+                [UpdateOne({"_id": lot, "remaining": {"$gte": units}},
+                           {"$inc": {"remaining": -units}}) for lot, units in self.draws.items()],
+                ordered=False, session=self.session)
+            if drawn.matched_count != len(self.draws):
+                raise RuntimeError("a lot changed under a locked account")
+            self.draws = {}
+        if self.entries:
+            entries, self.entries = self.entries, []
+            await self.db.ledger.insert_many(entries, ordered=True, session=self.session)
+            for entry in entries:
+                after_commit(self.session, LEDGER_ENTRIES.labels(entry["kind"]).inc)
+        changed = [(org, state) for org, state in self.locked.items()
+                   if state.balance_delta or state.seq_delta]
+        if changed:
+            await self.db.accounts.bulk_write([
+                UpdateOne({"_id": org}, {
+                    "$inc": {"balance": state.balance_delta, "seq": state.seq_delta},
+                    "$set": {"usage_debt": int(state.account.get("usage_debt", 0)),
+                             "other_debt": int(state.account.get("other_debt", 0)),
+                             "updated_at": now},
+                }) for org, state in changed
+            ], ordered=False, session=self.session)
+            for _, state in changed:
+                state.balance_delta = state.seq_delta = 0
+
+    def forget(self, org_id: str) -> None:
+        """Drop an organization's copy (after a `flush`): a write through `Ledger` changed it."""
+        assert not self.entries and not self.draws
+        self.locked.pop(org_id, None)

@@ -21,8 +21,10 @@ conflict, and a commit carries every record that arrived while the previous one 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -46,8 +48,9 @@ from billing.metering import (
 )
 from billing.models import ResetOrgResult
 from billing.store.accounts import Accounts, check_org_id
+from billing.store.auto_topups import would_trigger
 from billing.store.database import LEGACY_USAGE_KEY, Database, Doc
-from billing.store.ledger import Ledger
+from billing.store.ledger import Debits, Ledger
 from billing.store.notifications import notify
 from billing.store.transactions import run_in_transaction
 from billing.weeks import iso_week
@@ -75,6 +78,12 @@ class UsageResult:
     used: int
     quota: int
     balance: int
+
+
+def _debit_terms(request: UsageRequest, week: str) -> dict[str, Any]:
+    """The ledger entry of a record's overflow: its key, memo and meta."""
+    return {"key": f"usage:{request.run_id}:{request.step}", "memo": f"usage overflow {week}",
+            "meta": {"week": week, "run_id": request.run_id, "step": request.step}}
 
 
 def usage_id(request: UsageRequest) -> str:
@@ -351,23 +360,20 @@ class Meters:
         org_id, week = request.org_id, meter["week"]
         account = await self.ledger.lock_in(session, org_id)
         posted = await self.ledger.post_in(
-            session, account, key=f"usage:{request.run_id}:{request.step}", kind=EntryKind.DEBIT,
-            amount=-units, now=now, memo=f"usage overflow {week}",
-            meta={"week": week, "run_id": request.run_id, "step": request.step},
+            session, account, kind=EntryKind.DEBIT, amount=-units, now=now,
+            **_debit_terms(request, week),
         )
         balance = posted.balance
-        if meter["quota"] == 0:
-            pct = grant_alert(balance + units, balance, plan.signup_grant)
-            if pct is not None:
-                await notify(
-                    self.db, session, org_id=org_id, type="extras.balance_threshold_crossed",
-                    key=f"extras.balance_threshold_crossed:{week}:{pct}",
-                    payload={"week": week, "threshold": pct, "balance": balance,
-                             "grant": plan.signup_grant},
-                    now=now,
-                )
-        runaway = is_runaway(balance, meter["quota"], self.config.meter.runaway_factor)
-        if runaway and not meter.get("runaway_alerted"):
+        pct, runaway = self._debit_alerts(meter, plan, balance + units, balance)
+        if pct is not None:
+            await notify(
+                self.db, session, org_id=org_id, type="extras.balance_threshold_crossed",
+                key=f"extras.balance_threshold_crossed:{week}:{pct}",
+                payload={"week": week, "threshold": pct, "balance": balance,
+                         "grant": plan.signup_grant},
+                now=now,
+            )
+        if runaway:
             await notify(
                 self.db, session, org_id=org_id, type="extras.runaway_debit",
                 key=f"extras.runaway_debit:{week}",
@@ -378,7 +384,18 @@ class Meters:
             await self.db.meters.update_one(
                 {"_id": meter["_id"]}, {"$set": {"runaway_alerted": True}}, session=session
             )
+            meter["runaway_alerted"] = True  # a group keeps deciding on this document
         return balance
+
+    def _debit_alerts(self, meter: Doc, plan: PlanConfig, balance_before: int,
+                      balance_after: int) -> tuple[int | None, bool]:
+        """The alerts an overflow debit raises: the signup grant's threshold crossed (plans
+        without quota), and whether the week turns runaway."""
+        pct = (grant_alert(balance_before, balance_after, plan.signup_grant)
+               if meter["quota"] == 0 else None)
+        runaway = (is_runaway(balance_after, meter["quota"], self.config.meter.runaway_factor)
+                   and not meter.get("runaway_alerted"))
+        return pct, runaway
 
     def _usage_doc(
         self,
@@ -576,9 +593,11 @@ class Meters:
 class _Group:
     """One group's records applied in one transaction with a few commands for all of them: the
     accounts and meters they touch are read once, each record is decided in memory in arrival
-    order, and the meter increments and usage records are written in bulk. A record that needs
-    more (a meter to open, a plan that prices differently, an overflow to debit, a threshold
-    alert) is applied by `Meters._record_in` after the writes decided before it, so every
+    order, and the meter increments and usage records are written in bulk. The organizations
+    some record takes past its quota are locked together and their overflow debits planned on
+    a copy of their ledger (`billing.store.ledger.Debits`), then written in bulk too. A record
+    that needs more (a meter to open, a plan that prices differently, an alert, an automatic
+    top-up) is applied by `Meters._record_in` after the writes decided before it, so every
     record sees exactly the state the records before it left.
 
     `failing[0]` names the record that raised, so the caller can take it out."""
@@ -594,16 +613,20 @@ class _Group:
         self.open: dict[tuple[str, str], Doc] = {}
         self.increments: dict[tuple[str, str], tuple[int, datetime]] = {}
         self.records: list[tuple[int, Doc]] = []
+        self.debits = Debits(meters.ledger, session)
+        self.debited: list[int] = []  # the record behind each debit not written yet
 
     async def apply(self) -> list[UsageResult]:
         await self._read({p.request.org_id for p in self.members},
                          {(p.request.org_id, iso_week(p.now)) for p in self.members})
+        await self.debits.lock(self._overflowing())
         results: list[UsageResult] = []
         for index, pending in enumerate(self.members):
             self.failing[0] = index
-            fast = self._decide(index, pending)
+            fast = await self._decide(index, pending)
             if fast is None:
                 await self._flush()
+                self.debits.forget(pending.request.org_id)
                 results.append(await self.meters._record_in(self.session, pending.request,
                                                              pending.now))
                 await self._read({pending.request.org_id},
@@ -612,6 +635,25 @@ class _Group:
                 results.append(fast)
         await self._flush()
         return results
+
+    def _overflowing(self) -> set[str]:
+        """The organizations some record takes past its quota, as far as the meters read say."""
+        config = self.meters.config
+        used = {key: int(meter["used"]) for key, meter in self.open.items()}
+        found: set[str] = set()
+        for pending in self.members:
+            key = (pending.request.org_id, iso_week(pending.now))
+            meter = self.open.get(key)
+            if meter is None or key[0] in found or key[0] not in self.accounts:
+                continue
+            try:
+                used[key] += meter_usage(pending.request, config.plan(meter["plan_id"]),
+                                         config.meter).units
+            except BillingError:
+                continue  # refused when it is decided
+            if used[key] > int(meter["quota"]):
+                found.add(key[0])
+        return found
 
     async def _read(self, orgs: set[str], keys: set[tuple[str, str]]) -> None:
         cursor = self.db.accounts.find({"_id": {"$in": sorted(orgs)}},
@@ -627,7 +669,7 @@ class _Group:
             else:
                 self.open.pop(key, None)
 
-    def _decide(self, index: int, pending: _Pending) -> UsageResult | None:
+    async def _decide(self, index: int, pending: _Pending) -> UsageResult | None:
         """The record's result when the bulk path can apply it, else None."""
         request, now = pending.request, pending.now
         account = self.accounts.get(request.org_id)
@@ -644,20 +686,38 @@ class _Group:
         metered = meter_usage(request, plan, config.meter)
         prev_used, quota = int(meter["used"]), int(meter["quota"])
         used = prev_used + metered.units
-        if overflow(prev_used, used, quota) or thresholds_crossed(
-                prev_used, used, quota, config.meter.alert_thresholds):
+        if thresholds_crossed(prev_used, used, quota, config.meter.alert_thresholds):
             return None
+        over = overflow(prev_used, used, quota)
+        if over > 0:
+            await self.debits.lock({request.org_id})
+            planned = self.debits.plan(request.org_id, over, now)
+            pct, runaway = self.meters._debit_alerts(meter, plan, planned.balance_before,
+                                                     planned.balance_after)
+            if pct is not None or runaway or would_trigger(
+                    self.debits.account(request.org_id), balance_after=planned.balance_after,
+                    now=now):
+                return None
+            self.debits.apply(planned, now=now, **_debit_terms(request, week))
+            self.debited.append(index)
+            account["balance"] = planned.balance_after
         meter["used"] = used
         units, _ = self.increments.get((request.org_id, week), (0, now))
         self.increments[(request.org_id, week)] = (units + metered.units, now)
         balance = int(account["balance"])
-        self.records.append((index, self.meters._usage_doc(request, metered, meter, 0, balance,
-                                                           now)))
-        return UsageResult(applied=True, units=metered.units, overflow=0, week=week, used=used,
-                           quota=quota, balance=balance)
+        self.records.append((index, self.meters._usage_doc(request, metered, meter, over,
+                                                           balance, now)))
+        return UsageResult(applied=True, units=metered.units, overflow=over, week=week,
+                           used=used, quota=quota, balance=balance)
 
     async def _flush(self) -> None:
-        """Write what the records decided so far: one bulk meter update, one bulk insert."""
+        """Write what the records decided so far: the usage records (first: a repeated key
+        shows there), the meter increments and the debits, each in one bulk command."""
+        if self.records:
+            records, self.records = self.records, []
+            await self._bulk(records, self.db.usage.insert_many([doc for _, doc in records],
+                                                                ordered=True,
+                                                                session=self.session))
         if self.increments:
             await self.db.meters.bulk_write([
                 UpdateOne({"org_id": org, "week": week},
@@ -665,14 +725,20 @@ class _Group:
                 for (org, week), (units, now) in self.increments.items()
             ], ordered=True, session=self.session)
             self.increments = {}
-        if self.records:
-            records, self.records = self.records, []
-            try:
-                await self.db.usage.insert_many([doc for _, doc in records], ordered=True,
-                                                session=self.session)
-            except BulkWriteError as exc:
-                errors = exc.details.get("writeErrors", [])
-                if errors and errors[0].get("code") == DUPLICATE_KEY:
-                    self.failing[0] = records[errors[0]["index"]][0]
-                    raise DuplicateKeyError(errors[0].get("errmsg", "duplicate key")) from exc
-                raise
+        if self.debited:
+            debited, self.debited = self.debited, []
+            first = min(debited)
+            await self._bulk([(i, {}) for i in debited], self.debits.flush(
+                self.members[first].now))
+
+    async def _bulk(self, written: list[tuple[int, Doc]], write: Awaitable[object]) -> None:
+        """Run a bulk write of the records `written` (index in the group, document); a
+        duplicate key names the record that wrote it, so the caller can take it out."""
+        try:
+            await write
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if errors and errors[0].get("code") == DUPLICATE_KEY:
+                self.failing[0] = written[min(errors[0]["index"], len(written) - 1)][0]
+                raise DuplicateKeyError(errors[0].get("errmsg", "duplicate key")) from exc
+            raise
