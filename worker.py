@@ -55,7 +55,7 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
     admin = AdminActivities(runtime)
     reset = ResetActivities(runtime)
     stripe_api = StripeApiActivities(runtime.settings)
-    purchases = PurchaseActivities(runtime)
+    purchases = PurchaseActivities(runtime, stripe_api)
     refunds = RefundActivities(runtime)
     disputes = DisputeActivities(runtime)
     invoices = InvoiceActivities(runtime)
@@ -78,6 +78,7 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
         stripe_api.list_refunds,
         stripe_api.list_line_items,
         stripe_api.find_checkout_sessions,
+        stripe_api.read_purchase_facts,
         purchases.record_outcome,
         purchases.resolve_org,
         purchases.apply_purchase,

@@ -18,7 +18,14 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from billing.config import Settings
-from billing.models import EventListQuery, StripeEvent, StripeEventPage
+from billing.models import (
+    EventListQuery,
+    PurchaseFacts,
+    PurchaseQuery,
+    StripeEvent,
+    StripeEventPage,
+)
+from billing.stripe.objects import expanded, org_from, pack_from
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -128,6 +135,36 @@ class StripeApiActivities:
         except ApplicationError as exc:
             if exc.type == "STRIPE_404":
                 return []
+            raise
+
+    async def purchase_facts(self, payment_intent: str | None, *, session: Obj | None = None,
+                             intent: Obj | None = None,
+                             charge: Obj | None = None) -> PurchaseFacts:
+        """What Stripe holds about a payment: its payment intent, the Checkout session that took
+        it (found through the API when not given) and that session's line items (always listed:
+        they carry the quantities)."""
+        if session is None and payment_intent is not None:
+            sessions = await self.find_checkout_sessions(payment_intent)
+            session = next((s for s in sessions if s.get("mode") == "payment"), None)
+        if intent is None and payment_intent is not None and not (
+                session is not None and org_from(session) and pack_from(session)):
+            intent = expanded((session or {}).get("payment_intent")) or (
+                await self.retrieve_payment_intent(payment_intent))
+        line_items = None
+        if session is not None:
+            line_items = await self.list_line_items(str(session["id"]))
+        return PurchaseFacts(payment_intent=payment_intent, session=session,
+                             line_items=line_items, intent=intent, charge=charge)
+
+    @activity.defn(name="stripe_purchase_facts")
+    async def read_purchase_facts(self, query: PurchaseQuery) -> PurchaseFacts:
+        """The purchase behind a refunded or disputed charge; a payment intent Stripe does not
+        know (404) leaves the purchase undetermined rather than failing the event."""
+        try:
+            return await self.purchase_facts(query.payment_intent, charge=query.charge)
+        except ApplicationError as exc:
+            if exc.type == "STRIPE_404":
+                return PurchaseFacts(charge=query.charge)
             raise
 
     async def list_events(self, query: EventListQuery) -> StripeEventPage:

@@ -6,20 +6,42 @@ from __future__ import annotations
 from pymongo.asynchronous.client_session import AsyncClientSession
 from temporalio import activity
 
+from activities.stripe_api import StripeApiActivities
 from activities.stripe_frame import Outcome, StripeFrame, bought_at
 from billing.ledger import EntryKind
 from billing.models import PurchaseFacts, StripeApply, StripeStep
+from billing.runtime import Runtime
 from billing.store.ledger import LotTerms
-from billing.stripe.objects import amount, ref_id
+from billing.stripe.events import PAYMENT_INTENT_SUCCEEDED
+from billing.stripe.objects import amount, org_from, ref_id
 from billing.stripe.purchases import Verdict, line_key, purchase_key, resolve_purchase
 
 
 class PurchaseActivities(StripeFrame):
+    def __init__(self, runtime: Runtime, stripe_api: StripeApiActivities) -> None:
+        super().__init__(runtime)
+        self.stripe_api = stripe_api
+
+    async def _read_facts(self, apply: StripeApply) -> StripeApply:
+        """The purchase behind a paid Checkout session or a succeeded payment intent, read from
+        Stripe, and the organization it names when the event's own object does not."""
+        obj = apply.event.object
+        if apply.event.type == PAYMENT_INTENT_SUCCEEDED:
+            facts = await self.stripe_api.purchase_facts(ref_id(obj.get("id")), intent=obj)
+        else:
+            facts = await self.stripe_api.purchase_facts(ref_id(obj.get("payment_intent")),
+                                                         session=obj)
+        return apply.model_copy(update={"purchase": facts, "org_id": apply.org_id or org_from(
+            facts.session) or org_from(facts.intent)})
+
     @activity.defn(name="apply_stripe_purchase")
     async def apply_purchase(self, apply: StripeApply) -> StripeStep:
         """Credit every pack line of a payment once: one lot per line, keyed on the payment
         intent (`payment:<pi>`, `payment:<pi>:2`, ...), so every event of one payment credits
-        once whichever arrives first."""
+        once whichever arrives first. Reads the purchase from Stripe first unless the workflow
+        did (runs started before the reads moved here)."""
+        if apply.purchase is None:
+            apply = await self._read_facts(apply)
         config = self.runtime.config
         ledger = self.runtime.ledger
         facts = apply.purchase or PurchaseFacts()

@@ -188,6 +188,14 @@ class PurchaseFacts(BaseModel):
     charge: dict[str, Any] | None = None
 
 
+class PurchaseQuery(BaseModel):
+    """Which payment to read the purchase of (`stripe_purchase_facts`): its payment intent, and
+    the charge when the event carries it."""
+
+    payment_intent: str | None = None
+    charge: dict[str, Any] | None = None
+
+
 class StripeApply(BaseModel):
     """One event's effect to apply, with what the workflow read from Stripe to resolve it."""
 

@@ -1,9 +1,11 @@
 """`StripeEventWorkflow` (id `stripe-<evt id>`): one verified Stripe event, applied once.
 
 The workflow only decides which Stripe reads an event needs (a subscription's real status, the
-Checkout session behind a payment and its line items, the refunds of a charge) and which apply
-activity writes the effect; `ROUTES` maps every handled event type to its handler. Each apply
-activity is one MongoDB transaction that also records the outcome.
+refunds of a charge, the purchase behind a refunded charge) and which apply activity writes the
+effect; `ROUTES` maps every handled event type to its handler. Each apply activity is one MongoDB
+transaction that also records the outcome. A purchase is one activity: it reads the Checkout
+session behind the payment and its line items itself, just before its transaction, so the
+commonest event costs the fewest workflow tasks.
 
 A refund or dispute of a purchase that is not credited yet (Stripe does not order deliveries)
 waits for it durably, polling with backoff for up to 72 hours after the event (Stripe's own
@@ -23,6 +25,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 from billing.models import (
     OrgRef,
     PurchaseFacts,
+    PurchaseQuery,
     StripeApply,
     StripeEvent,
     StripeEventOutcome,
@@ -30,7 +33,7 @@ from billing.models import (
     StripeStep,
     SubscriptionState,
 )
-from workflows.common import FAIL_ON, STRIPE_TIMEOUT, call
+from workflows.common import ACTIVITY_TIMEOUT, FAIL_ON, STRIPE_TIMEOUT, call
 from workflows.search import ORG_ID, STRIPE_EVENT_TYPE
 
 with workflow.unsafe.imports_passed_through():
@@ -57,6 +60,12 @@ LONGEST_POLL = timedelta(minutes=15)
 ORG_ID_FIRST = "org-id-first"
 
 
+#: The release whose purchase activity reads the purchase from Stripe itself (one activity per
+#: purchase instead of one per read), and whose refunds and disputes read the purchase behind
+#: their charge in one activity. Runs started before it replay the reads one activity each.
+PURCHASE_READS_IN_ACTIVITY = "purchase-reads-in-activity"
+
+
 def stripe_workflow_id(event_id: str) -> str:
     return f"stripe-{event_id}"
 
@@ -73,12 +82,14 @@ def _mark(event_type: str, org: str | None) -> None:
         workflow.upsert_search_attributes(updates)
 
 
-async def _step(activity: str, apply: StripeApply) -> StripeStep:
-    return await call(activity, apply, StripeStep)
+async def _step(activity: str, apply: StripeApply, *,
+                start_to_close: timedelta = ACTIVITY_TIMEOUT) -> StripeStep:
+    return await call(activity, apply, StripeStep, start_to_close=start_to_close)
 
 
-async def _outcome(activity: str, apply: StripeApply) -> StripeEventOutcome:
-    step = await _step(activity, apply)
+async def _outcome(activity: str, apply: StripeApply, *,
+                   start_to_close: timedelta = ACTIVITY_TIMEOUT) -> StripeEventOutcome:
+    step = await _step(activity, apply, start_to_close=start_to_close)
     if step.outcome is None:
         raise ApplicationError(f"{activity} asked for more than this event gives",
                                type="UNEXPECTED_STEP", non_retryable=True)
@@ -117,9 +128,8 @@ async def _list(activity: str, stripe_id: str) -> list[Obj]:
 
 async def _purchase_facts(payment_intent: str | None, *, session: Obj | None = None,
                           intent: Obj | None = None, charge: Obj | None = None) -> PurchaseFacts:
-    """What Stripe holds about a payment: its payment intent, the Checkout session that took it
-    (found through the API when not given) and that session's line items (always listed: they
-    carry the quantities)."""
+    """Runs started before `PURCHASE_READS_IN_ACTIVITY` only: the reads of
+    `StripeApiActivities.purchase_facts`, one activity each."""
     if session is None and payment_intent is not None:
         sessions = await _list("stripe_find_checkout_sessions", payment_intent)
         session = next((s for s in sessions if s.get("mode") == "payment"), None)
@@ -189,11 +199,15 @@ class StripeEventWorkflow:
         if status not in PAID_STATUSES:
             return await _record(apply, "ignored", f"checkout payment status is {status}: "
                                  "a delayed payment method credits when it succeeds")
+        if workflow.patched(PURCHASE_READS_IN_ACTIVITY):
+            return await _outcome("apply_stripe_purchase", apply, start_to_close=STRIPE_TIMEOUT)
         facts = await _purchase_facts(ref_id(session.get("payment_intent")), session=session)
         return await _outcome("apply_stripe_purchase", apply.model_copy(update={
             "purchase": facts, "org_id": apply.org_id or org_from(facts.intent)}))
 
     async def _payment_intent(self, apply: StripeApply) -> StripeEventOutcome:
+        if workflow.patched(PURCHASE_READS_IN_ACTIVITY):
+            return await _outcome("apply_stripe_purchase", apply, start_to_close=STRIPE_TIMEOUT)
         intent = apply.event.object
         facts = await _purchase_facts(ref_id(intent.get("id")), intent=intent)
         return await _outcome("apply_stripe_purchase", apply.model_copy(update={
@@ -288,6 +302,10 @@ class StripeEventWorkflow:
         obj = apply.event.object
         charge = obj if apply.event.type == ev.CHARGE_REFUNDED else None
         payment_intent = apply.payment_intent or ref_id(obj.get("payment_intent"))
+        if workflow.patched(PURCHASE_READS_IN_ACTIVITY):
+            return await call("stripe_purchase_facts",
+                              PurchaseQuery(payment_intent=payment_intent, charge=charge),
+                              PurchaseFacts, start_to_close=STRIPE_TIMEOUT)
         try:
             return await _purchase_facts(payment_intent, charge=charge)
         except ActivityError as exc:

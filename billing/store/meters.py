@@ -615,6 +615,7 @@ class _Group:
         self.records: list[tuple[int, Doc]] = []
         self.debits = Debits(meters.ledger, session)
         self.debited: list[int] = []  # the record behind each debit not written yet
+        self.metered: dict[int, tuple[str, Metered]] = {}  # by record: (plan id, its units)
 
     async def apply(self) -> list[UsageResult]:
         await self._read({p.request.org_id for p in self.members},
@@ -638,22 +639,31 @@ class _Group:
 
     def _overflowing(self) -> set[str]:
         """The organizations some record takes past its quota, as far as the meters read say."""
-        config = self.meters.config
         used = {key: int(meter["used"]) for key, meter in self.open.items()}
         found: set[str] = set()
-        for pending in self.members:
+        for index, pending in enumerate(self.members):
             key = (pending.request.org_id, iso_week(pending.now))
             meter = self.open.get(key)
-            if meter is None or key[0] in found or key[0] not in self.accounts:
+            if meter is None or key[0] not in self.accounts:
                 continue
             try:
-                used[key] += meter_usage(pending.request, config.plan(meter["plan_id"]),
-                                         config.meter).units
+                used[key] += self._metered(index, meter).units
             except BillingError:
                 continue  # refused when it is decided
             if used[key] > int(meter["quota"]):
                 found.add(key[0])
         return found
+
+    def _metered(self, index: int, meter: Doc) -> Metered:
+        """The units of record `index` on `meter`'s plan, worked out once per group."""
+        plan_id = str(meter["plan_id"])
+        known = self.metered.get(index)
+        if known is None or known[0] != plan_id:
+            config = self.meters.config
+            known = (plan_id, meter_usage(self.members[index].request, config.plan(plan_id),
+                                          config.meter))
+            self.metered[index] = known
+        return known[1]
 
     async def _read(self, orgs: set[str], keys: set[tuple[str, str]]) -> None:
         cursor = self.db.accounts.find({"_id": {"$in": sorted(orgs)}},
@@ -683,7 +693,7 @@ class _Group:
         plan = config.plan(meter["plan_id"])
         if plan.ratios != config.plan(account.get("plan_id")).ratios:
             return None
-        metered = meter_usage(request, plan, config.meter)
+        metered = self._metered(index, meter)
         prev_used, quota = int(meter["used"]), int(meter["quota"])
         used = prev_used + metered.units
         if thresholds_crossed(prev_used, used, quota, config.meter.alert_thresholds):
