@@ -98,10 +98,11 @@ def ledger_divergences(state: LedgerState) -> list[Divergence]:
 
 
 def meter_divergence(
-    org_id: str, week: str, overflow: int, debited: int, tolerance: ReconcileConfig
+    org_id: str, week: str, overflow: int | None, debited: int, tolerance: ReconcileConfig
 ) -> Divergence | None:
-    """The week's metered overflow (expected) against its usage debits (actual)."""
-    if not is_divergent(overflow, debited, tolerance):
+    """The week's metered overflow (expected) against its usage debits (actual); nothing to
+    compare (None) for a meter that does not count its overflow (opened before meters did)."""
+    if overflow is None or not is_divergent(overflow, debited, tolerance):
         return None
     return Divergence(org_id=org_id, check="meter", kind="overflow_vs_debits", subject=week,
                       expected=overflow, actual=debited,

@@ -36,6 +36,7 @@ from billing.store.accounts import Accounts
 from billing.store.database import Database
 from billing.store.meters import Meters
 from billing.store.reconcile import ReconcileStore
+from billing.weeks import iso_week
 from workflows.reconcile import ReconcileWorkflow
 
 Obj = dict[str, Any]
@@ -64,14 +65,15 @@ class Orgs:
 
 async def overflow_week(db: Database, config: BillingConfig, org: str, gap: int) -> None:
     """100000 units of overflow debited this week (quota 0), then the meter side short by
-    `gap`: the usage records claim 100000 - gap while the debits say 100000."""
+    `gap`: the meter claims 100000 - gap while the debits say 100000."""
     await Accounts(db, config).ensure_in(None, org, utcnow())
     meters = Meters(db, config)
     for run in range(10):
         result = await meters.record(UsageRequest(org_id=org, run_id=f"run-{run}", units=10000),
                                      utcnow())
         assert result.overflow == 10000
-    await db.usage.update_one({"org_id": org, "run_id": "run-0"}, {"$inc": {"overflow": -gap}})
+    await db.meters.update_one({"org_id": org, "week": iso_week(utcnow())},
+                               {"$inc": {"overflow": -gap}})
 
 
 async def settle_subscription(api: httpx.AsyncClient, client: Client, fake: StripeFake,

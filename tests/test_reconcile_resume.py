@@ -33,7 +33,7 @@ APP_NAME = "billing-reconcile-resume"
 
 class OrgReads(monitoring.CommandListener):
     """Per organization: the ledger chunks read (`seq` ranges) and the snapshots begun (the
-    week's usage aggregation, one per snapshot); and every read's filter."""
+    week's meter read, one per snapshot); and every read's filter."""
 
     def __init__(self) -> None:
         self.chunks: Counter[tuple[str, int]] = Counter()
@@ -51,8 +51,8 @@ class OrgReads(monitoring.CommandListener):
             upto = (query.get("seq") or {}).get("$lte")
             if upto is not None:
                 self.chunks[(query["org_id"], upto)] += 1
-        elif event.command_name == "aggregate" and command.get("aggregate") == "usage":
-            self.snapshots[command["pipeline"][0]["$match"]["org_id"]] += 1
+        elif event.command_name == "find" and command.get("find") == "meters":
+            self.snapshots[command["filter"]["org_id"]] += 1
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -97,8 +97,11 @@ async def test_a_failed_attempt_resumes_after_the_organizations_it_finished(
         await setup.lots.update_one({"org_id": orgs[4]}, {"$inc": {"remaining": -100}})
 
         workflow_id = f"reconcile-resume-{suffix}"
+        # The commits before the fourth organization's snapshot: three snapshots and the
+        # notification of the divergence found on the second organization.
         async with build_worker(temporal_client, engine), fail_point(
-                db, app_name=APP_NAME, commands=["aggregate"], skip=3, times=1, error_code=8):
+                db, app_name=APP_NAME, commands=["commitTransaction"], skip=4, times=1,
+                error_code=8):
             report: ReconcileReport = await temporal_client.execute_workflow(
                 ReconcileWorkflow.run, id=workflow_id,
                 task_queue=engine.settings.temporal_task_queue)

@@ -89,6 +89,8 @@ def test_meter_check_reports_the_gap() -> None:
     assert (found.check, found.kind, found.expected, found.actual) == (
         "meter", "overflow_vs_debits", 99400, 100000)
     assert meter_divergence("acme", "2026-W19", 99600, 100000, TOLERANCE) is None
+    # a meter opened before meters counted their overflow: nothing to compare
+    assert meter_divergence("acme", "2026-W19", None, 100000, TOLERANCE) is None
 
 
 def _sub(status: str, price: str) -> dict[str, Any]:
@@ -157,6 +159,13 @@ async def test_every_kind_of_entry_leaves_the_checks_quiet(
                             config.reconcile) is None
     assert account["balance"] == found.ledger.entries_total
     assert account["usage_debt"] + account["other_debt"] > 0  # the debts took part
+
+    # The same week's meter as a release before the overflow counter opened it: not compared.
+    await db.meters.update_one({"org_id": org, "week": iso_week(now)},
+                               {"$unset": {"overflow_counted": ""}})
+    older = await ReconcileStore(db, chunk=2).read_org(LedgerSums(org_id=org), iso_week(now),
+                                                       chunks.append)
+    assert older is not None and older.overflow is None
 
 
 WEEK_START = datetime(2026, 5, 4, tzinfo=UTC)

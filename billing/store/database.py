@@ -37,8 +37,9 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("org_id", ASCENDING), ("week", ASCENDING)], unique=True, name="org_week"),
     ],
     # A usage record's `_id` is its idempotency key (`billing.store.meters.usage_id`): no
-    # secondary unique index. Databases created before keep `LEGACY_USAGE_KEY` (RUNBOOKS).
-    "usage": [IndexModel([("org_id", ASCENDING), ("week", ASCENDING)], name="org_week")],
+    # secondary index. Databases created before keep `LEGACY_USAGE_KEY` (RUNBOOKS). A week's
+    # overflow is counted on its meter.
+    "usage": [],
     "subscriptions": [
         IndexModel([("stripe_customer_id", ASCENDING)], name="stripe_customer"),
         IndexModel([("stripe_subscription_id", ASCENDING)], name="stripe_subscription"),
@@ -85,7 +86,9 @@ RETIRED_INDEXES = {"lots": ["one_purchase_per_payment_intent"],
                    "subscriptions": ["dunning"], "notifications": ["org_time", "org_seq"],
                    # No query asks for meters by week alone, and on the embedded server every
                    # index costs each meter increment a write.
-                   "meters": ["week"]}
+                   "meters": ["week"],
+                   # The reconciliation reads a week's overflow from its meter.
+                   "usage": ["org_week"]}
 
 
 class Database:
@@ -150,7 +153,8 @@ class Database:
             for retired in RETIRED_INDEXES.get(name, []):
                 with contextlib.suppress(OperationFailure):  # already gone
                     await self.db[name].drop_index(retired)
-            await self.db[name].create_indexes(indexes)
+            if indexes:
+                await self.db[name].create_indexes(indexes)
 
     async def ping(self) -> None:
         await self.client.admin.command("ping")

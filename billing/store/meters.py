@@ -80,6 +80,12 @@ class UsageResult:
     balance: int
 
 
+#: Set on a meter when it opens: its `overflow` counts every unit debited past its quota (what
+#: the reconciliation compares with the week's usage debits). A meter opened by a release before
+#: the counter has none of the overflow before the upgrade, so it is not compared.
+OVERFLOW_COUNTED = {"overflow": 0, "overflow_counted": True}
+
+
 def _debit_terms(request: UsageRequest, week: str) -> dict[str, Any]:
     """The ledger entry of a record's overflow: its key, memo and meta."""
     return {"key": f"usage:{request.run_id}:{request.step}", "memo": f"usage overflow {week}",
@@ -164,7 +170,7 @@ class Meters:
         key = {"org_id": account["_id"], "week": week}
         await self.db.meters.update_one(
             key,
-            {"$setOnInsert": {**key, "created_at": now, "updated_at": now,
+            {"$setOnInsert": {**key, "created_at": now, "updated_at": now, **OVERFLOW_COUNTED,
                               **self._snapshot(plan)},
              "$inc": {"used": units}},
             upsert=True,
@@ -373,6 +379,7 @@ class Meters:
                          "grant": plan.signup_grant},
                 now=now,
             )
+        counted: Doc = {"$inc": {"overflow": units}}
         if runaway:
             await notify(
                 self.db, session, org_id=org_id, type="extras.runaway_debit",
@@ -381,10 +388,8 @@ class Meters:
                          "factor": self.config.meter.runaway_factor},
                 now=now,
             )
-            await self.db.meters.update_one(
-                {"_id": meter["_id"]}, {"$set": {"runaway_alerted": True}}, session=session
-            )
-            meter["runaway_alerted"] = True  # a group keeps deciding on this document
+            counted["$set"] = {"runaway_alerted": True}
+        await self.db.meters.update_one({"_id": meter["_id"]}, counted, session=session)
         return balance
 
     def _debit_alerts(self, meter: Doc, plan: PlanConfig, balance_before: int,
@@ -489,7 +494,7 @@ class Meters:
         await self.db.meters.update_one(
             key,
             {"$set": {**self._snapshot(plan), "updated_at": now},
-             "$setOnInsert": {**key, "used": 0, "created_at": now}},
+             "$setOnInsert": {**key, "used": 0, "created_at": now, **OVERFLOW_COUNTED}},
             upsert=True,
             session=session,
         )
@@ -611,7 +616,8 @@ class _Group:
         self.failing = failing
         self.accounts: dict[str, Doc] = {}
         self.open: dict[tuple[str, str], Doc] = {}
-        self.increments: dict[tuple[str, str], tuple[int, datetime]] = {}
+        #: per meter: units and overflow to add, and when
+        self.increments: dict[tuple[str, str], tuple[int, int, datetime]] = {}
         self.records: list[tuple[int, Doc]] = []
         self.debits = Debits(meters.ledger, session)
         self.debited: list[int] = []  # the record behind each debit not written yet
@@ -712,8 +718,8 @@ class _Group:
             self.debited.append(index)
             account["balance"] = planned.balance_after
         meter["used"] = used
-        units, _ = self.increments.get((request.org_id, week), (0, now))
-        self.increments[(request.org_id, week)] = (units + metered.units, now)
+        units, overflowed, _ = self.increments.get((request.org_id, week), (0, 0, now))
+        self.increments[(request.org_id, week)] = (units + metered.units, overflowed + over, now)
         balance = int(account["balance"])
         self.records.append((index, self.meters._usage_doc(request, metered, meter, over,
                                                            balance, now)))
@@ -731,8 +737,9 @@ class _Group:
         if self.increments:
             await self.db.meters.bulk_write([
                 UpdateOne({"org_id": org, "week": week},
-                          {"$inc": {"used": units}, "$set": {"updated_at": now}})
-                for (org, week), (units, now) in self.increments.items()
+                          {"$inc": {"used": units, "overflow": overflowed},
+                           "$set": {"updated_at": now}})
+                for (org, week), (units, overflowed, now) in self.increments.items()
             ], ordered=True, session=self.session)
             self.increments = {}
         if self.debited:

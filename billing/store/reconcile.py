@@ -3,7 +3,7 @@
 One organization at a time, in bounded reads: its ledger entries are summed in chunks of at most
 `chunk` sequence numbers outside any transaction (entries are immutable, so a sum up to a `seq`
 never changes), then one short snapshot transaction reads the account, its lots, the entries
-written since the last chunk, the week's usage records and its subscriptions. A usage record or a
+written since the last chunk, the week's meter and its subscriptions. A usage record or a
 Stripe event committing meanwhile therefore cannot show up as a false divergence, and no
 transaction reads an unbounded part of a busy organization's history.
 """
@@ -37,8 +37,9 @@ class OrgReadings:
     """What the checks of one organization compare, as of one snapshot."""
 
     ledger: LedgerState
-    #: The week's metered overflow: the sum of its usage records' `overflow`.
-    overflow: int
+    #: The week's metered overflow (its meter's `overflow`); None when the meter opened before
+    #: meters counted it (`billing.store.meters.OVERFLOW_COUNTED`), so it cannot be compared.
+    overflow: int | None
     #: The week's usage debits (`debit` entries keyed `usage:*`), as positive units.
     debited: int
     subscriptions: list[SubscriptionRef]
@@ -93,7 +94,7 @@ class ReconcileStore:
     async def _snapshot(
         self, sums: LedgerSums, week: str, start: datetime, end: datetime
     ) -> OrgReadings | None:
-        """The account, lots, entries after `sums.through_seq`, usage and subscriptions of
+        """The account, lots, entries after `sums.through_seq`, meter and subscriptions of
         the organization in one snapshot transaction; raises `_Behind` when the entries after
         `sums` exceed a chunk (the transaction then reads nothing more)."""
         org_id = sums.org_id
@@ -119,11 +120,9 @@ class ReconcileStore:
                     async for lot in db.lots.find(
                         {"org_id": org_id}, {"units": 1, "remaining": 1, "repaid_debt": 1},
                         session=session)]
-            cursor = await db.usage.aggregate([
-                {"$match": {"org_id": org_id, "week": week}},
-                {"$group": {"_id": None, "total": {"$sum": "$overflow"}}},
-            ], session=session)
-            overflow = sum([int(doc["total"]) async for doc in cursor])
+            meter = await db.meters.find_one({"org_id": org_id, "week": week},
+                                             {"overflow": 1, "overflow_counted": 1},
+                                             session=session)
             subscriptions = sorted([doc async for doc in db.stripe_subscriptions.find(
                 {"org_id": org_id}, {"status": 1, "plan_id": 1}, session=session)],
                 key=lambda doc: str(doc["_id"]))
@@ -133,7 +132,8 @@ class ReconcileStore:
                     usage_debt=int(account.get("usage_debt", 0)),
                     other_debt=int(account.get("other_debt", 0)),
                     entries_total=final.entries_total, lots=tuple(lots)),
-                overflow=overflow,
+                overflow=(None if meter is not None and not meter.get("overflow_counted")
+                          else int((meter or {}).get("overflow", 0))),
                 debited=final.week_usage_debits,
                 subscriptions=[
                     SubscriptionRef(org_id=org_id, subscription_id=str(doc["_id"]),
