@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -266,6 +267,8 @@ class EngineProcess:
         self.port = port
         self.log = stack.log_dir / f"{role.replace(' ', '-')}-{uuid.uuid4().hex[:6]}.log"
         self.process: asyncio.subprocess.Process | None = None
+        self.drain: asyncio.Task[None] | None = None
+        self.printed: collections.deque[str] = collections.deque(maxlen=100)
 
     @classmethod
     def http_app(cls, settings: Settings, stack: Stack) -> EngineProcess:
@@ -288,17 +291,24 @@ class EngineProcess:
                 *self.args, env=_engine_env(self.settings), stdout=asyncio.subprocess.PIPE,
                 stderr=log, start_new_session=True)
         self.stack.pids[self.role] = self.process.pid
+        assert self.process.stdout is not None
         if self.port is not None:
             await wait_for_port(self.port, self.role, READY_TIMEOUT_S, self.process)
-            return
-        assert self.process.stdout is not None
-        try:
-            async with asyncio.timeout(READY_TIMEOUT_S):
-                line = await self.process.stdout.readline()
-        except TimeoutError:
-            line = b""
-        if line.strip() != b"ready":
-            raise RuntimeError(f"the {self.role} did not start: {self.tail()}")
+        else:
+            try:
+                async with asyncio.timeout(READY_TIMEOUT_S):
+                    line = await self.process.stdout.readline()
+            except TimeoutError:
+                line = b""
+            if line.strip() != b"ready":
+                raise RuntimeError(f"the {self.role} did not start: {self.tail()}")
+        self.drain = asyncio.create_task(self._drain(self.process.stdout))
+
+    async def _drain(self, stdout: asyncio.StreamReader) -> None:
+        """Read what the process prints as it prints it (uvicorn's access log, the worker's
+        final counts): a pipe nobody reads fills up and blocks the process's next write."""
+        while line := await stdout.readline():
+            self.printed.append(line.decode(errors="replace"))
 
     def tail(self, lines: int = 20) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -312,16 +322,15 @@ class EngineProcess:
         self.stack.pids.pop(self.role, None)
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
-        assert process.stdout is not None
         try:
             async with asyncio.timeout(30):
-                out = await process.stdout.read()
                 await process.wait()
+                if self.drain is not None:
+                    await self.drain
         except TimeoutError:
             process.kill()
             await process.wait()
-            out = b""
-        for line in reversed(out.decode(errors="replace").splitlines()):
+        for line in reversed(self.printed):
             with contextlib.suppress(ValueError):
                 found = json.loads(line)
                 if isinstance(found, dict):

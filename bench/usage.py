@@ -259,7 +259,7 @@ def report(results: dict[str, Result], baseline: Result, args: argparse.Namespac
         "  opens a week's meter, crosses an alert threshold or triggers an automatic top-up is",
         "  applied on its own inside the group (read the account, increment the meter and read",
         "  it back by its index, debit, notify, insert).",
-        f"- **Batches.** `POST /v1/usage/batch` sends {batch:.1f} commands per record and pays",
+        f"- **Batches.** `POST /v1/usage/batch` sends {batch:.3f} commands per record and pays",
         "  the HTTP request, validation and JSON once per batch: "
         f"{results['batch_50'].rate:,.0f} records/s, ratio {ratio('batch_50'):.2f}. Each group",
         "  carries a whole call or more, so each organization's meter is written once per",
