@@ -82,6 +82,7 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
         purchases.record_outcome,
         purchases.resolve_org,
         purchases.apply_purchase,
+        purchases.read_and_apply_purchase,
         purchases.apply_purchase_failed,
         refunds.apply_refunds,
         disputes.apply_dispute,

@@ -25,6 +25,7 @@ from billing.models import (
     StripeEvent,
     StripeEventPage,
 )
+from billing.stripe import REQUEST_TIMEOUT
 from billing.stripe.objects import expanded, org_from, pack_from
 
 T = TypeVar("T")
@@ -64,6 +65,7 @@ class StripeApiActivities:
             self.settings.stripe_api_key,
             base_addresses={"api": base} if base else None,
             max_network_retries=0,
+            http_client=stripe.HTTPXClient(timeout=REQUEST_TIMEOUT.total_seconds()),
         )
 
     async def _read(self, what: str, call: Callable[[], Awaitable[stripe.StripeObject]]) -> Obj:

@@ -11,7 +11,8 @@ write.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -115,15 +116,10 @@ class StripeFrame:
 
         with final_on_bad_input():
             try:
-                result = await run_in_transaction(db.client, txn)
+                with malformed_object(apply):
+                    result = await run_in_transaction(db.client, txn)
             except NotYet as wait:
                 return wait.step
-            except (KeyError, TypeError, ValueError, OverflowError) as exc:
-                # A Stripe object without a field its type always has, or with a number beyond
-                # the 64 bits MongoDB stores: no retry can fix it.
-                raise ApplicationError(f"malformed {apply.event.type} object: {exc!r}",
-                                       type="MALFORMED_STRIPE_OBJECT",
-                                       non_retryable=True) from exc
         STRIPE_EVENTS.labels(result.type, result.outcome).inc()
         activity.logger.info(
             "stripe event %s: %s", result.outcome, result.reason or ", ".join(result.written),
@@ -221,6 +217,17 @@ class StripeFrame:
             outcome.set(apply.outcome or "ignored", apply.reason)
 
         return await self._run(apply, work)
+
+
+@contextmanager
+def malformed_object(apply: StripeApply) -> Iterator[None]:
+    """A Stripe object without a field its type always has, or with a number beyond the 64 bits
+    MongoDB stores: no retry can fix it, so the workflow fails at once."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise ApplicationError(f"malformed {apply.event.type} object: {exc!r}",
+                               type="MALFORMED_STRIPE_OBJECT", non_retryable=True) from exc
 
 
 def bought_at(apply: StripeApply) -> datetime:

@@ -7,7 +7,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from temporalio import activity
 
 from activities.stripe_api import StripeApiActivities
-from activities.stripe_frame import Outcome, StripeFrame, bought_at
+from activities.stripe_frame import Outcome, StripeFrame, bought_at, malformed_object
 from billing.ledger import EntryKind
 from billing.models import PurchaseFacts, StripeApply, StripeStep
 from billing.runtime import Runtime
@@ -34,14 +34,20 @@ class PurchaseActivities(StripeFrame):
         return apply.model_copy(update={"purchase": facts, "org_id": apply.org_id or org_from(
             facts.session) or org_from(facts.intent)})
 
+    @activity.defn(name="read_and_apply_stripe_purchase")
+    async def read_and_apply_purchase(self, apply: StripeApply) -> StripeStep:
+        """Read the purchase from Stripe, then credit it (`apply_purchase`). A name of its own:
+        a worker of a release before it never runs it without the purchase it needs."""
+        with malformed_object(apply):
+            apply = await self._read_facts(apply)
+        return await self.apply_purchase(apply)
+
     @activity.defn(name="apply_stripe_purchase")
     async def apply_purchase(self, apply: StripeApply) -> StripeStep:
         """Credit every pack line of a payment once: one lot per line, keyed on the payment
         intent (`payment:<pi>`, `payment:<pi>:2`, ...), so every event of one payment credits
-        once whichever arrives first. Reads the purchase from Stripe first unless the workflow
-        did (runs started before the reads moved here)."""
-        if apply.purchase is None:
-            apply = await self._read_facts(apply)
+        once whichever arrives first. Called with the purchase the workflow read (runs started
+        before the reads moved into `read_and_apply_purchase`)."""
         config = self.runtime.config
         ledger = self.runtime.ledger
         facts = apply.purchase or PurchaseFacts()

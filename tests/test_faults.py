@@ -282,7 +282,7 @@ async def test_transient_errors_on_a_stripe_event_are_absorbed_and_credited_once
     assert result.outcome == "applied"
     # Absorbed inside the activity's transaction: Temporal never needed a second attempt.
     handle = temporal_client.get_workflow_handle(f"stripe-{evt['id']}")
-    assert (await activity_attempts(handle))["apply_stripe_purchase"] == 1
+    assert (await activity_attempts(handle))["read_and_apply_stripe_purchase"] == 1
     assert await ledger_keys(db, [org]) == {f"payment:{evt['data']['object']['id']}": 1}
     assert await balances(db, [org]) == {org: PACK_UNITS}
     await assert_ledger_invariants(db, org)

@@ -54,7 +54,7 @@ async def test_a_failing_transaction_fails_after_five_attempts_and_retry_applies
         with pytest.raises(WorkflowFailureError) as failure:
             await handle.result()
     assert isinstance(failure.value.cause, ActivityError)
-    assert (await activity_attempts(handle))["apply_stripe_purchase"] == 5
+    assert (await activity_attempts(handle))["read_and_apply_stripe_purchase"] == 5
     assert (await handle.describe()).status == WorkflowExecutionStatus.FAILED
     # The failed transaction left nothing behind: no account, no record, no entry.
     assert await db.accounts.find_one({"_id": org}) is None

@@ -141,14 +141,14 @@ async def test_a_webhook_is_one_trace_from_request_to_mongodb(
     assert {"StartWorkflow:StripeEventWorkflow", "RunWorkflow:StripeEventWorkflow"} <= names
     activities = {span.span_id: span.name for span in in_trace
                   if span.name.startswith("RunActivity:")}
-    assert {"RunActivity:apply_stripe_purchase"} <= set(
+    assert {"RunActivity:read_and_apply_stripe_purchase"} <= set(
         activities.values())
     commands = [span for span in in_trace
                 if attributes(span.attributes).get("db.system") == "mongodb"]
     # The ledger transaction of the purchase, under the activity that wrote it.
     written = {activities[span.parent_span_id] for span in commands
                if span.parent_span_id in activities and span.name.endswith(".insert")}
-    assert "RunActivity:apply_stripe_purchase" in written, sorted(names)
+    assert "RunActivity:read_and_apply_stripe_purchase" in written, sorted(names)
     # Nothing of this workflow's run was left out of the request's trace.
     assert not [span.name for _, span in spans if span.trace_id != trace_id
                 and span.name.startswith(("RunWorkflow:", "StartActivity:", "RunActivity:"))]

@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import datetime
 
 import pytest
@@ -253,3 +254,25 @@ async def test_overflow_of_many_orgs_is_debited_in_bulk_exactly_as_one_by_one(
         alerts = [n["payload"]["threshold"] async for n in db.notifications.find(
             {"org_id": org, "type": "extras.balance_threshold_crossed"})]
         assert sorted(alerts) == [0, 20]
+
+
+async def test_a_batch_sent_again_is_answered_in_one_group_not_one_transaction_each(
+    counted: tuple[Database, Commits], meter_config: BillingConfig, accounts: Accounts,
+    now: datetime,
+) -> None:
+    """A client that sends a whole batch again gets every first result back, with a repeated
+    key inside the batch answered like a replay, and the engine does it in a few transactions:
+    the group reads its stored records up front once a duplicate shows."""
+    own, commits = counted
+    meters = Meters(own, meter_config)
+    orgs = await registered(accounts, now, 10, on=(meters, "pro"))
+    batch = [usage(org, f"run{i}", units=i % 7) for i in range(30) for org in orgs]
+    first = await meters.record_many(batch + batch[:5], now)
+    assert [getattr(r, "applied", None) for r in first] == [True] * 300 + [False] * 5
+    assert first[300:] == [replace(r, applied=False) for r in first[:5]]
+
+    commits.count = commits.commands = 0
+    again = await meters.record_many(batch, now)
+    assert again == [replace(r, applied=False) for r in first[:300]]
+    # one attempt that meets a duplicate, one that reads the stored records: not 300 of each
+    assert commits.commands < 30, commits.commands

@@ -37,6 +37,7 @@ from workflows.common import ACTIVITY_TIMEOUT, FAIL_ON, STRIPE_TIMEOUT, call
 from workflows.search import ORG_ID, STRIPE_EVENT_TYPE
 
 with workflow.unsafe.imports_passed_through():
+    from billing.stripe import REQUEST_TIMEOUT
     from billing.stripe import events as ev
     from billing.stripe.invoices import invoice_subscription, invoice_subscription_metadata
     from billing.stripe.objects import expanded, org_from, pack_from, ref_id
@@ -64,6 +65,8 @@ ORG_ID_FIRST = "org-id-first"
 #: purchase instead of one per read), and whose refunds and disputes read the purchase behind
 #: their charge in one activity. Runs started before it replay the reads one activity each.
 PURCHASE_READS_IN_ACTIVITY = "purchase-reads-in-activity"
+#: Up to three Stripe reads (each bounded by the client's request timeout), then the transaction.
+PURCHASE_TIMEOUT = 3 * REQUEST_TIMEOUT + ACTIVITY_TIMEOUT
 
 
 def stripe_workflow_id(event_id: str) -> str:
@@ -200,14 +203,16 @@ class StripeEventWorkflow:
             return await _record(apply, "ignored", f"checkout payment status is {status}: "
                                  "a delayed payment method credits when it succeeds")
         if workflow.patched(PURCHASE_READS_IN_ACTIVITY):
-            return await _outcome("apply_stripe_purchase", apply, start_to_close=STRIPE_TIMEOUT)
+            return await _outcome("read_and_apply_stripe_purchase", apply,
+                                  start_to_close=PURCHASE_TIMEOUT)
         facts = await _purchase_facts(ref_id(session.get("payment_intent")), session=session)
         return await _outcome("apply_stripe_purchase", apply.model_copy(update={
             "purchase": facts, "org_id": apply.org_id or org_from(facts.intent)}))
 
     async def _payment_intent(self, apply: StripeApply) -> StripeEventOutcome:
         if workflow.patched(PURCHASE_READS_IN_ACTIVITY):
-            return await _outcome("apply_stripe_purchase", apply, start_to_close=STRIPE_TIMEOUT)
+            return await _outcome("read_and_apply_stripe_purchase", apply,
+                                  start_to_close=PURCHASE_TIMEOUT)
         intent = apply.event.object
         facts = await _purchase_facts(ref_id(intent.get("id")), intent=intent)
         return await _outcome("apply_stripe_purchase", apply.model_copy(update={
@@ -305,7 +310,7 @@ class StripeEventWorkflow:
         if workflow.patched(PURCHASE_READS_IN_ACTIVITY):
             return await call("stripe_purchase_facts",
                               PurchaseQuery(payment_intent=payment_intent, charge=charge),
-                              PurchaseFacts, start_to_close=STRIPE_TIMEOUT)
+                              PurchaseFacts, start_to_close=3 * REQUEST_TIMEOUT)
         try:
             return await _purchase_facts(payment_intent, charge=charge)
         except ActivityError as exc:

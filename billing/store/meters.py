@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -268,18 +268,26 @@ class Meters:
     async def _commit(self, group: list[_Pending]) -> None:
         """Commit `group` in one transaction. A record that fails is taken out: the records
         before it commit, then it runs alone (its own result or error), then the ones after it:
-        every record applies in arrival order, as if each had its own transaction."""
+        every record applies in arrival order, as if each had its own transaction.
+
+        A duplicate key first makes the group run again reading its stored records up front, so
+        a batch sent again answers its replays in one transaction instead of one each."""
+        replays = False
         while group:
 
             failing = [0]  # which record failed: set by the group's application
 
             async def apply(session: AsyncClientSession, members: list[_Pending] = group,
-                            failed: list[int] = failing) -> list[UsageResult]:
-                return await _Group(self, session, members, failed).apply()
+                            failed: list[int] = failing,
+                            stored: bool = replays) -> list[UsageResult]:
+                return await _Group(self, session, members, failed, stored).apply()
 
             try:
                 results = await run_in_transaction(self.db.client, apply)
-            except (DuplicateKeyError, BillingError):
+            except (DuplicateKeyError, BillingError) as exc:
+                if isinstance(exc, DuplicateKeyError) and not replays:
+                    replays = True
+                    continue
                 at = failing[0]
                 before, alone, group = group[:at], group[at], group[at + 1:]
                 await self._commit(before)  # arrival order holds: a repeat replays the first
@@ -605,11 +613,15 @@ class _Group:
     top-up) is applied by `Meters._record_in` after the writes decided before it, so every
     record sees exactly the state the records before it left.
 
+    A record repeating the key of an earlier one in the group answers that one's result; with
+    `replays`, records already stored are read first and answer their stored result.
+
     `failing[0]` names the record that raised, so the caller can take it out."""
 
     def __init__(self, meters: Meters, session: AsyncClientSession, members: list[_Pending],
-                 failing: list[int]) -> None:
+                 failing: list[int], replays: bool = False) -> None:
         self.meters = meters
+        self.replays = replays
         self.db = meters.db
         self.session = session
         self.members = members
@@ -627,9 +639,22 @@ class _Group:
         await self._read({p.request.org_id for p in self.members},
                          {(p.request.org_id, iso_week(p.now)) for p in self.members})
         await self.debits.lock(self._overflowing())
+        keys = [usage_id(p.request) for p in self.members]
+        stored: dict[str, Doc] = {}
+        if self.replays:
+            cursor = self.db.usage.find({"_id": {"$in": keys}}, session=self.session)
+            stored = {doc["_id"]: doc async for doc in cursor}
+        first: dict[str, UsageResult] = {}
         results: list[UsageResult] = []
         for index, pending in enumerate(self.members):
             self.failing[0] = index
+            key = keys[index]
+            if key in stored:
+                results.append(_stored_result(stored[key]))
+                continue
+            if key in first:
+                results.append(replace(first[key], applied=False))
+                continue
             fast = await self._decide(index, pending)
             if fast is None:
                 await self._flush()
@@ -640,6 +665,7 @@ class _Group:
                                  {(pending.request.org_id, iso_week(pending.now))})
             else:
                 results.append(fast)
+            first[key] = results[-1]
         await self._flush()
         return results
 
