@@ -61,9 +61,9 @@ DUPLICATE_RETRIES = 5
 DUPLICATE_KEY = 11000
 #: Records committed in one transaction at most (a whole `POST /v1/usage/batch`). On the embedded
 #: server a group's cost is mostly one write per document, and each organization's meter is
-#: written once per group however many of its records the group holds: batches of 100 over 50
-#: organizations commit 3,000 records/s with groups of 1,000 against 1,400 with groups of 100.
-#: The transaction stays well under a second and a few hundred kilobytes.
+#: written once per group however many of its records the group holds, so bigger groups cost
+#: less per record (BENCHMARKS.md, usage). The transaction stays well under a second and a few
+#: hundred kilobytes.
 GROUP_MAX = 1000
 
 
@@ -279,8 +279,8 @@ class Meters:
 
             async def apply(session: AsyncClientSession, members: list[_Pending] = group,
                             failed: list[int] = failing,
-                            stored: bool = replays) -> list[UsageResult]:
-                return await _Group(self, session, members, failed, stored).apply()
+                            read_stored: bool = replays) -> list[UsageResult]:
+                return await _Group(self, session, members, failed, read_stored).apply()
 
             try:
                 results = await run_in_transaction(self.db.client, apply)
