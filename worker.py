@@ -6,13 +6,19 @@ This module imports no `starter` module: the processes that run a worker (`billi
 
 from __future__ import annotations
 
+import compileall
+import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+import billing
+import workflows
 from activities.admin import AdminActivities
 from activities.auto_topup import AutoTopUpActivities
 from activities.dunning import DunningActivities
@@ -110,7 +116,30 @@ SANDBOX = SandboxedWorkflowRunner(
 )
 
 
+log = logging.getLogger(__name__)
+
+
+def cache_bytecode(*modules: ModuleType) -> None:
+    """Write the bytecode of `modules` (of every module under a package) where no up-to-date
+    `.pyc` exists, even under `PYTHONDONTWRITEBYTECODE`.
+
+    The sandbox imports a workflow's modules afresh for every run; without cached bytecode each
+    run compiles their source again: for `StripeEventWorkflow` that is about 5 ms of CPU per
+    event, as much as the rest of its workflow code (BENCHMARKS.md, webhook). An install that
+    cannot be written to logs a warning and runs on, only slower.
+    """
+    for module in modules:
+        path = Path(module.__path__[0] if hasattr(module, "__path__") else str(module.__file__))
+        cached = (compileall.compile_dir(path, quiet=2) if path.is_dir()
+                  else compileall.compile_file(path, quiet=2))
+        if not cached:
+            log.warning("cannot cache bytecode: workflow runs compile their modules each time",
+                        extra={"path": str(path)})
+
+
 def build_worker(client: Client, runtime: Runtime, task_queue: str | None = None) -> Worker:
+    """The engine's worker; first caches the bytecode of the packages its sandbox imports."""
+    cache_bytecode(workflows, billing)
     return Worker(
         client,
         task_queue=task_queue or runtime.settings.temporal_task_queue,

@@ -529,11 +529,12 @@ async def serve_worker(kind: str) -> None:
     import bare
     from temporalio.worker import Worker
 
+    import workflows
     from billing.config import load_config
     from billing.logs import configure_logging
     from billing.runtime import Runtime
     from billing.store.database import Database
-    from worker import build_worker
+    from worker import build_worker, cache_bytecode
 
     configure_logging()
     settings = Settings()
@@ -545,6 +546,7 @@ async def serve_worker(kind: str) -> None:
         runtime = Runtime(settings=settings, config=load_config(settings.billing_config), db=db)
         worker = build_worker(client, runtime)
     else:
+        cache_bytecode(workflows, bare)  # as build_worker does for the engine's workflows
         worker = Worker(client, task_queue=settings.temporal_task_queue,
                         workflows=list(bare.WORKFLOWS), activities=list(bare.ACTIVITIES))
     stopping = asyncio.Event()
