@@ -127,8 +127,7 @@ class AutoTopUpActivities:
         webhook of that payment would write it; 0 when it is already credited."""
         ledger = self.runtime.ledger
         pi = ref_id(intent.get("id"))
-        if pi is None or await ledger.find_purchase_lots(payment_intent=pi, charge=None,
-                                                         session=session):
+        if pi is None or await ledger.paid_for_in(session, pi):
             return 0
         purchase = resolve_purchase(self.runtime.config, line_items=None, metadata=(intent,),
                                     paid_cents=amount(intent.get("amount_received")))
@@ -145,7 +144,7 @@ class AutoTopUpActivities:
                 terms=LotTerms(expires_at=line.expires_at(bought_at), payment_intent=pi,
                                charge=ref_id(intent.get("latest_charge")), pack_id=line.pack.id,
                                price_cents=line.price_cents, line=index + 1),
-                meta={"auto_topup": trigger["_id"]},
+                meta={"auto_topup": trigger["_id"]}, unused_key=True,  # see paid_for_in
             )
             credited += result.amount
         return credited

@@ -85,10 +85,9 @@ class PurchaseActivities(StripeFrame):
                 return None
             org_id = outcome.org_id
             assert org_id is not None
-            if payment_intent and await ledger.find_purchase_lots(
-                    payment_intent=payment_intent, charge=None, session=session):
+            if payment_intent and await ledger.paid_for_in(session, payment_intent):
                 return outcome.set("duplicate", f"payment {payment_intent} already credited")
-            await self.runtime.accounts.ensure_in(session, org_id, apply.now)
+            opening = self.runtime.accounts.opening(org_id, apply.now)
             base = purchase_key(payment_intent, session_id)
             credited = False
             for index, line in enumerate(purchase.lines):
@@ -101,7 +100,9 @@ class PurchaseActivities(StripeFrame):
                         checkout_session=session_id, pack_id=line.pack.id,
                         price_cents=line.price_cents, line=index + 1,
                     ),
-                    meta={"stripe_event": apply.event.id},
+                    meta={"stripe_event": apply.event.id}, opening=opening,
+                    # `payment:<pi>` keys: `paid_for_in` just found none written.
+                    unused_key=payment_intent is not None,
                 )
                 outcome.ledger(result)
                 credited = credited or result.applied

@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from ledger_checks import assert_consistent, entries_of
 from ledger_ops import clawback, reinstate
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import DuplicateKeyError
 
 from billing.errors import InvalidInput, NotFound, OrgNotFound
 from billing.ledger import EntryKind
 from billing.store.accounts import SIGNUP_GRANT_KEY, Accounts, check_org_id
 from billing.store.database import Database, Doc
 from billing.store.ledger import Ledger, LedgerResult, LotTerms
+from billing.store.transactions import run_in_transaction
 
 PACK_UNITS = 500_000
 PACK_CENTS = 4900
@@ -67,6 +71,14 @@ async def refund(
     return await clawback(ledger, org,
         key=f"refund:{re}", kind=EntryKind.REFUND, lot_ids=[lot_id], cents=cents, now=now
     )
+
+
+async def write_in(ledger: Ledger, org: str, **entry: Any) -> LedgerResult:
+    """`Ledger.write_in` in a transaction of its own."""
+    async def work(session: AsyncClientSession) -> LedgerResult:
+        return await ledger.write_in(session, org, **entry)
+
+    return await run_in_transaction(ledger.db.client, work)
 
 
 def lot_of(result: LedgerResult) -> str:
@@ -617,6 +629,45 @@ async def test_the_purchase_lots_are_found_by_payment_intent_or_charge(
     assert [d["_id"] for d in by_pi] == [d["_id"] for d in by_charge] == [lot]
     assert await ledger.find_purchase_lots(payment_intent=None, charge=None) == []
     assert await ledger.find_purchase_lots(payment_intent="pi_nobody", charge=None) == []
+
+
+async def test_a_purchase_opens_the_account_in_its_lock(accounts, ledger, db, org, now):
+    """A first purchase of an organization Stripe names first opens its account (default
+    plan, no signup grant) with the lock itself, and the next lock finds it."""
+    first = await write_in(ledger, org, key="payment:pi_open", kind=EntryKind.TOPUP, amount=700,
+                           now=now, terms=LotTerms(payment_intent=f"pi_open-{org}"),
+                           opening=accounts.opening(org, now), unused_key=True)
+    second = await write_in(ledger, org, key="payment:pi_open:2", kind=EntryKind.TOPUP,
+                            amount=300, now=now, opening=accounts.opening(org, now))
+    assert first.applied and second.applied
+    account = await assert_consistent(db, org)
+    assert (account["plan_id"], account["balance"], account["seq"]) == ("free", 1000, 2)
+    assert [e["seq"] for e in await entries_of(db, org)] == [1, 2]
+    with pytest.raises(InvalidInput):
+        accounts.opening("not an org id", now)
+
+
+async def test_paid_for_tells_whether_a_payment_credited_any_organization(
+    accounts, ledger, db, org, now
+):
+    await open_account(accounts, org, now)
+    await buy(ledger, org, now, "pi_paid", cents=0)  # a free pack still counts as paid for
+    async with db.client.start_session() as session:
+        assert await ledger.paid_for_in(session, f"pi_paid-{org}")
+        assert not await ledger.paid_for_in(session, "pi_nobody")
+
+
+async def test_an_unused_key_that_is_used_is_refused_by_the_index(accounts, ledger, db, org, now):
+    """`unused_key` skips the lookup, never the guarantee: a second entry of a key fails the
+    transaction and writes nothing."""
+    await open_account(accounts, org, now)
+    await ledger.write(org, key="payment:pi_twice", kind=EntryKind.TOPUP, amount=10, now=now)
+    with pytest.raises(DuplicateKeyError):
+        await write_in(ledger, org, key="payment:pi_twice", kind=EntryKind.TOPUP, amount=10,
+                       now=now, unused_key=True)
+    account = await assert_consistent(db, org)
+    assert account["balance"] == 10
+    assert await db.lots.count_documents({"org_id": org}) == 1
 
 
 # ---- concurrency -------------------------------------------------------------------------------

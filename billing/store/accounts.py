@@ -56,14 +56,17 @@ class Accounts:
         self, session: AsyncClientSession | None, org_id: str, now: datetime
     ) -> bool:
         """Create the account on the default plan if it does not exist; True when created."""
-        check_org_id(org_id)
         result = await self.db.accounts.update_one(
             {"_id": org_id},
-            {"$setOnInsert": new_account(org_id, self.config.default_plan.id, now)},
+            {"$setOnInsert": self.opening(org_id, now)},
             upsert=True,
             session=session,
         )
         return result.upserted_id is not None
+
+    def opening(self, org_id: str, now: datetime) -> Doc:
+        """The account an organization opens when it is first named: on the default plan."""
+        return new_account(check_org_id(org_id), self.config.default_plan.id, now)
 
     async def register(self, org_id: str, now: datetime) -> Registration:
         """`PUT /v1/orgs/{org}`: create the account and write the signup grant once.

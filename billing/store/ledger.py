@@ -110,15 +110,21 @@ class Ledger:
     async def existing_in(self, session: AsyncClientSession, org_id: str, key: str) -> Doc | None:
         return await self.db.ledger.find_one({"org_id": org_id, "key": key}, session=session)
 
-    async def lock_in(self, session: AsyncClientSession, org_id: str) -> Doc:
+    async def lock_in(self, session: AsyncClientSession, org_id: str, *,
+                      opening: Doc | None = None) -> Doc:
         """Bump the account's `seq`: the write that serializes every ledger change of one org.
+        With `opening` (a new account document), an organization without an account opens
+        that one in the same command.
 
         An update and a read by `_id`, not a findAndModify: the embedded server runs the latter
         as a collection scan, so its cost would grow with the number of organizations."""
+        update: Doc = {"$inc": {"seq": 1}}
+        if opening is not None:
+            update["$setOnInsert"] = {k: v for k, v in opening.items() if k not in ("_id", "seq")}
         locked = await self.db.accounts.update_one(
-            {"_id": org_id}, {"$inc": {"seq": 1}}, session=session
+            {"_id": org_id}, update, upsert=opening is not None, session=session
         )
-        if locked.matched_count != 1:
+        if locked.matched_count != 1 and locked.upserted_id is None:
             raise OrgNotFound(org_id)
         account = await self.db.accounts.find_one({"_id": org_id}, session=session)
         assert account is not None
@@ -250,12 +256,19 @@ class Ledger:
         memo: str = "",
         terms: LotTerms | None = None,
         meta: dict[str, Any] | None = None,
+        opening: Doc | None = None,
+        unused_key: bool = False,
     ) -> LedgerResult:
-        """Idempotent entry of a known amount (credit, debit, grant, admin, settlement)."""
-        existing = await self.existing_in(session, org_id, key)
-        if existing is not None:
-            return await self._unapplied(session, existing)
-        account = await self.lock_in(session, org_id)
+        """Idempotent entry of a known amount (credit, debit, grant, admin, settlement).
+
+        `unused_key`: the caller knows no entry has `key` (a purchase whose payment intent
+        `paid_for_in` finds nothing for), so the lookup is skipped; the unique `(org_id, key)`
+        index still refuses a second entry. `opening`: as for `lock_in`."""
+        if not unused_key:
+            existing = await self.existing_in(session, org_id, key)
+            if existing is not None:
+                return await self._unapplied(session, existing)
+        account = await self.lock_in(session, org_id, opening=opening)
         return await self.post_in(
             session, account, key=key, kind=kind, amount=amount, now=now, memo=memo,
             terms=terms, meta=meta,
@@ -485,6 +498,15 @@ class Ledger:
             query["seq"] = {"$lt": before_seq}
         cursor = self.db.ledger.find(query).sort("seq", -1).limit(limit)
         return [doc async for doc in cursor]
+
+    async def paid_for_in(self, session: AsyncClientSession, payment_intent: str) -> bool:
+        """Whether a pack was credited for `payment_intent`, to whichever organization. Every
+        `payment:<pi>` entry writes its lot with the payment intent in the same transaction, so
+        when this is False no entry of those keys exists."""
+        found = await self.db.lots.find_one(
+            {"payment_intent": payment_intent, "kind": EntryKind.TOPUP.value}, {"_id": 1},
+            session=session)
+        return found is not None
 
     async def find_purchase_lots(
         self, *, payment_intent: str | None, charge: str | None,
