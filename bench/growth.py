@@ -10,8 +10,8 @@ command of these paths is an index lookup (`tests/test_query_shapes.py` guards t
 
 - usage within quota and overflowing: `Meters.record`, the function behind `POST /v1/usage`;
 - registration: `Accounts.register`, behind `PUT /v1/orgs/{org}`;
-- a purchase: the ledger transaction a `payment_intent.succeeded` writes (the purchase lots of
-  the payment intent looked up, the account locked, the lot and the entry written).
+- a purchase: the ledger transaction a `payment_intent.succeeded` writes (a lot of the payment
+  intent looked up, the account locked (opened if new), the lot and the entry written).
 
 The results go to the `growth` section of BENCHMARKS.md.
 """
@@ -124,12 +124,12 @@ async def measure_all(runtime: Runtime, meters: Meters, args: argparse.Namespace
         org, pi = pro[i % len(pro)], f"pi_{phase}_{i}"
 
         async def work(session: AsyncClientSession) -> None:
-            assert not await runtime.ledger.find_purchase_lots(
-                payment_intent=pi, charge=None, session=session)
+            assert not await runtime.ledger.paid_for_in(session, pi)
             result = await runtime.ledger.write_in(
                 session, org, key=f"payment:{pi}", kind=EntryKind.TOPUP, amount=500000,
                 now=utcnow(), terms=LotTerms(payment_intent=pi, price_cents=4900, line=1,
-                                             pack_id="pack_500k"))
+                                             pack_id="pack_500k"),
+                opening=runtime.accounts.opening(org, utcnow()), unused_key=True)
             assert result.applied
 
         await run_in_transaction(db.client, work)
@@ -156,7 +156,7 @@ def report(small: dict[str, float], grown: dict[str, float], sizes: tuple[dict[s
     labels = {"within": "usage within quota (`Meters.record`)",
               "overflow": "usage overflowing (ledger debit in the same transaction)",
               "register": "registration (`PUT /v1/orgs/{org}`)",
-              "purchase": "purchase transaction (lots of the payment intent, lock, lot, entry)"}
+              "purchase": "purchase transaction (paid-for lookup, lock, lot, entry)"}
     before, after = sizes
     lines = [
         "## Growth (`bench/growth.py`; cost must not grow with data)",
