@@ -130,8 +130,9 @@ def cache_bytecode(*modules: ModuleType) -> None:
     """
     for module in modules:
         path = Path(module.__path__[0] if hasattr(module, "__path__") else str(module.__file__))
-        cached = (compileall.compile_dir(path, quiet=2) if path.is_dir()
-                  else compileall.compile_file(path, quiet=2))
+        # quiet=1: only what failed, and why, is printed.
+        cached = (compileall.compile_dir(path, quiet=1) if path.is_dir()
+                  else compileall.compile_file(path, quiet=1))
         if not cached:
             log.warning("cannot cache bytecode: workflow runs compile their modules each time",
                         extra={"path": str(path)})

@@ -102,7 +102,7 @@ class PurchaseActivities(StripeFrame):
                     ),
                     meta={"stripe_event": apply.event.id}, opening=opening,
                     # `payment:<pi>` keys: `paid_for_in` just found none written.
-                    unused_key=payment_intent is not None,
+                    unused_key=bool(payment_intent),
                 )
                 outcome.ledger(result)
                 credited = credited or result.applied

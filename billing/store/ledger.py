@@ -2,9 +2,10 @@
 
 Each write follows the same steps inside `run_in_transaction`:
 
-1. look the idempotency key up: an existing `(org_id, key)` entry means `applied: false`;
+1. look the idempotency key up: an existing `(org_id, key)` entry means `applied: false`
+   (skipped when the caller knows the key is unused; the unique index still holds);
 2. lock the account by bumping its `seq` (concurrent writers on one organization now conflict,
-   and MongoDB retries the loser with a fresh snapshot);
+   and MongoDB retries the loser with a fresh snapshot), opening it first when asked;
 3. plan the change with the pure rules of `billing.ledger`;
 4. write the lots, the entry and the account's balance and debt together.
 
@@ -262,8 +263,9 @@ class Ledger:
         """Idempotent entry of a known amount (credit, debit, grant, admin, settlement).
 
         `unused_key`: the caller knows no entry has `key` (a purchase whose payment intent
-        `paid_for_in` finds nothing for), so the lookup is skipped; the unique `(org_id, key)`
-        index still refuses a second entry. `opening`: as for `lock_in`."""
+        `paid_for_in` finds nothing for), so the lookup is skipped: a key that is used after all
+        raises `DuplicateKeyError` from the unique `(org_id, key)` index instead of answering
+        `applied: false`. `opening`: as for `lock_in`."""
         if not unused_key:
             existing = await self.existing_in(session, org_id, key)
             if existing is not None:
