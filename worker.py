@@ -42,6 +42,8 @@ from workflows.stripe_event import StripeEventWorkflow
 from workflows.webhook_delivery import WebhookDeliveryWorkflow
 from workflows.weekly_reset import WeeklyResetOrgWorkflow, WeeklyResetWorkflow
 
+log = logging.getLogger(__name__)
+
 WORKFLOWS: Sequence[type] = (
     ExpireCreditsWorkflow,
     AdminAdjustmentWorkflow,
@@ -114,9 +116,6 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
 SANDBOX = SandboxedWorkflowRunner(
     restrictions=SandboxRestrictions.default.with_passthrough_modules("billing.models")
 )
-
-
-log = logging.getLogger(__name__)
 
 
 def cache_bytecode(*modules: ModuleType) -> None:

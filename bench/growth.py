@@ -10,8 +10,8 @@ command of these paths is an index lookup (`tests/test_query_shapes.py` guards t
 
 - usage within quota and overflowing: `Meters.record`, the function behind `POST /v1/usage`;
 - registration: `Accounts.register`, behind `PUT /v1/orgs/{org}`;
-- a purchase: the ledger transaction a `payment_intent.succeeded` writes (a lot of the payment
-  intent looked up, the account locked (opened if new), the lot and the entry written).
+- a purchase: the ledger transaction a `payment_intent.succeeded` writes (the payment intent's
+  lots looked up, the account locked and opened if new, the lot and the entry written).
 
 The results go to the `growth` section of BENCHMARKS.md.
 """
