@@ -76,6 +76,17 @@ def _open_lot(doc: Doc) -> OpenLot:
                    seq=doc["seq"])
 
 
+async def _open_lots_of(db: Database, session: AsyncClientSession,
+                        org_ids: Sequence[str]) -> dict[str, list[OpenLot]]:
+    """The open lots (units left) of each organization, as the draw rules take them."""
+    lots: dict[str, list[OpenLot]] = {org: [] for org in org_ids}
+    async for doc in db.lots.find(
+            {"org_id": {"$in": list(org_ids)}, "remaining": {"$gt": 0}},
+            {"org_id": 1, "remaining": 1, "expires_at": 1, "seq": 1}, session=session):
+        lots[doc["org_id"]].append(_open_lot(doc))
+    return lots
+
+
 def _debt(account: Doc) -> Debt:
     return Debt(usage=int(account.get("usage_debt", 0)), other=int(account.get("other_debt", 0)))
 
@@ -136,12 +147,7 @@ class Ledger:
         return LedgerResult(False, existing, int(account["balance"]) if account else 0)
 
     async def _open_lots(self, session: AsyncClientSession, org_id: str) -> list[OpenLot]:
-        cursor = self.db.lots.find(
-            {"org_id": org_id, "remaining": {"$gt": 0}},
-            {"remaining": 1, "expires_at": 1, "seq": 1},
-            session=session,
-        )
-        return [_open_lot(d) async for d in cursor]
+        return (await _open_lots_of(self.db, session, [org_id]))[org_id]
 
     async def post_in(
         self,
@@ -587,11 +593,7 @@ class Debits:
             raise OrgNotFound(", ".join(new))
         accounts = {doc["_id"]: doc async for doc in self.db.accounts.find(
             {"_id": {"$in": new}}, session=self.session)}
-        lots: dict[str, list[OpenLot]] = {org: [] for org in new}
-        async for doc in self.db.lots.find(
-                {"org_id": {"$in": new}, "remaining": {"$gt": 0}},
-                {"org_id": 1, "remaining": 1, "expires_at": 1, "seq": 1}, session=self.session):
-            lots[doc["org_id"]].append(_open_lot(doc))
+        lots = await _open_lots_of(self.db, self.session, new)
         for org in new:
             self.locked[org] = _Locked(accounts[org], lots[org])
 
