@@ -51,6 +51,7 @@ class InvoiceActivities(SubscriptionActivities):
             org_id = outcome.org_id
             assert org_id is not None
             await self.runtime.accounts.ensure_in(session, org_id, apply.now)
+            learnt = False
             if doc is None and sub_id and fetched is not None and fetched.get("id") == sub_id:
                 # A subscription the engine has not heard of yet (its own events are late):
                 # take its state as Stripe holds it now, newer than any event created so far.
@@ -58,6 +59,7 @@ class InvoiceActivities(SubscriptionActivities):
                     session, outcome, fetched, None,
                     marker=Marker(int(apply.now.timestamp()), ""))
                 doc = await self.subscriptions.subscription(sub_id, session)
+                learnt = True
             if doc is not None and doc.get("org_id") != org_id:
                 doc = None  # another organization's subscription: not this one's to change
             if doc is not None and is_stale(self.subscriptions.marker(doc, INVOICE_FAMILY),
@@ -79,6 +81,9 @@ class InvoiceActivities(SubscriptionActivities):
                     await self.save_subscription_in(session, outcome, fetched, doc)
             if effect.status is not None:
                 outcome.written.append(f"subscription {sub_id} {effect.status}")
+            if effect.status is not None or learnt:
+                # A subscription learnt here moves the standing even when the invoice does not
+                # count: its own late events will be stale against the marker just written.
                 await self._standing(session, outcome)
             if failed:
                 await self._notify(
