@@ -1,5 +1,6 @@
-"""The Temporal floor the benchmarks divide by: a workflow with one no-op activity, and a parent
-that runs N of them as children, a bounded number at a time.
+"""The Temporal floor the benchmarks divide by: a workflow with one no-op activity (and the same
+with a local activity, as the Stripe event's steps run), and a parent that runs N of them as
+children, a bounded number at a time.
 
 They use the engine's activity call (`workflows.common.call`: same retry policy and timeout) and
 run in the same workflow sandbox, so the difference to the engine's workflows is the engine's
@@ -35,6 +36,13 @@ class BenchWorkflow:
 
 
 @workflow.defn(failure_exception_types=FAIL_ON)
+class BenchLocalWorkflow:
+    @workflow.run
+    async def run(self, n: int) -> int:
+        return await call("bench_noop", n, int, local=True)
+
+
+@workflow.defn(failure_exception_types=FAIL_ON)
 class BenchSweepWorkflow:
     """`children` no-op children, at most `concurrency` running at once."""
 
@@ -52,5 +60,5 @@ class BenchSweepWorkflow:
         return len(done)
 
 
-WORKFLOWS = (BenchWorkflow, BenchSweepWorkflow)
+WORKFLOWS = (BenchWorkflow, BenchLocalWorkflow, BenchSweepWorkflow)
 ACTIVITIES = (noop,)

@@ -15,6 +15,8 @@ and the worker, on SecantusDB and the Temporal dev server (started here unless `
 - baseline: N `BenchWorkflow`s (bench/bare.py: one no-op activity) started `concurrency` at a
   time through the Temporal client, served by their own worker process; timed the same way.
   It runs before and after the webhook load; the ratio divides by their mean.
+- reference: the same with `BenchLocalWorkflow` (its one no-op step a local activity, as the
+  event's steps are), also before and after: the floor of the engine's own workflow shape.
 - one at a time: the latency of a single event (acknowledgement, then completion) and of a single
   bare workflow, to split the end-to-end time into its steps.
 
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bare import BenchWorkflow
+from bare import BenchLocalWorkflow, BenchWorkflow
 from common import (
     EngineProcess,
     Profiles,
@@ -182,15 +184,19 @@ async def check_exactly_once(db: Database, total: int) -> None:
 # ---- the baseline -------------------------------------------------------------------------
 
 
-async def bare_load(s: Stack, settings_db: str, args: argparse.Namespace,
-                    sequential: bool) -> tuple[Load, Alone | None]:
+async def bare_load(s: Stack, settings_db: str, args: argparse.Namespace, sequential: bool,
+                    local: bool = False) -> tuple[Load, Alone | None]:
+    """`BenchWorkflow`s (or `BenchLocalWorkflow`s when `local`), first one at a time when
+    `sequential`."""
     settings = s.settings(settings_db)
     client = s.temporal()
     queue = settings.temporal_task_queue
     tag = uuid.uuid4().hex[:8]
 
+    run = BenchLocalWorkflow.run if local else BenchWorkflow.run
+
     async def start(n: int) -> None:
-        await client.start_workflow(BenchWorkflow.run, n, id=f"bench-{tag}-{n}", task_queue=queue)
+        await client.start_workflow(run, n, id=f"bench-{tag}-{n}", task_queue=queue)
 
     worker = EngineProcess.worker(settings, s, kind="bare")
     await worker.start()
@@ -202,15 +208,16 @@ async def bare_load(s: Stack, settings_db: str, args: argparse.Namespace,
             acks, dones = [], []
             for n in range(WARMUP, WARMUP + SEQUENTIAL):
                 started = time.perf_counter()
-                handle = await client.start_workflow(BenchWorkflow.run, n,
-                                                     id=f"bench-{tag}-{n}", task_queue=queue)
+                handle = await client.start_workflow(run, n, id=f"bench-{tag}-{n}",
+                                                     task_queue=queue)
                 acked = time.perf_counter()
                 await handle.result()
                 acks.append(acked - started)
                 dones.append(time.perf_counter() - started)
             alone = Alone(sum(acks) / len(acks) * 1000, sum(dones) / len(dones) * 1000)
         before_total = WARMUP + (SEQUENTIAL if sequential else 0)
-        async with Profiles(args.profile if sequential else None, s.pids, "bare"):
+        label = "bare-local" if local else "bare"
+        async with Profiles(args.profile if sequential else None, s.pids, label):
             cpu_before = cpu_seconds(s.pids)
             started = time.perf_counter()
             starts = await run_all(range(before_total, before_total + args.events), start,
@@ -219,22 +226,29 @@ async def bare_load(s: Stack, settings_db: str, args: argparse.Namespace,
             cpu = cpu_used(cpu_before, cpu_seconds(s.pids))
     finally:
         await worker.stop()
-    return Load("bare", starts, done_at - started, cpu, {}), alone
+    return Load(label, starts, done_at - started, cpu, {}), alone
 
 
 # ---- the report ---------------------------------------------------------------------------
 
 
+def mean_cpu(loads: list[Load]) -> dict[str, float]:
+    return {role: sum(load.cpu.get(role, 0.0) for load in loads) / len(loads)
+            for role in loads[0].cpu}
+
+
 def report(hook: Load, hook_alone: Alone, bares: list[Load], bare_alone: Alone,
-           args: argparse.Namespace, load_before: str, load_after: str) -> str:
+           locals_: list[Load], local_alone: Alone, args: argparse.Namespace, load_before: str,
+           load_after: str) -> str:
     bare_rate = sum(b.rate for b in bares) / len(bares)
+    local_rate = sum(b.rate for b in locals_) / len(locals_)
     sent = hook.commands.get("sent", {})
     processed = args.events + WARMUP + SEQUENTIAL
     conflicts = hook.commands.get("failures", {}).get("WriteConflict", 0) / processed
-    bare_cpu = {role: sum(b.cpu.get(role, 0.0) for b in bares) / len(bares)
-                for role in bares[0].cpu}
+    bare_cpu, local_cpu = mean_cpu(bares), mean_cpu(locals_)
     cpu_hook = sum(hook.cpu.values()) * 1000 / args.events
     cpu_bare = sum(bare_cpu.values()) * 1000 / args.events
+    cpu_local = sum(local_cpu.values()) * 1000 / args.events
     cores = os.cpu_count() or 1
     lines = [
         "## Webhook: signed event to applied ledger entry (`bench/webhook.py`)",
@@ -244,14 +258,19 @@ def report(hook: Load, hook_alone: Alone, bares: list[Load], bare_alone: Alone,
         f"`POST /stripe/webhook`, {args.concurrency} at a time. The HTTP app (`billing serve`,",
         "uvicorn) and the worker each run in their own process, as deployed and as `billing dev`",
         "runs them (beside the same SecantusDB, Temporal dev server and `localstripe`), so this",
-        "is also the figure of `billing dev`. The purchase's one activity reads the Checkout",
-        "session behind the payment (SPEC §5.5: quantities) from `localstripe` on 127.0.0.1,",
-        "which answers that the payment has none, then writes. The time runs from",
+        "is also the figure of `billing dev`. The purchase's one activity, a local activity",
+        "(README, \"Stripe events\"), reads the Checkout session behind the payment (SPEC",
+        "§5.5: quantities) from `localstripe` on 127.0.0.1, which answers that the payment has",
+        "none, then writes. The time runs from",
         "the first post until every event's `StripeEventWorkflow` has completed (its ledger entry",
         "is written by its activity, just before). The baseline is `BenchWorkflow`",
         "(`bench/bare.py`): one no-op activity, started through the Temporal client at the same",
         "concurrency and served by its own worker process on the same Temporal server, run before",
-        "and after the webhook load; the ratio divides by their mean. Afterwards every purchase",
+        "and after the webhook load; the ratio divides by their mean. The reference is",
+        "`BenchLocalWorkflow`, the same with its no-op step a local activity, the floor of the",
+        "event's own workflow shape; it runs right after the first baseline and right before",
+        "the second (the dev server's cost per workflow grows with the workflows it retains, so",
+        "each pair's mean is measured at the webhook's point). Afterwards every purchase",
         "was checked applied exactly once (one ledger entry and one `applied` outcome each).",
         f"Load average: {load_before} at the start, {load_after} at the end.",
         "",
@@ -262,6 +281,9 @@ def report(hook: Load, hook_alone: Alone, bares: list[Load], bare_alone: Alone,
         *[f"| baseline {i + 1}: bare workflow, one no-op activity | {b.starts.ops:,} |"
           f" {b.rate:,.1f} | {b.starts.p(0.5):.1f} | {b.starts.p(0.99):.1f} | |"
           for i, b in enumerate(bares)],
+        *[f"| reference {i + 1}: bare workflow, one no-op local activity | {b.starts.ops:,} |"
+          f" {b.rate:,.1f} | {b.starts.p(0.5):.1f} | {b.starts.p(0.99):.1f} | |"
+          for i, b in enumerate(locals_)],
         f"| **webhook -> ledger entry, end to end** | {hook.starts.ops:,} |"
         f" **{hook.rate:,.1f}** | {hook.starts.p(0.5):.1f} | {hook.starts.p(0.99):.1f} |"
         f" **{hook.rate / bare_rate:.2f}** |",
@@ -279,6 +301,10 @@ def report(hook: Load, hook_alone: Alone, bares: list[Load], bare_alone: Alone,
         f"  and {1000 * cores / cpu_bare:,.0f} bare workflows/s. Other work on the machine moves"
         " the wall-clock ratio,",
         "  not the CPU ratio.",
+        f"- Against the reference (one local activity, {local_rate:,.1f} workflows/s,"
+        f" {cpu_local:.1f} ms of CPU each) the webhook's",
+        f"  ratio is {hook.rate / local_rate:.2f} (CPU {cpu_local / cpu_hook:.2f}): what the engine"
+        " adds to the cheapest workflow of its shape.",
         "",
         "### Where the time goes",
         "",
@@ -289,13 +315,17 @@ def report(hook: Load, hook_alone: Alone, bares: list[Load], bare_alone: Alone,
         "|---|---|---|---|",
         f"| bare workflow (client start) | {bare_alone.ack_ms:.1f} | {bare_alone.done_ms:.1f} |"
         f" {bare_alone.done_ms - bare_alone.ack_ms:.1f} |",
+        f"| bare workflow, local activity | {local_alone.ack_ms:.1f} | {local_alone.done_ms:.1f} |"
+        f" {local_alone.done_ms - local_alone.ack_ms:.1f} |",
         f"| webhook purchase | {hook_alone.ack_ms:.1f} | {hook_alone.done_ms:.1f} |"
         f" {hook_alone.done_ms - hook_alone.ack_ms:.1f} |",
         "",
         "CPU milliseconds per event by process under the concurrent load (from /proc; the",
         "baseline's is the mean of its runs):",
         "",
-        *cpu_table([("bare workflow", bare_cpu, args.events), ("webhook", hook.cpu, args.events)]),
+        *cpu_table([("bare workflow", bare_cpu, args.events),
+                    ("bare, local activity", local_cpu, args.events),
+                    ("webhook", hook.cpu, args.events)]),
         "",
         f"MongoDB commands per event sent by the worker's activities:"
         f" {sum(sent.values()) / processed:.1f}",
@@ -321,18 +351,24 @@ async def main(args: argparse.Namespace) -> None:
             first, bare_alone = await bare_load(s, name, args, sequential=True)
             bares.append(first)
             print(f"baseline: {first.rate:.1f} workflows/s", flush=True)
+            local_first, local_alone = await bare_load(s, name, args, sequential=True, local=True)
+            print(f"reference: {local_first.rate:.1f} workflows/s", flush=True)
             hook, hook_alone = await webhook_load(s, runtime, orgs, args)
             print(f"webhook: {hook.rate:.1f} events/s, ack p50 {hook.starts.p(0.5):.1f} ms"
                   f" p99 {hook.starts.p(0.99):.1f} ms", flush=True)
             await check_exactly_once(db, args.events + WARMUP + SEQUENTIAL)
+            local_second, _ = await bare_load(s, name, args, sequential=False, local=True)
+            print(f"reference again: {local_second.rate:.1f} workflows/s", flush=True)
             second, _ = await bare_load(s, name, args, sequential=False)
             bares.append(second)
             print(f"baseline again: {second.rate:.1f} workflows/s", flush=True)
-            assert bare_alone is not None
-            text = report(hook, hook_alone, bares, bare_alone, args, load_before, load_average())
+            assert bare_alone is not None and local_alone is not None
+            text = report(hook, hook_alone, bares, bare_alone, [local_first, local_second],
+                          local_alone, args, load_before, load_average())
             write_section("webhook", text, args.output)
             print(json.dumps({"webhook_per_s": hook.rate,
-                              "bare_per_s": [b.rate for b in bares]}))
+                              "bare_per_s": [b.rate for b in bares],
+                              "bare_local_per_s": [local_first.rate, local_second.rate]}))
             print(f"wrote {args.output}")
         finally:
             await db.client.drop_database(name)

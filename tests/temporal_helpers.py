@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from stripe_payloads import (
@@ -10,6 +11,7 @@ from stripe_payloads import (
 )
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
+from temporalio.exceptions import ActivityError, ApplicationError
 
 from billing.models import StripeEventOutcome
 from starter.operations.failures import list_failed
@@ -21,17 +23,35 @@ async def started(api: Any, evt: dict[str, Any], client: Client) -> WorkflowHand
     return client.get_workflow_handle(f"stripe-{evt['id']}", result_type=StripeEventOutcome)
 
 
+#: The marker a local activity's result is recorded as (its details hold the attempt).
+LOCAL_ACTIVITY_MARKER = "core_local_activity"
+
+
 async def activity_attempts(handle: WorkflowHandle[Any, Any]) -> dict[str, int]:
-    """Activity type -> the attempt its last start was (Temporal records the last one only)."""
+    """Activity type -> the attempt its last start was (Temporal records the last one only),
+    for regular activities and local ones alike."""
     names: dict[int, str] = {}
     attempts: dict[str, int] = {}
     async for item in handle.fetch_history_events():
-        if item.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+        marker = item.marker_recorded_event_attributes
+        if (item.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+                and marker.marker_name == LOCAL_ACTIVITY_MARKER):
+            data = json.loads(marker.details["data"].payloads[0].data)
+            attempts[data["activity_type"]] = data["attempt"]
+        elif item.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             names[item.event_id] = item.activity_task_scheduled_event_attributes.activity_type.name
         elif item.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
             started_event = item.activity_task_started_event_attributes
             attempts[names[started_event.scheduled_event_id]] = started_event.attempt
     return attempts
+
+
+def step_error(failure: BaseException | None) -> ApplicationError:
+    """The error a failed step raised: inside an `ActivityError` from a regular activity, as it
+    is from a local one (every step of a Stripe event)."""
+    cause = failure.cause if isinstance(failure, ActivityError) else failure
+    assert isinstance(cause, ApplicationError), repr(failure)
+    return cause
 
 
 async def failed_ids(client: Client, org: str, task_queue: str) -> set[str]:

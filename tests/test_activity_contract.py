@@ -16,7 +16,7 @@ from workflows.org_sweep import ACTIVITIES
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 #: The helpers that take an activity name as their first argument.
 CALLED = re.compile(
-    r'\b(?:call|_read|_read_unless_missing|_list|_step|_outcome|_clawback)\(\s*"([a-z_]+)"')
+    r'\b(?:call|_call|_read|_read_unless_missing|_list|_step|_outcome|_clawback)\(\s*"([a-z_]+)"')
 
 
 def called_by_workflows() -> set[str]:

@@ -33,9 +33,8 @@ from stripe_payloads import (
     sign,
     subscription,
 )
-from temporal_helpers import activity_attempts
+from temporal_helpers import activity_attempts, step_error
 from temporalio.client import Client, WorkflowFailureError
-from temporalio.exceptions import ActivityError, ApplicationError
 from victims import PACK, Victim, recorded, snapshot
 
 from billing.models import StripeEventOutcome
@@ -474,9 +473,7 @@ async def test_a_refund_beyond_64_bits_fails_at_once_and_writes_nothing(
                                                  result_type=StripeEventOutcome)
     with pytest.raises(WorkflowFailureError) as failure:
         await handle.result()
-    assert isinstance(failure.value.cause, ActivityError)
-    cause = failure.value.cause.cause
-    assert isinstance(cause, ApplicationError)
+    cause = step_error(failure.value.cause)
     assert (cause.type, cause.non_retryable) == ("MALFORMED_STRIPE_OBJECT", True)
     assert (await activity_attempts(handle))["apply_stripe_refunds"] == 1
     assert await db.lots.find_one({"org_id": org, "payment_intent": pi}) == lot_before

@@ -44,7 +44,7 @@ TEMPORAL_SDK_METRICS = {
         "temporal_workflow_endtoend_latency", "temporal_workflow_task_execution_latency",
         "temporal_workflow_task_replay_latency", "temporal_workflow_task_schedule_to_start_latency",
         "temporal_activity_execution_latency", "temporal_activity_schedule_to_start_latency",
-        "temporal_activity_succeed_endtoend_latency",
+        "temporal_activity_succeed_endtoend_latency", "temporal_local_activity_execution_latency",
     ],
     "gauge": [
         "temporal_num_pollers", "temporal_sticky_cache_size",
