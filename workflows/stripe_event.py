@@ -69,7 +69,7 @@ PURCHASE_READS_IN_ACTIVITY = "purchase-reads-in-activity"
 
 
 #: The release whose steps (Stripe reads and apply transactions) are local activities: a
-#: purchase is then one workflow task instead of two plus an activity task, about 11 ms less
+#: purchase is then one workflow task instead of two plus an activity task, about 9 ms less
 #: of the Temporal server's CPU and half the latency per event (BENCHMARKS.md, webhook). Each
 #: step takes seconds at most and is idempotent on the event id, which a local activity needs
 #: (a worker lost mid-task runs the step again). Runs started before it replay regular ones.
