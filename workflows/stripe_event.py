@@ -69,10 +69,11 @@ PURCHASE_READS_IN_ACTIVITY = "purchase-reads-in-activity"
 
 
 #: The release whose steps (Stripe reads and apply transactions) are local activities: a
-#: purchase is then one workflow task instead of two plus an activity task, about 9 ms less
-#: of the Temporal server's CPU and half the latency per event (BENCHMARKS.md, webhook). Each
-#: step takes seconds at most and is idempotent on the event id, which a local activity needs
-#: (a worker lost mid-task runs the step again). Runs started before it replay regular ones.
+#: purchase is then one workflow task instead of two plus an activity task, about 9 ms less of
+#: the Temporal server's CPU and half the latency per event (BENCHMARKS.md, webhook). Each step
+#: takes seconds at most and is idempotent on the event id, which a local activity needs (a
+#: worker lost mid-task runs the step again). Runs started before it replay regular ones. Its
+#: marker is the only one its runs record: it implies every release above (`_since`).
 LOCAL_STEPS = "local-steps"
 
 
@@ -110,6 +111,11 @@ class StripeEventWorkflow:
         self._local = False
 
     # ---- steps -------------------------------------------------------------------------------
+
+    def _since(self, patch: str) -> bool:
+        """Whether the run has the release `patch`: a run of `LOCAL_STEPS` has every earlier one
+        without recording their markers; an older run finds its own marker (or not)."""
+        return self._local or workflow.patched(patch)
 
     async def _call(self, activity: str, arg: Any, result_type: type[T], *,
                     start_to_close: timedelta = ACTIVITY_TIMEOUT) -> T:
@@ -184,7 +190,7 @@ class StripeEventWorkflow:
         obj = event.object
         org = org_from(obj, invoice_subscription_metadata(obj))
         apply = StripeApply(event=event, now=workflow.now(), org_id=org)
-        if workflow.patched(ORG_ID_FIRST):
+        if self._since(ORG_ID_FIRST):
             _mark(event.type, org)
             if org is None and event.type not in ev.INVOICE_TYPES:
                 # Findable by organization before anything else can fail (SPEC §6).
@@ -221,7 +227,7 @@ class StripeEventWorkflow:
         if status not in PAID_STATUSES:
             return await self._record(apply, "ignored", f"checkout payment status is {status}: "
                                  "a delayed payment method credits when it succeeds")
-        if workflow.patched(PURCHASE_READS_IN_ACTIVITY):
+        if self._since(PURCHASE_READS_IN_ACTIVITY):
             return await self._outcome("read_and_apply_stripe_purchase", apply,
                                   start_to_close=PURCHASE_TIMEOUT)
         facts = await self._purchase_facts(ref_id(session.get("payment_intent")), session=session)
@@ -229,7 +235,7 @@ class StripeEventWorkflow:
             "purchase": facts, "org_id": apply.org_id or org_from(facts.intent)}))
 
     async def _payment_intent(self, apply: StripeApply) -> StripeEventOutcome:
-        if workflow.patched(PURCHASE_READS_IN_ACTIVITY):
+        if self._since(PURCHASE_READS_IN_ACTIVITY):
             return await self._outcome("read_and_apply_stripe_purchase", apply,
                                   start_to_close=PURCHASE_TIMEOUT)
         intent = apply.event.object
@@ -257,7 +263,7 @@ class StripeEventWorkflow:
         own events are late: it may name the organization, and says whether it is live), or when
         a payment recovers it (its plan may have changed meanwhile)."""
         state = await self._call("stripe_subscription_state", apply, SubscriptionState)
-        if apply.org_id is None and workflow.patched(ORG_ID_FIRST):
+        if apply.org_id is None and self._since(ORG_ID_FIRST):
             _mark(apply.event.type, state.org_id)
         subscription_id = invoice_subscription(apply.event.object)
         recovers = (apply.event.type in ev.INVOICE_PAID_TYPES
@@ -326,7 +332,7 @@ class StripeEventWorkflow:
         obj = apply.event.object
         charge = obj if apply.event.type == ev.CHARGE_REFUNDED else None
         payment_intent = apply.payment_intent or ref_id(obj.get("payment_intent"))
-        if workflow.patched(PURCHASE_READS_IN_ACTIVITY):
+        if self._since(PURCHASE_READS_IN_ACTIVITY):
             return await self._call("stripe_purchase_facts",
                                     PurchaseQuery(payment_intent=payment_intent, charge=charge),
                                     PurchaseFacts, start_to_close=3 * REQUEST_TIMEOUT)
