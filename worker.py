@@ -6,6 +6,7 @@ This module imports no `starter` module: the processes that run a worker (`billi
 
 from __future__ import annotations
 
+import asyncio
 import compileall
 import logging
 from collections.abc import Callable, Sequence
@@ -13,8 +14,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from temporalio import activity
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import (
+    ActivityInboundInterceptor,
+    ExecuteActivityInput,
+    Interceptor,
+    Worker,
+)
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 import billing
@@ -34,6 +41,7 @@ from activities.webhooks import WebhookActivities
 from billing.runtime import Runtime
 from workflows.admin_adjustment import AdminAdjustmentWorkflow
 from workflows.auto_topup import AutoTopUpWorkflow
+from workflows.common import attempt_limit
 from workflows.dunning import DunningWorkflow
 from workflows.expire_credits import ExpireCreditsWorkflow
 from workflows.org_sweep import OrgSweepWorkflow
@@ -118,6 +126,24 @@ SANDBOX = SandboxedWorkflowRunner(
 )
 
 
+class LocalAttemptLimit(Interceptor):
+    """Ends a local activity's attempt at its own start-to-close: the workflow gives a local step
+    its whole retry budget as start-to-close (`workflows.common.retry_budget`, which says why),
+    so the worker bounds each attempt. A timed-out attempt fails like any other and is retried."""
+
+    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
+        return _LocalAttemptLimit(next)
+
+
+class _LocalAttemptLimit(ActivityInboundInterceptor):
+    async def execute_activity(self, input: ExecuteActivityInput) -> Any:
+        info = activity.info()
+        if not info.is_local or info.start_to_close_timeout is None:
+            return await self.next.execute_activity(input)
+        async with asyncio.timeout(attempt_limit(info.start_to_close_timeout).total_seconds()):
+            return await self.next.execute_activity(input)
+
+
 def cache_bytecode(*modules: ModuleType) -> None:
     """Write the bytecode of `modules` (of every module under a package) where no up-to-date
     `.pyc` exists, even under `PYTHONDONTWRITEBYTECODE`.
@@ -146,5 +172,6 @@ def build_worker(client: Client, runtime: Runtime, task_queue: str | None = None
         workflows=list(WORKFLOWS),
         activities=activities_for(runtime),
         workflow_runner=SANDBOX,
+        interceptors=[LocalAttemptLimit()],
     )
 

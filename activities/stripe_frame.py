@@ -89,35 +89,49 @@ class StripeFrame:
     async def _run(self, apply: StripeApply, work: Work) -> StripeStep:
         """Run `work` and record its outcome in one transaction; an event already recorded
         (a retried activity, or a redelivery after the workflow history is gone) is a no-op,
-        unless it was recorded `unresolved`."""
+        unless it was recorded `unresolved`. The record is looked up only when inserting it
+        finds one: the work of that first transaction is then aborted and decided again."""
         db = self.runtime.db
 
         run_id = activity.info().workflow_run_id
 
-        async def txn(session: AsyncClientSession) -> StripeEventOutcome:
-            found = await events.recorded_by_in(db, session, apply.event.id)
-            prior, recorded_by = found if found is not None else (None, None)
-            if prior is not None and recorded_by == run_id:
-                # This run's own earlier attempt committed, then its answer was lost (a timeout,
-                # a killed worker): its outcome stands.
-                return prior
-            # An `unresolved` event wrote nothing: running it again (`billing replay`, once what
-            # it lacked has arrived) may resolve it.
-            if prior is not None and prior.outcome != "unresolved":
-                return prior.model_copy(update={
-                    "outcome": "duplicate", "written": [],
-                    "reason": f"event already recorded as {prior.outcome}",
-                })
+        async def txn(session: AsyncClientSession, *, first: bool) -> StripeEventOutcome:
+            if not first:
+                found = await events.recorded_by_in(db, session, apply.event.id)
+                prior, recorded_by = found if found is not None else (None, None)
+                if prior is not None and recorded_by == run_id:
+                    # This run's own earlier attempt committed, then its answer was lost (a
+                    # timeout, a killed worker): its outcome stands.
+                    return prior
+                # An `unresolved` event wrote nothing: running it again (`billing replay`, once
+                # what it lacked has arrived) may resolve it.
+                if prior is not None and prior.outcome != "unresolved":
+                    return prior.model_copy(update={
+                        "outcome": "duplicate", "written": [],
+                        "reason": f"event already recorded as {prior.outcome}",
+                    })
             outcome = Outcome(apply)
             await work(session, outcome)
             result = outcome.result()
-            await events.record_in(db, session, apply.event, result, apply.now, run_id)
+            await events.record_in(db, session, apply.event, result, apply.now, run_id,
+                                   first=first)
             return result
+
+        async def first(session: AsyncClientSession) -> StripeEventOutcome:
+            return await txn(session, first=True)
+
+        async def again(session: AsyncClientSession) -> StripeEventOutcome:
+            return await txn(session, first=False)
 
         with final_on_bad_input():
             try:
                 with malformed_object(apply):
-                    result = await run_in_transaction(db.client, txn)
+                    try:
+                        # Optimistic: the event is new, so its record is inserted, not looked
+                        # up first; when it exists, nothing of this attempt was written.
+                        result = await run_in_transaction(db.client, first)
+                    except events.AlreadyRecorded:
+                        result = await run_in_transaction(db.client, again)
             except NotYet as wait:
                 return wait.step
         STRIPE_EVENTS.labels(result.type, result.outcome).inc()

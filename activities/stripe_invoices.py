@@ -82,9 +82,12 @@ class InvoiceActivities(SubscriptionActivities):
             if effect.status is not None:
                 outcome.written.append(f"subscription {sub_id} {effect.status}")
             if effect.status is not None or learnt:
-                # A subscription learnt here moves the standing even when the invoice does not
-                # count: its own late events will be stale against the marker just written.
-                await self._standing(session, outcome)
+                # A subscription learnt here moves the standing (and links its customer, as its
+                # own events would) even when the invoice does not count: those late events
+                # will be stale against the marker just written.
+                link = ({"stripe_customer_id": ref_id((fetched or {}).get("customer")) or customer}
+                        if learnt else None)
+                await self._standing(session, outcome, link)
             if failed:
                 await self._notify(
                     session, outcome, "payment.failed", f"payment.failed:{event.id}",

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from temporalio.common import RetryPolicy
 
-from workflows.common import ACTIVITY_RETRY, ACTIVITY_TIMEOUT, retry_budget
+from workflows.common import ACTIVITY_RETRY, ACTIVITY_TIMEOUT, attempt_limit, retry_budget
 
 
 def test_five_attempts_and_their_doubling_backoffs() -> None:
@@ -29,3 +29,9 @@ def test_one_attempt_has_no_backoff() -> None:
 def test_unlimited_attempts_have_no_budget() -> None:
     with pytest.raises(ValueError, match="bounded"):
         retry_budget(timedelta(seconds=1), RetryPolicy(maximum_attempts=0))
+
+
+def test_the_attempt_limit_is_the_inverse_of_the_budget() -> None:
+    for seconds in (1, 20, 30, 80):
+        attempt = timedelta(seconds=seconds)
+        assert attempt_limit(retry_budget(attempt)) == attempt

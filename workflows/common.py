@@ -25,7 +25,8 @@ ACTIVITY_RETRY = RetryPolicy(
 #: Start-to-close of an activity that writes one event's or one organization's change: it takes
 #: milliseconds, so a worker killed in the middle of one is retried after seconds, not a minute.
 ACTIVITY_TIMEOUT = timedelta(seconds=20)
-#: A Stripe API read (the SDK's own retries are off; Temporal's attempts are the visible ones).
+#: A Stripe API read (the SDK's own retries are off; Temporal's attempts are the visible ones,
+#: run by the worker for a local step).
 STRIPE_TIMEOUT = timedelta(seconds=30)
 #: Work over many documents: a page of the reconciliation, one organization's lots.
 PAGE_TIMEOUT = timedelta(seconds=120)
@@ -41,13 +42,8 @@ FAIL_ON: list[type[BaseException]] = [
 ]
 
 
-def retry_budget(attempt: timedelta, policy: RetryPolicy) -> timedelta:
-    """Every attempt of `policy` at `attempt` each, and the backoffs between them: a local
-    activity's start-to-close. The SDK's core can end a local activity's later attempt at its
-    start-to-close counted from the first attempt (measured: the fifth attempt of a 20 s step,
-    begun 19 s after the first, timed out at 20 s, and its real error was lost), so a local
-    step is given its whole budget; each attempt's own calls stay bounded by their clients
-    (PyMongo's and Stripe's timeouts)."""
+def _backoffs(policy: RetryPolicy) -> tuple[int, timedelta]:
+    """The attempts of `policy` and the sum of the backoffs between them."""
     attempts = policy.maximum_attempts
     if attempts < 1:
         raise ValueError("a local activity needs a bounded number of attempts")
@@ -57,7 +53,23 @@ def retry_budget(attempt: timedelta, policy: RetryPolicy) -> timedelta:
     for _ in range(attempts - 1):
         waits += interval
         interval = min(interval * policy.backoff_coefficient, longest)
+    return attempts, waits
+
+
+def retry_budget(attempt: timedelta, policy: RetryPolicy = ACTIVITY_RETRY) -> timedelta:
+    """Every attempt of `policy` at `attempt` each, and the backoffs between them: a local
+    activity's start-to-close. The SDK's core ends a local activity's attempt when the
+    start-to-close timer of any earlier attempt fires (measured: the fifth attempt of a 20 s
+    step, begun 19 s after the first, timed out at 20 s and its real error was lost), so a local
+    step gets its whole budget there, and the worker bounds each attempt (`attempt_limit`)."""
+    attempts, waits = _backoffs(policy)
     return attempt * attempts + waits
+
+
+def attempt_limit(budget: timedelta, policy: RetryPolicy = ACTIVITY_RETRY) -> timedelta:
+    """The time one attempt of a local step may take, from its `retry_budget`."""
+    attempts, waits = _backoffs(policy)
+    return (budget - waits) / attempts
 
 
 async def call(
@@ -70,13 +82,14 @@ async def call(
 
     `local` runs it as a local activity: in the worker running the workflow task, recorded as a
     marker in that task's completion. That spares the server an activity task and the workflow
-    a second task, so it suits a step of seconds at most that cannot heartbeat; its attempts
-    are retried by the worker (the same five) and are visible only in its logs and metrics
-    until the last one fails the workflow.
+    a second task, so it suits a short step that cannot heartbeat. Each attempt is still bounded
+    by `start_to_close` (the worker enforces it: `worker.LocalAttemptLimit`); the attempts are
+    retried by the worker (the same five) and are visible only in its logs and metrics until the
+    last one fails the workflow.
     """
     if local:
-        if heartbeat is not None:
-            raise ValueError(f"{name}: a local activity cannot heartbeat")
+        if heartbeat is not None or retry_policy is not ACTIVITY_RETRY:
+            raise ValueError(f"{name}: a local step has the shared retry policy, no heartbeat")
         local_result: T = await workflow.execute_local_activity(
             name,
             arg,

@@ -4,8 +4,9 @@ The workflow only decides which Stripe reads an event needs (a subscription's re
 refunds of a charge, the purchase behind a refunded charge) and which apply activity writes the
 effect; `ROUTES` maps every handled event type to its handler. Each apply activity is one MongoDB
 transaction that also records the outcome. A purchase is one activity: it reads the Checkout
-session behind the payment and its line items itself, just before its transaction. Every step
-runs as a local activity, so the commonest event is a single workflow task.
+session behind the payment and its line items itself, just before its transaction. Since
+`LOCAL_STEPS` every step runs as a local activity, so the commonest event is a single workflow
+task.
 
 A refund or dispute of a purchase that is not credited yet (Stripe does not order deliveries)
 waits for it durably, polling with backoff for up to 72 hours after the event (Stripe's own
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
@@ -33,7 +34,7 @@ from billing.models import (
     StripeStep,
     SubscriptionState,
 )
-from workflows.common import ACTIVITY_TIMEOUT, FAIL_ON, STRIPE_TIMEOUT, call
+from workflows.common import ACTIVITY_TIMEOUT, FAIL_ON, STRIPE_TIMEOUT, T, call
 from workflows.search import ORG_ID, STRIPE_EVENT_TYPE
 
 with workflow.unsafe.imports_passed_through():
@@ -46,7 +47,6 @@ with workflow.unsafe.imports_passed_through():
     from billing.stripe.subscriptions import DELINQUENT_STATUSES
 
 Obj = dict[str, Any]
-T = TypeVar("T")
 
 #: How long a refund or dispute waits for its purchase to be credited, from the event's
 #: `created`: Stripe retries a delivery for up to 3 days.
@@ -71,9 +71,10 @@ PURCHASE_READS_IN_ACTIVITY = "purchase-reads-in-activity"
 #: The release whose steps (Stripe reads and apply transactions) are local activities: a
 #: purchase is then one workflow task instead of two plus an activity task, about 9 ms less of
 #: the Temporal server's CPU and half the latency per event (BENCHMARKS.md, webhook). Each step
-#: takes seconds at most and is idempotent on the event id, which a local activity needs (a
-#: worker lost mid-task runs the step again). Runs started before it replay regular ones. Its
-#: marker is the only one its runs record: it implies every release above (`_since`).
+#: takes milliseconds, each attempt is bounded by its timeout, and a step is idempotent on the
+#: event id, which a local activity needs (a worker lost mid-task runs the step again). Runs
+#: started before it replay regular ones. Its marker is the only one its runs record: it
+#: implies every release above (`_since`).
 LOCAL_STEPS = "local-steps"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import DuplicateKeyError
 
 from billing.models import StripeEvent, StripeEventOutcome
 from billing.store.database import Database, Doc
@@ -22,6 +23,11 @@ async def recorded_by_in(
     return (outcome_of(doc), doc.get("run_id")) if doc is not None else None
 
 
+class AlreadyRecorded(Exception):
+    """`record_in(first=True)` found the event recorded: its transaction must be aborted and the
+    event decided again knowing its record (`recorded_by_in`)."""
+
+
 async def record_in(
     db: Database,
     session: AsyncClientSession,
@@ -29,25 +35,31 @@ async def record_in(
     outcome: StripeEventOutcome,
     now: datetime,
     run_id: str | None = None,
+    *,
+    first: bool = False,
 ) -> None:
-    """Record (or, for an event that was `unresolved` and now ran again, overwrite) its outcome."""
+    """Record (or, for an event that was `unresolved` and now ran again, overwrite) its outcome.
+
+    `first`: the caller did not look the record up (an event's first delivery, by far the
+    commonest, saves that command): insert it, and raise `AlreadyRecorded` when it exists."""
+    fields = {
+        "type": event.type,
+        "created": event.created,
+        "outcome": outcome.outcome,
+        "org_id": outcome.org_id,
+        "reason": outcome.reason,
+        "written": outcome.written,
+        "recorded_at": now,
+        "run_id": run_id,
+    }
+    if first:
+        try:
+            await db.stripe_events.insert_one({"_id": event.id, **fields}, session=session)
+        except DuplicateKeyError as exc:
+            raise AlreadyRecorded(event.id) from exc
+        return
     await db.stripe_events.update_one(
-        {"_id": event.id},
-        {
-            "$set": {
-                "type": event.type,
-                "created": event.created,
-                "outcome": outcome.outcome,
-                "org_id": outcome.org_id,
-                "reason": outcome.reason,
-                "written": outcome.written,
-                "recorded_at": now,
-                "run_id": run_id,
-            }
-        },
-        upsert=True,
-        session=session,
-    )
+        {"_id": event.id}, {"$set": fields}, upsert=True, session=session)
 
 
 async def get(db: Database, event_id: str) -> Doc | None:
