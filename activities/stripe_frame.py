@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -117,21 +118,15 @@ class StripeFrame:
                                    first=first)
             return result
 
-        async def first(session: AsyncClientSession) -> StripeEventOutcome:
-            return await txn(session, first=True)
-
-        async def again(session: AsyncClientSession) -> StripeEventOutcome:
-            return await txn(session, first=False)
-
         with final_on_bad_input():
             try:
                 with malformed_object(apply):
                     try:
                         # Optimistic: the event is new, so its record is inserted, not looked
                         # up first; when it exists, nothing of this attempt was written.
-                        result = await run_in_transaction(db.client, first)
+                        result = await run_in_transaction(db.client, partial(txn, first=True))
                     except events.AlreadyRecorded:
-                        result = await run_in_transaction(db.client, again)
+                        result = await run_in_transaction(db.client, partial(txn, first=False))
             except NotYet as wait:
                 return wait.step
         STRIPE_EVENTS.labels(result.type, result.outcome).inc()
