@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from temporalio.client import Client
 
 from billing.config import Settings
+from starter import event_loop
 from starter.embedded import (
     LocalStripe,
     MongoServer,
@@ -567,7 +568,7 @@ def _main() -> None:
     worker = sub.add_parser("worker")
     worker.add_argument("--kind", choices=("billing", "bare"), default="billing")
     args = parser.parse_args()
-    asyncio.run(serve_worker(args.kind))
+    event_loop.run(serve_worker(args.kind))  # as `billing worker` runs
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from bare import BenchLocalWorkflow, BenchWorkflow
 from common import (
     EngineProcess,
@@ -55,6 +54,7 @@ from common import (
     wait_until,
     write_section,
 )
+from http_load import LoadClient
 from temporalio.client import Client
 
 from billing.clock import utcnow
@@ -122,7 +122,7 @@ def purchases(config: BillingConfig, orgs: list[str], count: int) -> list[dict[s
     return [sample_event(EVENT_TYPE, config, org=orgs[i % len(orgs)]) for i in range(count)]
 
 
-def poster(http: httpx.AsyncClient, secret: str) -> Any:
+def poster(http: LoadClient, secret: str) -> Any:
     async def post(event: dict[str, Any]) -> None:
         body, signature = signed_body(event, secret)
         response = await http.post("/stripe/webhook", content=body, headers={
@@ -140,8 +140,7 @@ async def webhook_load(s: Stack, runtime: Runtime, orgs: list[str], args: argpar
 
     app = EngineProcess.http_app(settings, s)
     worker = EngineProcess.worker(settings, s)
-    limits = httpx.Limits(max_connections=args.concurrency)
-    async with app, httpx.AsyncClient(base_url=app.base_url, timeout=60, limits=limits) as http:
+    async with app, LoadClient(app.base_url) as http:
         await worker.start()
         try:
             post = poster(http, settings.webhook_secrets[0])

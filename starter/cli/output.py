@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from starter import event_loop
+
 if TYPE_CHECKING:
     from temporalio.client import Client
 
@@ -119,7 +121,7 @@ def run_until_signal(main: Coroutine[Any, Any, None]) -> None:
                 raise
             err_console.print("stopped")
 
-    asyncio.run(supervise())
+    event_loop.run(supervise())
 
 
 def store_runtime() -> Runtime:
