@@ -10,7 +10,7 @@ two cores, the difference is CPU taken from the engine under test.
 from __future__ import annotations
 
 import asyncio
-import json
+import json as jsonlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ class Answer:
         return self.content.decode(errors="replace")
 
     def json(self) -> Any:
-        return json.loads(self.content)
+        return jsonlib.loads(self.content)
 
 
 class _Connection:
@@ -48,31 +48,36 @@ class _Connection:
 
 
 class LoadClient:
-    """`post` and `get` against one server; use as `async with LoadClient(url) as http`."""
+    """`post` against one server, with `headers` on every request; use as
+    `async with LoadClient(url) as http`, or call `aclose`."""
 
-    def __init__(self, base_url: str, *, timeout_s: float = 60.0) -> None:
+    def __init__(self, base_url: str, *, headers: dict[str, str] | None = None,
+                 timeout_s: float = 60.0) -> None:
         host_port = base_url.removeprefix("http://").rstrip("/")
         host, _, port = host_port.partition(":")
         self.host, self.port, self.timeout_s = host, int(port or 80), timeout_s
+        self.headers = headers or {}
         self._idle: list[_Connection] = []
 
     async def __aenter__(self) -> LoadClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
 
-    async def post(self, path: str, *, content: bytes = b"", json_body: Any = None,
+    async def post(self, path: str, *, content: bytes = b"", json: Any = None,
                    headers: dict[str, str] | None = None) -> Answer:
-        if json_body is not None:
-            content = json.dumps(json_body).encode()
-            headers = {"Content-Type": "application/json", **(headers or {})}
-        return await self.request("POST", path, content, headers or {})
-
-    async def get(self, path: str, *, headers: dict[str, str] | None = None) -> Answer:
-        return await self.request("GET", path, b"", headers or {})
+        """`json`, when given, is the body, sent as `application/json`."""
+        fields = {**self.headers, **(headers or {})}
+        if json is not None:
+            content = jsonlib.dumps(json).encode()
+            fields.setdefault("Content-Type", "application/json")
+        return await self.request("POST", path, content, fields)
 
     async def request(self, method: str, path: str, content: bytes,
                       headers: dict[str, str]) -> Answer:

@@ -23,7 +23,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import httpx
 from common import (
     TOKEN,
     EngineProcess,
@@ -37,6 +36,7 @@ from common import (
     wait_until,
     write_section,
 )
+from http_load import LoadClient
 
 from billing.clock import utcnow
 from billing.config import load_config
@@ -57,7 +57,7 @@ class Usage:
         return self.run.rate
 
 
-async def usage_load(name: str, apis: list[httpx.AsyncClient], orgs: list[str],
+async def usage_load(name: str, apis: list[LoadClient], orgs: list[str],
                      args: argparse.Namespace) -> Usage:
     """`POST /v1/usage` from `concurrency` callers for `seconds`, round robin over `apis`."""
     sequence = itertools.count()
@@ -91,7 +91,7 @@ class Storm:
     started: int
 
 
-async def storm(apis: list[httpx.AsyncClient], runtime: Runtime, orgs: list[str],
+async def storm(apis: list[LoadClient], runtime: Runtime, orgs: list[str],
                 args: argparse.Namespace) -> Storm:
     secret = runtime.settings.webhook_secrets[0]
     events = [sample_event("payment_intent.succeeded", runtime.config, org=orgs[i % len(orgs)])
@@ -100,7 +100,7 @@ async def storm(apis: list[httpx.AsyncClient], runtime: Runtime, orgs: list[str]
     random.Random(7).shuffle(deliveries)
     answers: list[str] = []
 
-    async def post(delivery: tuple[dict[str, object], httpx.AsyncClient]) -> None:
+    async def post(delivery: tuple[dict[str, object], LoadClient]) -> None:
         event, api = delivery
         body, signature = signed_body(event, secret)
         response = await api.post("/stripe/webhook", content=body, headers={
@@ -191,12 +191,12 @@ async def measure(s: Stack, args: argparse.Namespace, load_before: str) -> None:
                       args.concurrency)
         for part in parts:
             await part.start()
-        clients = [httpx.AsyncClient(base_url=part.base_url, timeout=60,
-                                     headers={"Authorization": f"Bearer {TOKEN}"})
+        clients = [LoadClient(part.base_url,
+                                headers={"Authorization": f"Bearer {TOKEN}"})
                    for part in parts[:2]]
         try:
             usage: list[Usage] = []
-            loads: list[tuple[str, list[httpx.AsyncClient], list[str]]] = [
+            loads: list[tuple[str, list[LoadClient], list[str]]] = [
                 ("1 API, 1 organization", clients[:1], hot),
                 ("2 APIs, 1 organization", clients, hot),
                 ("1 API, 50 organizations", clients[:1], many),

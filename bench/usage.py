@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import uvicorn
 from common import (
     TOKEN,
@@ -39,6 +38,7 @@ from common import (
     stack,
     write_section,
 )
+from http_load import LoadClient
 from pymongo import ReturnDocument
 
 from billing.clock import utcnow
@@ -48,6 +48,7 @@ from billing.runtime import Runtime
 from billing.store.database import Database
 from billing.store.meters import Meters
 from billing.store.transactions import run_in_transaction
+from starter import event_loop
 from starter.api.app import create_app
 from starter.embedded import free_port, wait_for_port
 
@@ -132,7 +133,7 @@ def record_op(meters: Meters, orgs: list[str], tag: str, units: int | None = Non
     return op
 
 
-def http_op(client: httpx.AsyncClient, orgs: list[str], tag: str) -> Op:
+def http_op(client: LoadClient, orgs: list[str], tag: str) -> Op:
     async def op(i: int) -> None:
         response = await client.post("/v1/usage", json={
             "org_id": orgs[i % len(orgs)], "run_id": f"{tag}-{i}", "costs": COSTS})
@@ -141,7 +142,7 @@ def http_op(client: httpx.AsyncClient, orgs: list[str], tag: str) -> Op:
     return op
 
 
-def batch_op(client: httpx.AsyncClient, orgs: list[str], tag: str, size: int) -> Op:
+def batch_op(client: LoadClient, orgs: list[str], tag: str, size: int) -> Op:
     async def op(i: int) -> None:
         records = [{"org_id": orgs[(i * size + k) % len(orgs)], "run_id": f"{tag}-{i}-{k}",
                     "costs": COSTS} for k in range(size)]
@@ -356,9 +357,8 @@ async def measure(uri: str, args: argparse.Namespace, load_before: str) -> None:
             access_log=False, lifespan="on"))
         serving = asyncio.create_task(http_server.serve())
         await wait_for_port(port, "the HTTP app")
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"},
-            limits=httpx.Limits(max_connections=c), timeout=30,
+        async with LoadClient(
+            f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"},
         ) as client:
             results["http_1"] = await load("HTTP, 1 org", http_op(client, one, "h1"),
                                            concurrency=c, seconds=secs, counter=counter)
@@ -399,4 +399,4 @@ def parse_args() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(parse_args()))
+    event_loop.run(main(parse_args()))  # as `billing dev` runs its HTTP app
