@@ -40,8 +40,8 @@ class _Connection:
 
     @property
     def reusable(self) -> bool:
-        """Idle on our side and not closed by the server (uvicorn closes idle ones after 5 s)."""
-        return self.h11.our_state is h11.IDLE and not self.reader.at_eof()
+        """Not closed by the server since its last answer (uvicorn closes idle ones after 5 s)."""
+        return not self.reader.at_eof()
 
     def close(self) -> None:
         self.writer.close()
@@ -84,8 +84,11 @@ class LoadClient:
         conn = await self._checkout()
         async with asyncio.timeout(self.timeout_s):
             answer = await self._exchange(conn, method, path, content, headers)
-        conn.h11.start_next_cycle()
-        self._idle.append(conn)
+        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+            conn.h11.start_next_cycle()
+            self._idle.append(conn)
+        else:  # the server asked to close (`Connection: close`)
+            conn.close()
         return answer
 
     async def _checkout(self) -> _Connection:
