@@ -140,6 +140,10 @@ class Database:
         return self.db["stripe_events"]
 
     @property
+    def migrations(self) -> AsyncCollection[Doc]:
+        return self.db["migrations"]
+
+    @property
     def reports(self) -> AsyncCollection[Doc]:
         return self.db["reports"]
 
