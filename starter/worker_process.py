@@ -4,6 +4,7 @@ before it polls, then the worker `worker.py` composes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from temporalio.client import Client
 
@@ -16,11 +17,16 @@ from starter.topup_dispatch import run_topup_dispatcher
 from starter.webhook_dispatch import run_webhook_dispatcher
 from worker import build_worker
 
+log = logging.getLogger(__name__)
+
 
 async def prepare(runtime: Runtime) -> Client:
     """Indexes, start-up migrations and schedules, all idempotent; returns the client."""
     await runtime.db.ensure_indexes()
-    await migrate(runtime.db, runtime.subscriptions)
+    changed = await migrate(runtime.db, runtime.subscriptions)
+    if changed:
+        log.info("start-up migrations: %s", ", ".join(f"{k} {n}" for k, n in changed.items()),
+                 extra={"migrations": changed})
     client = await connect(runtime.settings)
     await ensure_schedules(client, runtime.settings.temporal_task_queue)
     return client
