@@ -12,7 +12,10 @@ migrations").
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
+
+from pymongo.errors import DuplicateKeyError
 
 from billing.clock import utcnow
 from billing.store.database import Database
@@ -37,6 +40,8 @@ async def migrate(db: Database, subscriptions: Subscriptions) -> dict[str, int]:
             continue
         changed[name] = await step(db, subscriptions)
         if changed[name] == 0:
-            await db.migrations.update_one({"_id": name}, {"$setOnInsert": {"done_at": utcnow()}},
-                                           upsert=True)
+            # Two workers starting together may both record it: the second finds it there.
+            with contextlib.suppress(DuplicateKeyError):
+                await db.migrations.update_one(
+                    {"_id": name}, {"$setOnInsert": {"done_at": utcnow()}}, upsert=True)
     return changed
