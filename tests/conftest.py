@@ -5,6 +5,7 @@ Set `MONGODB_URI` or `TEMPORAL_ADDRESS` to run against servers you started yours
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -55,13 +56,29 @@ def mongo_uri(mongo_server: MongoServer | None) -> str:
     return mongo_server.uri if mongo_server is not None else os.environ["MONGODB_URI"]
 
 
-@pytest.fixture(scope="session")
-async def db(mongo_uri: str) -> AsyncIterator[Database]:
+@contextlib.asynccontextmanager
+async def new_database(mongo_uri: str) -> AsyncIterator[Database]:
+    """A database of its own, with the engine's indexes, dropped afterwards."""
     database = Database(mongo_uri, f"billing_test_{uuid.uuid4().hex[:8]}")
     await database.ensure_indexes()
-    yield database
-    await database.client.drop_database(database.db.name)
-    await database.close()
+    try:
+        yield database
+    finally:
+        await database.client.drop_database(database.db.name)
+        await database.close()
+
+
+@pytest.fixture(scope="session")
+async def db(mongo_uri: str) -> AsyncIterator[Database]:
+    async with new_database(mongo_uri) as database:
+        yield database
+
+
+@pytest.fixture
+async def fresh_db(mongo_uri: str) -> AsyncIterator[Database]:
+    """An empty database for one test, for state the session's `db` shares across tests."""
+    async with new_database(mongo_uri) as database:
+        yield database
 
 
 @pytest.fixture(scope="session")

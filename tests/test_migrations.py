@@ -1,13 +1,12 @@
 """Start-up migrations (`billing/store/migrations.py`): each step brings older documents to the
-current shape, and a step that finds nothing left to change is recorded and not run again."""
+current shape, and a step that finds nothing left to change is recorded and not run again.
+Which steps are recorded is per database, so each test has its own (`fresh_db`)."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime
 
-import pytest
 from bson import ObjectId
 
 from billing.config import BillingConfig
@@ -18,16 +17,6 @@ from billing.store.subscriptions import Subscriptions
 
 SUBSCRIPTIONS = "subscriptions kept one by one"
 NOTIFICATIONS = "notifications numbered"
-
-
-@pytest.fixture
-async def fresh_db(mongo_uri: str) -> AsyncIterator[Database]:
-    """A database of its own: which steps are recorded done is per database."""
-    database = Database(mongo_uri, f"billing_migrations_{uuid.uuid4().hex[:8]}")
-    await database.ensure_indexes()
-    yield database
-    await database.client.drop_database(database.db.name)
-    await database.close()
 
 
 async def older_release_data(db: Database, config: BillingConfig, now: datetime) -> str:
