@@ -24,7 +24,7 @@ async def prepare(runtime: Runtime) -> Client:
     """Indexes, start-up migrations and schedules, all idempotent; returns the client."""
     await runtime.db.ensure_indexes()
     changed = await migrate(runtime.db, runtime.subscriptions)
-    if changed:
+    if any(changed.values()):
         log.info("start-up migrations: %s", ", ".join(f"{k} {n}" for k, n in changed.items()),
                  extra={"migrations": changed})
     client = await connect(runtime.settings)

@@ -14,6 +14,9 @@ from billing.store import outbox
 
 Doc = dict[str, Any]
 
+#: MongoDB's error code for a write that a unique index refuses.
+DUPLICATE_KEY = 11000
+
 INDEXES: dict[str, list[IndexModel]] = {
     "accounts": [IndexModel([("stripe_customer_id", ASCENDING)], name="stripe_customer")],
     "ledger": [
@@ -138,10 +141,6 @@ class Database:
     @property
     def stripe_events(self) -> AsyncCollection[Doc]:
         return self.db["stripe_events"]
-
-    @property
-    def migrations(self) -> AsyncCollection[Doc]:
-        return self.db["migrations"]
 
     @property
     def reports(self) -> AsyncCollection[Doc]:

@@ -49,7 +49,7 @@ from billing.metering import (
 from billing.models import ResetOrgResult
 from billing.store.accounts import Accounts, check_org_id
 from billing.store.auto_topups import would_trigger
-from billing.store.database import LEGACY_USAGE_KEY, Database, Doc
+from billing.store.database import DUPLICATE_KEY, LEGACY_USAGE_KEY, Database, Doc
 from billing.store.ledger import Debits, Ledger
 from billing.store.notifications import notify
 from billing.store.transactions import run_in_transaction
@@ -58,7 +58,6 @@ from billing.weeks import iso_week
 #: A duplicate key that is not a replay (two transactions opening the same meter or writing the
 #: same notification) is retried this many times before it is reported.
 DUPLICATE_RETRIES = 5
-DUPLICATE_KEY = 11000
 #: Records committed in one transaction at most (a whole `POST /v1/usage/batch`). On the embedded
 #: server a group's cost is mostly one write per document, and each organization's meter is
 #: written once per group however many of its records the group holds, so bigger groups cost

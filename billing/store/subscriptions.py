@@ -17,12 +17,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import BulkWriteError
 
 from billing.config import BillingConfig
-from billing.store.database import Database, Doc
+from billing.store.database import DUPLICATE_KEY, Database, Doc
 from billing.stripe.events import Marker
 from billing.stripe.subscriptions import Standing, SubscriptionView, standing
+
+#: Standings to migrate written per bulk write by the start-up migration.
+MIGRATION_PAGE = 500
 
 
 def view(doc: Doc) -> SubscriptionView:
@@ -151,21 +156,39 @@ class Subscriptions:
 
     async def migrate(self) -> int:
         """Give every organization whose standing names a subscription that has no state of its
-        own yet (written before subscriptions were kept one by one) that state. Idempotent."""
+        own yet (written before subscriptions were kept one by one) that state. Idempotent, and
+        run at every start, so it reads each collection once: the ids of the subscriptions kept
+        (on the embedded server a scan of ids costs a fortieth of looking them up by `$in`), then
+        the standings by page, writing only those still to do."""
+        kept = {doc["_id"] async for doc in self.db.stripe_subscriptions.find({}, {"_id": 1})}
         moved = 0
-        cursor = self.db.subscriptions.find({"stripe_subscription_id": {"$type": "string"}})
+        cursor = self.db.subscriptions.find({"stripe_subscription_id": {"$type": "string"}},
+                                            batch_size=MIGRATION_PAGE)
+        page: list[Doc] = []
         async for doc in cursor:
-            account = await self.db.accounts.find_one({"_id": doc["_id"]}, {"plan_id": 1})
-            result = await self.db.stripe_subscriptions.update_one(
-                {"_id": doc["stripe_subscription_id"]},
-                {"$setOnInsert": {
-                    "org_id": doc["_id"], "customer": doc.get("stripe_customer_id"),
-                    "status": doc.get("status"), "plan_id": (account or {}).get("plan_id"),
-                    "past_due_since": doc.get("past_due_since"),
-                    "current_period_start": doc.get("current_period_start"),
-                    "markers": doc.get("markers") or {}, "created_at": doc.get("created_at"),
-                }},
-                upsert=True,
-            )
-            moved += result.upserted_id is not None
-        return moved
+            if doc["stripe_subscription_id"] not in kept:
+                page.append(doc)
+            if len(page) == MIGRATION_PAGE:
+                moved += await self._keep_one_by_one(page)
+                page = []
+        return moved + (await self._keep_one_by_one(page) if page else 0)
+
+    async def _keep_one_by_one(self, missing: list[Doc]) -> int:
+        plans = {doc["_id"]: doc.get("plan_id") async for doc in self.db.accounts.find(
+            {"_id": {"$in": [doc["_id"] for doc in missing]}}, {"plan_id": 1})}
+        upserts = [
+            UpdateOne({"_id": doc["stripe_subscription_id"]}, {"$setOnInsert": {
+                "org_id": doc["_id"], "customer": doc.get("stripe_customer_id"),
+                "status": doc.get("status"), "plan_id": plans.get(doc["_id"]),
+                "past_due_since": doc.get("past_due_since"),
+                "current_period_start": doc.get("current_period_start"),
+                "markers": doc.get("markers") or {}, "created_at": doc.get("created_at"),
+            }}, upsert=True) for doc in missing
+        ]
+        try:
+            result = await self.db.stripe_subscriptions.bulk_write(upserts, ordered=False)
+        except BulkWriteError as exc:  # another worker starting at once kept some first
+            if any(error["code"] != DUPLICATE_KEY for error in exc.details["writeErrors"]):
+                raise
+            return int(exc.details["nUpserted"])
+        return result.upserted_count
