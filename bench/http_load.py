@@ -13,6 +13,7 @@ import asyncio
 import json as jsonlib
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import h11
 
@@ -53,9 +54,10 @@ class LoadClient:
 
     def __init__(self, base_url: str, *, headers: dict[str, str] | None = None,
                  timeout_s: float = 60.0) -> None:
-        host_port = base_url.removeprefix("http://").rstrip("/")
-        host, _, port = host_port.partition(":")
-        self.host, self.port, self.timeout_s = host, int(port or 80), timeout_s
+        url = urlsplit(base_url)
+        if url.scheme != "http" or url.hostname is None:
+            raise ValueError(f"an http:// URL is needed, not {base_url!r}")
+        self.host, self.port, self.timeout_s = url.hostname, url.port or 80, timeout_s
         self.headers = headers or {}
         self._idle: list[_Connection] = []
 
@@ -81,8 +83,8 @@ class LoadClient:
 
     async def request(self, method: str, path: str, content: bytes,
                       headers: dict[str, str]) -> Answer:
-        conn = await self._checkout()
         async with asyncio.timeout(self.timeout_s):
+            conn = await self._checkout()
             answer = await self._exchange(conn, method, path, content, headers)
         if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
             conn.h11.start_next_cycle()
@@ -108,6 +110,7 @@ class LoadClient:
             conn.writer.write(
                 conn.h11.send(h11.Request(method=method, target=path, headers=fields))
                 + conn.h11.send(h11.Data(data=content)) + conn.h11.send(h11.EndOfMessage()))
+            await conn.writer.drain()
             status, body = 0, bytearray()
             while True:
                 event = conn.h11.next_event()
@@ -119,8 +122,6 @@ class LoadClient:
                     body += event.data
                 elif isinstance(event, h11.EndOfMessage):
                     return Answer(status, bytes(body))
-                elif isinstance(event, h11.ConnectionClosed):
-                    raise ConnectionError(f"{method} {path}: the server closed the connection")
-        except BaseException:
+        except BaseException:  # h11 raises RemoteProtocolError when the server hangs up mid-answer
             conn.close()
             raise
