@@ -58,18 +58,23 @@ async def test_older_data_is_migrated_once(
 
 
 async def test_workers_starting_together_keep_each_subscription_once(
-    fresh_db: Database, config: BillingConfig, now: datetime
+    fresh_db: Database, now: datetime
 ) -> None:
-    """More standings than a page, some already kept, two migrations at once."""
+    """Standings over several pages, some subscriptions already kept, two migrations at once."""
     db = fresh_db
-    orgs = [await older_release_data(db, config, now) for _ in range(MIGRATION_PAGE + 20)]
+    orgs = [f"org-mig-{i:04d}" for i in range(2 * MIGRATION_PAGE + 30)]
+    await db.subscriptions.insert_many([
+        {"_id": org, "stripe_subscription_id": f"sub_{org}", "status": "active",
+         "created_at": now} for org in orgs])
     await db.stripe_subscriptions.insert_many(
-        [{"_id": f"sub_{org}", "org_id": org, "status": "active"} for org in orgs[::7]])
+        [{"_id": f"sub_{org}", "org_id": org, "status": "canceled"} for org in orgs[::7]])
     subscriptions = Subscriptions(db)
 
     results = await asyncio.gather(migrate(db, subscriptions), migrate(db, subscriptions))
     assert sum(r[SUBSCRIPTIONS] for r in results) == len(orgs) - len(orgs[::7])
     assert await db.stripe_subscriptions.count_documents({}) == len(orgs)
-    untouched = await db.stripe_subscriptions.find_one({"_id": f"sub_{orgs[0]}"})
-    assert untouched is not None and untouched["status"] == "active"
+    kept_before = await db.stripe_subscriptions.find_one({"_id": f"sub_{orgs[0]}"})
+    assert kept_before is not None and kept_before["status"] == "canceled"
+    moved = await db.stripe_subscriptions.find_one({"_id": f"sub_{orgs[-2]}"})
+    assert moved is not None and (moved["org_id"], moved["status"]) == (orgs[-2], "active")
     assert await migrate(db, subscriptions) == {SUBSCRIPTIONS: 0, NOTIFICATIONS: 0}
