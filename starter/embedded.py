@@ -96,11 +96,17 @@ async def terminate(process: asyncio.subprocess.Process | None, *, grace_s: floa
 
 @dataclass
 class MongoServer:
-    """A SecantusDB server process; `data_dir=None` keeps its data in a temporary directory."""
+    """A SecantusDB server process; `data_dir=None` keeps its data in a temporary directory.
+
+    It runs with `--sync-on-commit`: without it SecantusDB answers a commit before its journal
+    record reaches the operating system, and a `kill -9` of the server takes back acknowledged
+    writes (usage answered 200, then gone). `standalone` advertises no replica set, as a
+    standalone `mongod` does (the tests of the start-up check use it)."""
 
     port: int
     data_dir: Path | None = None
     test_commands: bool = False
+    standalone: bool = False
     log_path: Path | None = None
     process: asyncio.subprocess.Process | None = field(default=None, init=False)
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False)
@@ -112,15 +118,17 @@ class MongoServer:
     async def start(self) -> None:
         ensure_port_free(self.port, "MongoDB (SecantusDB)")
         if self.data_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="billing-mongo-")
+            self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix="billing-mongo-")
             storage = Path(self._tmp.name)
         else:
             storage = self.data_dir
             storage.mkdir(parents=True, exist_ok=True)
         args = [find_binary("secantusd-py"), "--host", "127.0.0.1", "--port", str(self.port),
-                "--storage-path", str(storage), "--log-level", "WARNING"]
+                "--storage-path", str(storage), "--log-level", "WARNING", "--sync-on-commit"]
         if self.test_commands:
             args.append("--enable-test-commands")
+        if self.standalone:
+            args.append("--standalone")
         # The child writes its own log: the file is opened for it and closed in the parent.
         log_fd = (
             os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -134,6 +142,13 @@ class MongoServer:
             if self.log_path:
                 os.close(log_fd)
         await wait_for_port(self.port, "MongoDB (SecantusDB)", process=self.process)
+
+    async def kill(self) -> None:
+        """`kill -9`: no checkpoint, no goodbye; `start()` again recovers the same data."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        self.process = None
 
     async def stop(self) -> None:
         await terminate(self.process, grace_s=15)

@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 
 async def prepare(runtime: Runtime) -> Client:
-    """Indexes, start-up migrations and schedules, all idempotent; returns the client."""
+    """The durability check, indexes, start-up migrations and schedules, all idempotent;
+    returns the client."""
+    await runtime.db.check_durable()
     await runtime.db.ensure_indexes()
     changed = await migrate(runtime.db, runtime.subscriptions)
     if any(changed.values()):

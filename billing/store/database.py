@@ -11,6 +11,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import CollectionInvalid, OperationFailure
 
 from billing.store import outbox
+from billing.store.durability import DURABLE, check_durable
 
 Doc = dict[str, Any]
 
@@ -95,13 +96,16 @@ RETIRED_INDEXES = {"lots": ["one_purchase_per_payment_intent"],
 
 
 class Database:
-    """One client and the engine's collections. Create once per process and share it."""
+    """One client and the engine's collections. Create once per process and share it.
+
+    Every collection writes with `DURABLE` (`billing.store.durability`); `check_durable()` refuses
+    a server that cannot honour it."""
 
     def __init__(self, uri: str, name: str, **client_options: Any) -> None:
         self.client: AsyncMongoClient[Doc] = AsyncMongoClient(
             uri, tz_aware=True, connect=False, **client_options
         )
-        self.db: AsyncDatabase[Doc] = self.client[name]
+        self.db: AsyncDatabase[Doc] = self.client.get_database(name, write_concern=DURABLE)
 
     def __getitem__(self, name: str) -> AsyncCollection[Doc]:
         return self.db[name]
@@ -158,6 +162,9 @@ class Database:
                     await self.db[name].drop_index(retired)
             if indexes:
                 await self.db[name].create_indexes(indexes)
+
+    async def check_durable(self) -> None:
+        await check_durable(self.client.admin)
 
     async def ping(self) -> None:
         await self.client.admin.command("ping")

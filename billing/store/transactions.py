@@ -10,7 +10,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from pymongo import AsyncMongoClient, ReadPreference, WriteConcern
+from pymongo import AsyncMongoClient, ReadPreference
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import (
     ConnectionFailure,
@@ -19,6 +19,8 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 from pymongo.read_concern import ReadConcern
+
+from billing.store.durability import DURABLE
 
 T = TypeVar("T")
 
@@ -67,7 +69,7 @@ async def run_in_transaction(
     *,
     deadline_s: float = TRANSACTION_DEADLINE_S,
 ) -> T:
-    """Run `work(session)` inside a snapshot transaction with majority writes.
+    """Run `work(session)` inside a snapshot transaction committed with `DURABLE` writes.
 
     Write conflicts and other `TransientTransactionError`s restart the whole unit of work after a
     short jittered backoff (so 50 writers on one account converge instead of thrashing); an
@@ -82,7 +84,7 @@ async def run_in_transaction(
             _AFTER_COMMIT.pop(session, None)
             await session.start_transaction(
                 read_concern=ReadConcern("snapshot"),
-                write_concern=WriteConcern("majority"),
+                write_concern=DURABLE,
                 read_preference=ReadPreference.PRIMARY,
             )
             try:

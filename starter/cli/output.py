@@ -132,6 +132,21 @@ def store_runtime() -> Runtime:
     return Runtime.from_settings(Settings())
 
 
+def check_durable(runtime: Runtime) -> None:
+    """`billing serve`'s start-up check that MongoDB can keep acknowledged writes (the worker
+    makes it in `prepare`), on a client of its own: the runtime's belongs to the server's loop."""
+    from billing.runtime import Runtime
+
+    async def check() -> None:
+        db = Runtime.from_settings(runtime.settings, runtime.config).db
+        try:
+            await db.check_durable()
+        finally:
+            await db.close()
+
+    event_loop.run(check())
+
+
 async def temporal() -> Client:
     """The Temporal client of `TEMPORAL_ADDRESS`; unreachable is a `TemporalUnavailable`."""
     from billing.config import Settings

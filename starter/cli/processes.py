@@ -9,6 +9,7 @@ import typer
 
 from starter.cli.output import (
     EXIT_CONFIG,
+    check_durable,
     console,
     err_console,
     reported_errors,
@@ -60,6 +61,7 @@ def serve(
         configure_logging()
         enable_sdk_metrics()
         runtime = store_runtime()
+        check_durable(runtime)
         if not runtime.settings.api_tokens:
             err_console.print("[red]configuration error:[/red] BILLING_API_TOKEN is not set: "
                               "every /v1 request would be refused")
