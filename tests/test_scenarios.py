@@ -8,38 +8,22 @@ described in `tests/scenarios/README.md`.
 from __future__ import annotations
 
 import asyncio
-import copy
-import random
-import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import yaml
-from stripe_fake import StripeFake, line_item
-from stripe_payloads import deliver, event, resource
-from temporalio.client import Client, WorkflowExecutionStatus
+from scenario_play import FILES, HERE, Play, load
+from stripe_fake import StripeFake
+from temporalio.client import Client
 from temporalio.worker import Worker
 
 from billing.config import load_config
 from billing.runtime import Runtime
 from billing.store.database import Database
-from billing.store.ledger import Ledger
 from starter.api.app import create_app
 from worker import build_worker
-
-Obj = dict[str, Any]
-
-HERE = Path(__file__).parent / "scenarios"
-FILES = sorted(HERE.glob("*.yaml"))
-SETTLE_S = 60.0
-
 
 # ---- fixtures: the engine on the scenarios' configuration ----------------------------------------
 
@@ -69,255 +53,11 @@ async def scenario_api(scenario_runtime: Runtime,
         yield client
 
 
-# ---- building Stripe objects from a scenario ---------------------------------------------------
-
-
-def substitute(value: Any, ids: dict[str, str]) -> Any:
-    if isinstance(value, str) and value.startswith("$"):
-        if value[1:] not in ids:
-            raise KeyError(f"{value} is not declared in `ids`")
-        return ids[value[1:]]
-    if isinstance(value, dict):
-        return {k: substitute(v, ids) for k, v in value.items()}
-    if isinstance(value, list):
-        return [substitute(v, ids) for v in value]
-    return value
-
-
-DEFAULTS: dict[str, Obj] = {
-    "checkout.session": {"mode": "payment", "payment_status": "paid", "status": "complete",
-                         "amount_total": 4900, "amount_subtotal": 4900, "currency": "usd",
-                         "metadata": {}, "customer": None, "subscription": None,
-                         "payment_intent": None, "invoice": None},
-    "payment_intent": {"amount": 4900, "amount_received": 4900, "status": "succeeded",
-                       "metadata": {}, "latest_charge": None, "customer": None,
-                       "canceled_at": None},
-    "charge": {"amount": 4900, "metadata": {}, "payment_intent": None, "customer": None,
-               "refunded": False, "amount_refunded": 0, "invoice": None},
-    "refund": {"status": "succeeded", "payment_intent": None, "metadata": {}},
-    "dispute": {"status": "needs_response", "payment_intent": None, "amount": 4900},
-    "subscription": {"status": "active", "metadata": {}},
-    "invoice": {"status": "open", "subscription": None, "metadata": {}, "parent": None},
-    "customer": {"metadata": {}},
-}
-
-
-@dataclass
-class Built:
-    kind: str
-    obj: Obj
-    line_items: list[Obj] | None = None
-
-
-def build(spec: Obj, served: dict[str, Built]) -> Built:
-    """A Stripe object from a spec: `{kind, id, ...}` or `{ref: id, ...}` (a served one)."""
-    spec = dict(spec)
-    if "ref" in spec:
-        base = served[spec.pop("ref")]
-        built = Built(base.kind, copy.deepcopy(base.obj), base.line_items)
-    else:
-        kind = spec.pop("kind")
-        built = Built(kind, resource(kind, **DEFAULTS.get(kind, {})))
-        if "refunds" not in spec and kind == "charge":
-            built.obj.pop("refunds", None)
-    obj = built.obj
-    for key, value in spec.items():
-        if built.kind == "subscription" and key in ("price", "quantity", "period_start"):
-            item = obj["items"]["data"][0]
-            if key == "price":
-                item["price"]["id"] = value
-            elif key == "quantity":
-                item["quantity"] = value
-            else:
-                item["current_period_start"] = value
-        elif built.kind == "checkout.session" and key == "line_items":
-            built.line_items = [line_item(i["price"], quantity=i.get("quantity", 1),
-                                          amount_total=i.get("amount_total", 4900))
-                                for i in value]
-        elif built.kind == "invoice" and key == "subscription":
-            obj["parent"] = {"type": "subscription_details", "quote_details": None,
-                             "subscription_details": {"subscription": value, "metadata": None}}
-        elif built.kind == "charge" and key == "refunds":
-            refunds = [build({"kind": "refund", **r}, served).obj for r in value]
-            obj["refunds"] = {"object": "list", "data": refunds, "has_more": False,
-                              "url": f"/v1/charges/{obj['id']}/refunds"}
-        else:
-            obj[key] = value
-    return built
-
-
-# ---- one play --------------------------------------------------------------------------------
-
-
-@dataclass
-class Play:
-    scenario: Obj
-    api: httpx.AsyncClient
-    client: Client
-    fake: StripeFake
-    runtime: Runtime
-    label: str
-    ids: dict[str, str] = field(default_factory=dict)
-    served: dict[str, Built] = field(default_factory=dict)
-    t0: int = field(default_factory=lambda: int(time.time()) - 3600)
-    delivered: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.ids = {sym: f"{prefix}_{uuid.uuid4().hex[:14]}"
-                    for sym, prefix in (self.scenario.get("ids") or {}).items()}
-        for spec in substitute(self.scenario.get("stripe") or [], self.ids):
-            built = build(spec, self.served)
-            self.served[built.obj["id"]] = built
-            self.fake.add(built.obj)
-            if built.line_items is not None:
-                self.fake.line_items[built.obj["id"]] = built.line_items
-
-    @property
-    def org(self) -> str:
-        return self.ids["org"]
-
-    def where(self, index: int) -> str:
-        return f"{self.scenario['name']} [{self.label}] step {index + 1}"
-
-    def event_of(self, index: int, step: Obj) -> Obj:
-        step = substitute(step, self.ids)
-        built = build(step["object"], self.served)
-        if built.line_items is not None:
-            self.fake.line_items[built.obj["id"]] = built.line_items
-        created = self.t0 + int(step.get("at", 10 * index))
-        return event(step["event"], built.obj, created=created,
-                     event_id=f"evt_{uuid.uuid4().hex[:20]}")
-
-    async def send(self, evt: Obj) -> None:
-        response = await deliver(self.api, evt)
-        assert response.status_code == 200, response.text
-        self.delivered.append(evt["id"])
-
-    async def settle(self, event_id: str, *, deadline_s: float = SETTLE_S) -> str:
-        """The run's outcome once it completed, `failed`, or `waiting` while it waits for a
-        purchase (only when `deadline_s` allows waiting: the in-order play)."""
-        handle = self.client.get_workflow_handle(f"stripe-{event_id}")
-        give_up = time.monotonic() + deadline_s
-        while True:
-            status = (await handle.describe()).status
-            if status == WorkflowExecutionStatus.COMPLETED:
-                result = await handle.result()
-                return str(result["outcome"] if isinstance(result, dict) else result.outcome)
-            if status != WorkflowExecutionStatus.RUNNING:
-                return "failed"
-            if deadline_s < SETTLE_S and await handle.query("waiting_for"):
-                return "waiting"
-            if time.monotonic() > give_up:
-                raise AssertionError(f"{event_id} still running after {deadline_s} s")
-            await asyncio.sleep(0.1)
-
-    async def barrier(self, step: Obj) -> None:
-        if "usage" in step:
-            response = await self.api.post("/v1/usage", json={
-                "org_id": self.org, "run_id": f"run-{uuid.uuid4().hex[:12]}",
-                "units": int(step["usage"])})
-            assert response.status_code == 200, response.text
-        elif "register" in step:
-            assert (await self.api.put(f"/v1/orgs/{self.org}")).status_code in (200, 201)
-        elif "expire" in step:
-            when = datetime.fromtimestamp(self.t0, UTC) + timedelta(days=int(step["expire"]))
-            ledger = Ledger(self.runtime.db)
-            for lot in await ledger.lots(self.org):
-                if lot.get("expires_at") is not None and lot["expires_at"] <= when:
-                    await ledger.expire(self.org, lot["_id"], when)
-        else:
-            raise AssertionError(f"unknown step {step}")
-
-    # ---- reading the state back ----------------------------------------------------------------
-
-    async def check(self, expect: Obj, where: str, outcome: str | None = None) -> None:
-        expect = substitute(expect, self.ids)
-        if "outcome" in expect:
-            assert outcome == expect["outcome"], f"{where}: outcome {outcome}"
-        if {"balance", "lots"} & expect.keys():
-            response = await self.api.get(f"/v1/orgs/{self.org}/balance")
-            body = response.json() if response.status_code == 200 else {"balance": 0, "lots": []}
-            if "balance" in expect:
-                assert body["balance"] == expect["balance"], f"{where}: balance {body}"
-            if "lots" in expect:
-                lots = [[lot["units"], lot["remaining"]] for lot in body["lots"]]
-                assert lots == expect["lots"], f"{where}: lots {lots}"
-        if {"plan", "status", "past_due"} & expect.keys():
-            response = await self.api.get(f"/v1/orgs/{self.org}/subscription")
-            view = response.json() if response.status_code == 200 else {
-                "plan_id": "free", "status": "none", "past_due_since": None}
-            for key, field_name in (("plan", "plan_id"), ("status", "status")):
-                if key in expect:
-                    assert view[field_name] == expect[key], f"{where}: subscription {view}"
-            if "past_due" in expect:
-                assert (view["past_due_since"] is not None) == expect["past_due"], \
-                    f"{where}: subscription {view}"
-        if "quota" in expect:
-            quota = (await self.api.get(f"/v1/orgs/{self.org}/quota")).json()
-            for key, value in expect["quota"].items():
-                assert quota[key] == value, f"{where}: quota {quota}"
-        if {"notifications", "notifications_include", "notifications_exclude"} & expect.keys():
-            response = await self.api.get(f"/v1/orgs/{self.org}/notifications")
-            found = Counter(n["type"] for n in response.json()["notifications"]) \
-                if response.status_code == 200 else Counter()
-            if "notifications" in expect:
-                assert found == Counter(expect["notifications"]), f"{where}: {found}"
-            for kind in expect.get("notifications_include", []):
-                assert found[kind] > 0, f"{where}: no {kind} in {found}"
-            for kind in expect.get("notifications_exclude", []):
-                assert found[kind] == 0, f"{where}: {kind} in {found}"
-        if "failed" in expect:
-            outcomes = [await self.settle(e) for e in dict.fromkeys(self.delivered)]
-            assert outcomes.count("failed") == expect["failed"], f"{where}: {outcomes}"
-
-    # ---- the plays -------------------------------------------------------------------------------
-
-    async def in_order(self) -> None:
-        for index, step in enumerate(self.scenario["steps"]):
-            if "event" in step:
-                evt = self.event_of(index, step)
-                await self.send(evt)
-                outcome = await self.settle(evt["id"], deadline_s=SETTLE_S / 2)
-            else:
-                await self.barrier(step)
-                outcome = None
-            await self.check(step.get("expect") or {}, self.where(index), outcome)
-        await self.finish()
-
-    async def shuffled(self, seed: int) -> None:
-        shuffle = random.Random(seed)
-        segment: list[Obj] = []
-
-        async def flush() -> None:
-            deliveries = segment + segment
-            shuffle.shuffle(deliveries)
-            for evt in deliveries:
-                await self.send(evt)
-            for evt in segment:
-                await self.settle(evt["id"])
-            segment.clear()
-
-        for index, step in enumerate(self.scenario["steps"]):
-            if "event" in step:
-                segment.append(self.event_of(index, step))
-            else:
-                await flush()
-                await self.barrier(step)
-        await flush()
-        await self.finish()
-
-    async def finish(self) -> None:
-        for event_id in dict.fromkeys(self.delivered):
-            await self.settle(event_id)
-        await self.check(self.scenario.get("final") or {}, f"{self.scenario['name']} "
-                         f"[{self.label}] final")
-
-
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 async def test_scenario(path: Path, scenario_api: httpx.AsyncClient, scenario_worker: Worker,
                         temporal_client: Client, stripe_fake: StripeFake,
                         scenario_runtime: Runtime) -> None:
-    scenario = yaml.safe_load(path.read_text(encoding="utf-8"))
+    scenario = load(path)
     assert scenario.get("steps"), f"{path.name} has no steps"
 
     def play(label: str) -> Play:
