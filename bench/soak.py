@@ -110,38 +110,43 @@ async def soak(args: argparse.Namespace, data_dir: Path) -> Outcome:
     cluster.receiver.script = [500 if rng.randrange(RECEIVER_FAILS_ONE_IN) == 0 else 200
                                for _ in range(5000)]
     started = time.monotonic()
-    await cluster.start()
     settings = cluster.settings
-    client = await connect(settings)
     db = Database(settings.mongodb_uri, settings.mongodb_db, serverSelectionTimeoutMS=3000)
     runtime = Runtime(settings=settings, config=load_config(CONFIG), db=db)
     loop = asyncio.get_running_loop()
     until = loop.time() + args.seconds
-    deadline = until + SETTLE_S
+    #: Faults may go on past `until` (every kind once); the deadline is for what retries.
+    deadline = until + len(FAULTS) * 15 + SETTLE_S
+    stop = asyncio.Event()  # set when the faults end: the workload goes on as long as they do
     plays: list[ScenarioPlay] = []
     orgs = usage_orgs(rng, args.orgs, actions=args.actions)
     nemesis = Nemesis(cluster, random.Random(rng.random()))
     try:
+        await cluster.start()
+        client = await connect(settings)
         async with clients([api.url for api in cluster.apis], settings.billing_api_token) as http:
             api = Api(http, random.Random(rng.random()), deadline)
             deck = ScenarioDeck(random.Random(rng.random()))
 
             async def lane() -> None:
-                while loop.time() < until:
+                while not stop.is_set():
                     play = deck.play(api=http[0], client=client, fake=cluster.fake,
                                      runtime=runtime, soak_api=api)
                     plays.append(play)
                     await play.deliver_shuffled(deck.rng.randrange(2**32))
 
             work = [asyncio.create_task(lane()) for _ in range(args.lanes)]
-            work += [asyncio.create_task(org.run(api, cluster.fake, client, until,
+            work += [asyncio.create_task(org.run(api, cluster.fake, client, stop,
                                                  settings.temporal_task_queue))
                      for org in orgs]
+            faults_from = loop.time()
             await nemesis.run(until)
+            stop.set()
+            fault_seconds = loop.time() - faults_from
             print(f"faults done ({sum(nemesis.done.values())}); healing", flush=True)
             await cluster.heal()
             results = await asyncio.gather(*work, return_exceptions=True)
-            outcome = Outcome(args.seed, args.seconds, nemesis.done, plays, orgs, api.retries)
+            outcome = Outcome(args.seed, fault_seconds, nemesis.done, plays, orgs, api.retries)
             for result in results:
                 if isinstance(result, BaseException):
                     outcome.violations.append(soak_check.Violation(

@@ -251,9 +251,10 @@ class Nemesis:
         return first
 
     async def run(self, until: float) -> None:
+        """Faults until `until`, and past it until every kind was injected once."""
         loop = asyncio.get_running_loop()
         queue = self.plan()
-        while loop.time() < until:
+        while queue or loop.time() < until:
             await asyncio.sleep(self.rng.uniform(*self.every_s))
             fault = queue.pop(0) if queue else self.rng.choice(FAULTS)
             await self.inject(fault)

@@ -192,16 +192,15 @@ class UsageOrg:
         return (GRANT + self.packs * PACK_UNITS + self.credited + topups * PACK_UNITS
                 - max(0, self.used - self.quota))
 
-    async def run(self, api: Api, fake: StripeFake, temporal: Client, until: float,
+    async def run(self, api: Api, fake: StripeFake, temporal: Client, stop: asyncio.Event,
                   task_queue: str) -> None:
-        """Register (and link), then act until `until` (at most `actions` times)."""
+        """Register (and link), then act until `stop` is set (at most `actions` times)."""
         response = await api.request("PUT", f"/v1/orgs/{self.org}")
         assert response.status_code in (200, 201), response.text
         if self.linked:
             await self._link(api, fake)
-        loop = asyncio.get_running_loop()
         for step in range(self.actions):
-            if loop.time() > until:
+            if stop.is_set():
                 return
             action = self.rng.choices(
                 ("usage", "batch", "purchase", "credit"), weights=(10, 3, 2, 1))[0]
@@ -231,6 +230,8 @@ class UsageOrg:
             if response.status_code == 200:
                 return
             assert response.status_code == 409, response.text
+            if asyncio.get_running_loop().time() > api.deadline:
+                raise Gone(f"{self.org}: its subscription never linked its customer")
             await asyncio.sleep(0.5)
 
     async def _usage(self, api: Api, step: int) -> None:
