@@ -34,7 +34,10 @@ from typing import Any, TypeVar
 
 from pymongo import monitoring
 
+# The engine's packages, and the test helpers the soak drives it with (the Stripe fake, the
+# webhook receiver, the Stripe scenarios).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from temporalio.client import Client
 
@@ -50,7 +53,8 @@ from starter.embedded import (
 )
 from starter.temporal_client import connect
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "BENCHMARKS.md"
 TOKEN = "bench-token"
 WEBHOOK_SECRET = "whsec_bench"
 READY_TIMEOUT_S = 60.0

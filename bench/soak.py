@@ -31,8 +31,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import soak_check
 from common import write_section
+from soak_check import Violation, check_all
 from soak_cluster import CONFIG, FAULTS, Cluster, Nemesis
 from soak_workload import Api, ScenarioDeck, ScenarioPlay, UsageOrg, clients, usage_orgs
 from temporalio.client import Client
@@ -58,7 +58,7 @@ class Outcome:
     plays: list[ScenarioPlay]
     orgs: list[UsageOrg]
     retries: int
-    violations: list[soak_check.Violation] = field(default_factory=list)
+    violations: list[Violation] = field(default_factory=list)
     took_s: float = 0.0
 
     def figures(self) -> dict[str, int]:
@@ -149,34 +149,15 @@ async def soak(args: argparse.Namespace, data_dir: Path) -> Outcome:
             outcome = Outcome(args.seed, fault_seconds, nemesis.done, plays, orgs, api.retries)
             for result in results:
                 if isinstance(result, BaseException):
-                    outcome.violations.append(soak_check.Violation(
+                    outcome.violations.append(Violation(
                         "-", f"the workload stopped: {result!r}"))
             await wait_quiet(client, settings.temporal_task_queue, db, cluster, deadline)
-            outcome.violations += await check(outcome, cluster, client, db)
+            outcome.violations += await check_all(plays, orgs, cluster, client, db)
     finally:
         await db.close()
         await cluster.stop()
     outcome.took_s = time.monotonic() - started
     return outcome
-
-
-async def check(outcome: Outcome, cluster: Cluster, client: Client,
-                db: Database) -> list[soak_check.Violation]:
-    found: list[soak_check.Violation] = []
-    expected_failures: Counter[str] = Counter()
-    for play in outcome.plays:
-        found += await soak_check.scenario(play)
-        expected_failures[play.org] += int((play.scenario.get("final") or {}).get("failed", 0))
-    for org in outcome.orgs:
-        found += await soak_check.usage_org(db, cluster.fake, org)
-    for org_id in [p.org for p in outcome.plays] + [o.org for o in outcome.orgs]:
-        if await db.accounts.count_documents({"_id": org_id}):
-            found += await soak_check.ledger(db, org_id)
-        found += await soak_check.feed(db, cluster.receiver, org_id)
-    found += await soak_check.failed_workflows(client, cluster.settings.temporal_task_queue,
-                                               expected_failures)
-    found += await soak_check.reconciliation(cluster.environment())
-    return found
 
 
 def report(outcome: Outcome) -> str:
@@ -225,6 +206,7 @@ def main() -> None:
             f"--output {args.output}", "").strip())
     if args.json:
         print(json.dumps({**outcome.figures(), "faults_by_kind": dict(outcome.faults),
+                          "fault_kinds": list(FAULTS),
                           "violations": [str(v) for v in outcome.violations]}))
     sys.exit(1 if outcome.violations else 0)
 

@@ -17,26 +17,21 @@ import contextlib
 import os
 import random
 import signal
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from common import ROOT
+from stripe_fake import StripeFake
+from stripe_payloads import PRIMARY_SECRET
+from webhook_receiver import SECRET as RECEIVER_SECRET
+from webhook_receiver import Receiver
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from stripe_fake import StripeFake  # noqa: E402
-from stripe_payloads import PRIMARY_SECRET  # noqa: E402
-from webhook_receiver import SECRET as RECEIVER_SECRET  # noqa: E402
-from webhook_receiver import Receiver  # noqa: E402
-
-from billing.config import Settings  # noqa: E402
-from starter.embedded import MongoServer, find_binary, free_port, wait_for_port  # noqa: E402
-from workflows.search import ORG_ID, STRIPE_EVENT_TYPE  # noqa: E402
+from billing.config import Settings
+from starter.embedded import MongoServer, find_binary, free_port, wait_for_port
+from workflows.search import ORG_ID, STRIPE_EVENT_TYPE
 
 TOKEN = "soak-token"
 CONFIG = ROOT / "tests" / "scenarios" / "billing.toml"

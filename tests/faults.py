@@ -19,7 +19,6 @@ from temporalio.client import Client, ScheduleActionStartWorkflow, WorkflowFailu
 from temporalio.service import RPCError, RPCStatusCode
 
 from billing.config import Settings
-from billing.ledger import EntryKind, check_sign
 from billing.models import StripeEventOutcome
 from billing.runtime import Runtime
 from billing.store.database import Database
@@ -169,30 +168,6 @@ async def failures(client: Client, event_ids: list[str], *, timeout_s: float = D
 
 
 # ---- the ledger ---------------------------------------------------------------------------------
-
-
-async def assert_ledger_invariants(db: Database, org: str) -> None:
-    """SPEC §5.1 on what is stored: balance == sum(entries) == sum(lot remaining) - debts, each
-    key once, every entry signed and non-zero, no lot negative or above its units, and no
-    purchase clawed back beyond what it bought."""
-    account = await db.accounts.find_one({"_id": org})
-    assert account is not None, org
-    entries = [e async for e in db.ledger.find({"org_id": org}).sort("seq", 1)]
-    lots = [lot async for lot in db.lots.find({"org_id": org})]
-    debt = account.get("usage_debt", 0) + account.get("other_debt", 0)
-    assert account["balance"] == sum(e["amount"] for e in entries), org
-    assert account["balance"] == sum(lot["remaining"] for lot in lots) - debt, org
-    keys = Counter(e["key"] for e in entries)
-    assert [k for k, n in keys.items() if n > 1] == [], org
-    for entry in entries:
-        check_sign(EntryKind(entry["kind"]), entry["amount"])
-    for lot in lots:
-        assert 0 <= lot["remaining"] <= lot["units"], lot
-        if lot["kind"] == EntryKind.TOPUP.value:
-            clawed = -sum(e["amount"] for e in entries if e.get("lot_id") == lot["_id"]
-                          and e["kind"] in (EntryKind.REFUND, EntryKind.DISPUTE))
-            reinstated = sum(x["units"] for x in lots if x.get("source_lot") == lot["_id"])
-            assert 0 <= clawed - reinstated == lot["clawed_units"] <= lot["units"], lot
 
 
 # ---- SecantusDB fail points ---------------------------------------------------------------------

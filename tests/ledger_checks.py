@@ -1,34 +1,89 @@
-"""The ledger invariants of SPEC §5.1, checked on one organization's stored documents."""
+"""The ledger invariants of SPEC §5.1, checked on one organization's stored documents: the one
+check the store, property, fault and scale-out tests and the chaos soak (`bench/soak.py`) share."""
 
 from __future__ import annotations
 
+from collections import Counter
+from datetime import datetime
+
+from billing.clock import utcnow
+from billing.errors import InvalidInput
 from billing.ledger import EntryKind, check_sign
 from billing.store.database import Database, Doc
 
 
-async def assert_consistent(db: Database, org: str) -> Doc:
-    """SPEC §5.1 invariants of one organization; returns its account.
+async def violations(db: Database, org: str, now: datetime | None = None) -> list[str]:
+    """What breaks SPEC §5.1 in `org`'s documents (nothing: an empty list).
 
-    `balance == sum(entries) == sum(lot.remaining) - debt`, debts never negative, each key once,
-    entries signed by kind and chained by `balance_after`, every lot within `0..units`.
+    `balance == sum(entries) == sum(lot.remaining) - debts`, debts never negative and never
+    beside a live lot, each key once, entries signed by kind and chained by `balance_after`,
+    every lot within `0..units`, a reinstated lot keeps its original expiry, and what refunds
+    and disputes took from a purchase (every lot of its payment intent, a cart's lines
+    included) is what its lots record, never more than it bought.
     """
     account = await db.accounts.find_one({"_id": org})
-    assert account is not None
+    if account is None:
+        return ["no account"]
     entries = await entries_of(db, org)
-    lots = [x async for x in db.lots.find({"org_id": org})]
-    assert account["balance"] == sum(e["amount"] for e in entries)
-    assert account["usage_debt"] >= 0 and account["other_debt"] >= 0
-    assert account["balance"] == (
-        sum(x["remaining"] for x in lots) - account["usage_debt"] - account["other_debt"]
-    )
-    assert len({e["key"] for e in entries}) == len(entries)
+    lots = {lot["_id"]: lot async for lot in db.lots.find({"org_id": org})}
+    found: list[str] = []
+    debts = account["usage_debt"], account["other_debt"]
+    if min(debts) < 0:
+        found.append(f"negative debt {debts}")
+    total = sum(e["amount"] for e in entries)
+    if account["balance"] != total:
+        found.append(f"balance {account['balance']} != sum of entries {total}")
+    remaining = sum(lot["remaining"] for lot in lots.values())
+    if account["balance"] != remaining - sum(debts):
+        found.append(f"balance {account['balance']} != lots' remaining {remaining} - debts "
+                     f"{debts}")
+    twice = [key for key, n in Counter(e["key"] for e in entries).items() if n > 1]
+    if twice:
+        found.append(f"keys applied twice: {twice}")
     running = 0
     for e in entries:
-        check_sign(EntryKind(e["kind"]), e["amount"])
+        try:
+            check_sign(EntryKind(e["kind"]), e["amount"])
+        except InvalidInput as exc:
+            found.append(f"entry {e['key']}: {exc}")
         running += e["amount"]
-        assert e["balance_after"] == running
-    for x in lots:
-        assert 0 <= x["remaining"] <= x["units"]
+        if e["balance_after"] != running:
+            found.append(f"entry {e['key']}: balance_after {e['balance_after']} != {running}")
+    moment = now or utcnow()
+    if any(debts):
+        live = [lot["_id"] for lot in lots.values() if lot["remaining"] > 0 and (
+            lot.get("expires_at") is None or lot["expires_at"] > moment)]
+        if live:
+            found.append(f"debt {debts} beside live lots {live}")
+    purchases: dict[str, list[Doc]] = {}
+    for lot in lots.values():
+        if not 0 <= lot["remaining"] <= lot["units"]:
+            found.append(f"lot {lot['_id']}: remaining {lot['remaining']} of {lot['units']}")
+        if lot["kind"] == EntryKind.REINSTATEMENT.value and \
+                lot.get("expires_at") != lots[lot["source_lot"]].get("expires_at"):
+            found.append(f"lot {lot['_id']}: reinstated with another expiry than its source")
+        if lot["kind"] == EntryKind.TOPUP.value and lot.get("payment_intent"):
+            purchases.setdefault(lot["payment_intent"], []).append(lot)
+    for pi, bought in purchases.items():
+        ids = {lot["_id"] for lot in bought}
+        if not all(0 <= lot["clawed_units"] <= lot["units"] for lot in bought):
+            found.append(f"purchase {pi}: clawed back beyond what it bought")
+        clawed = -sum(e["amount"] for e in entries
+                      if e["kind"] in (EntryKind.REFUND, EntryKind.DISPUTE) and e["lot_id"] in ids)
+        reinstated = sum(x["units"] for x in lots.values() if x.get("source_lot") in ids)
+        recorded = sum(lot["clawed_units"] for lot in bought)
+        if clawed - reinstated != recorded:
+            found.append(f"purchase {pi}: refunds and disputes took {clawed}, reinstated "
+                         f"{reinstated}, its lots record {recorded} clawed")
+    return found
+
+
+async def assert_consistent(db: Database, org: str, now: datetime | None = None) -> Doc:
+    """`violations` must find nothing; returns the account."""
+    found = await violations(db, org, now)
+    assert not found, f"{org}: {found}"
+    account = await db.accounts.find_one({"_id": org})
+    assert account is not None
     return account
 
 

@@ -17,12 +17,12 @@ import httpx
 import pytest
 from faults import (
     WorkerProcess,
-    assert_ledger_invariants,
     delete_schedules_of,
     wait_until,
     worker_env,
 )
 from http_helpers import balance, notification_types
+from ledger_checks import assert_consistent
 from stripe_fake import StripeFake
 from stripe_payloads import deliver, dispute, event, metadata, new_id, subscription
 from temporalio.client import Client
@@ -165,7 +165,7 @@ async def test_sixteen_concurrent_usage_records_crossing_the_threshold_buy_once(
         "enabled": True, "pack_id": PACK, "below_units": 400, "max_per_month": 5,
         "paused": False, "this_month": 1}
     assert (await notification_types(api, org))["auto_topup.succeeded"] == 1
-    await assert_ledger_invariants(stripe_runtime.db, org)
+    await assert_consistent(stripe_runtime.db, org)
 
 
 async def test_the_monthly_cap_stops_the_next_top_up(

@@ -136,28 +136,19 @@ class Run:
 
 
 async def check_invariants(db: Database, org: str, now: datetime) -> None:
-    """The organization-wide invariants, then what refunds and disputes did to each purchase."""
-    account = await assert_consistent(db, org)
+    """The invariants every organization keeps (`ledger_checks`), then the cumulative rounding
+    of what refunds and disputes took from each purchase these tests make (a pack or a cart of
+    packs, nothing else on the charge)."""
+    account = await assert_consistent(db, org, now)
     entries = [e async for e in db.ledger.find({"org_id": org})]
     lots = {lot["_id"]: lot async for lot in db.lots.find({"org_id": org})}
-    assert len({e["key"] for e in entries}) == len(entries)  # each key applied once
-    if account["usage_debt"] or account["other_debt"]:  # debt never stands beside live lots
-        assert not [lot for lot in lots.values() if lot["remaining"] > 0 and (
-            lot["expires_at"] is None or lot["expires_at"] > now)]
     purchases: dict[str, list[Doc]] = {}
     for lot in sorted(lots.values(), key=lambda lot: lot["seq"]):
-        if lot["kind"] == EntryKind.REINSTATEMENT.value:  # restored with the original expiry
-            assert lot["expires_at"] == lots[lot["source_lot"]]["expires_at"]
         if lot["kind"] == EntryKind.TOPUP.value:
             purchases.setdefault(lot["payment_intent"], []).append(lot)
     for bought in purchases.values():
         ids = {lot["_id"] for lot in bought}
-        # refunds never claw back more than was bought
-        assert all(0 <= lot["clawed_units"] <= lot["units"] for lot in bought)
-        clawed = -sum(e["amount"] for e in entries
-                      if e["kind"] in (EntryKind.REFUND, EntryKind.DISPUTE) and e["lot_id"] in ids)
         reinstated = sum(x["units"] for x in lots.values() if x.get("source_lot") in ids)
-        assert clawed - reinstated == sum(lot["clawed_units"] for lot in bought)
         price = sum(lot["price_cents"] for lot in bought)
         if not reinstated:  # cumulative rounding of every cent refunded or disputed so far
             for lot in bought:
