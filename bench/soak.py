@@ -76,7 +76,7 @@ class Outcome:
 
     def summary(self) -> str:
         f = self.figures()
-        kinds = ", ".join(f"{kind} {self.faults[kind]}" for kind in FAULTS)
+        kinds = ", ".join(f"{kind} {n}" for kind in FAULTS if (n := self.faults[kind]))
         return (f"{f['stripe events']} events ({f['deliveries']} deliveries), "
                 f"{f['usage records']} records ({f['batches']} batches), "
                 f"{f['faults']} faults ({kinds}), {len(self.violations)} violations")
@@ -120,7 +120,7 @@ async def soak(args: argparse.Namespace, data_dir: Path) -> Outcome:
     stop = asyncio.Event()  # set when the faults end: the workload goes on as long as they do
     plays: list[ScenarioPlay] = []
     orgs = usage_orgs(rng, args.orgs, actions=args.actions)
-    nemesis = Nemesis(cluster, random.Random(rng.random()))
+    nemesis = Nemesis(cluster, random.Random(rng.random()), args.faults)
     try:
         await cluster.start()
         client = await connect(settings)
@@ -186,6 +186,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="at most this many actions per usage organization")
     parser.add_argument("--lanes", type=int, default=6,
                         help="scenario plays at a time")
+    parser.add_argument("--faults", type=lambda text: text.split(","), default=list(FAULTS),
+                        help=f"the kinds to inject, comma-separated (default all: "
+                             f"{','.join(FAULTS)})")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="keep the servers' data and logs here (default: a temporary dir)")
     parser.add_argument("--output", type=Path, default=None,
@@ -196,6 +199,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    unknown = set(args.faults) - set(FAULTS)
+    if unknown:
+        sys.exit(f"unknown fault kinds {sorted(unknown)}; the kinds are {', '.join(FAULTS)}")
     with tempfile.TemporaryDirectory(prefix="billing-soak-") as tmp:
         data_dir = args.data_dir or Path(tmp)
         data_dir.mkdir(parents=True, exist_ok=True)

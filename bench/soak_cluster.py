@@ -233,15 +233,16 @@ class Nemesis:
     """Injects a fault every `every_s` (a range) until told to stop; every kind once first, in an
     order drawn from the seed, then at random."""
 
-    def __init__(self, cluster: Cluster, rng: random.Random,
+    def __init__(self, cluster: Cluster, rng: random.Random, kinds: Sequence[str] = FAULTS,
                  every_s: tuple[float, float] = (3.0, 6.0)) -> None:
         self.cluster = cluster
         self.rng = rng
+        self.kinds = tuple(kinds)
         self.every_s = every_s
         self.done: Counter[str] = Counter()
 
     def plan(self) -> list[str]:
-        first = list(FAULTS)
+        first = list(self.kinds)
         self.rng.shuffle(first)
         return first
 
@@ -251,7 +252,7 @@ class Nemesis:
         queue = self.plan()
         while queue or loop.time() < until:
             await asyncio.sleep(self.rng.uniform(*self.every_s))
-            fault = queue.pop(0) if queue else self.rng.choice(FAULTS)
+            fault = queue.pop(0) if queue else self.rng.choice(self.kinds)
             await self.inject(fault)
             self.done[fault] += 1
 
