@@ -58,6 +58,7 @@ class Outcome:
     plays: list[ScenarioPlay]
     orgs: list[UsageOrg]
     retries: int
+    topups: int = 0
     violations: list[Violation] = field(default_factory=list)
     took_s: float = 0.0
 
@@ -70,6 +71,7 @@ class Outcome:
                 "batches": sum(o.batches for o in self.orgs),
                 "packs bought": sum(o.packs for o in self.orgs),
                 "admin credits": sum(o.credits for o in self.orgs),
+                "automatic top-ups": self.topups,
                 "scenario plays": len(self.plays),
                 "organizations": len(self.plays) + len(self.orgs),
                 "client retries": self.retries, "faults": sum(self.faults.values())}
@@ -147,6 +149,8 @@ async def soak(args: argparse.Namespace, data_dir: Path) -> Outcome:
             await cluster.heal()
             results = await asyncio.gather(*work, return_exceptions=True)
             outcome = Outcome(args.seed, fault_seconds, nemesis.done, plays, orgs, api.retries)
+            outcome.topups = sum(len(cluster.fake.intents_of(o.customer))
+                                 for o in orgs if o.customer)
             for result in results:
                 if isinstance(result, BaseException):
                     outcome.violations.append(Violation(
