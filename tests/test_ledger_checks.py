@@ -11,13 +11,16 @@ from ledger_checks import violations
 from ledger_ops import clawback
 
 from billing.ledger import EntryKind
+from billing.store.accounts import Accounts
 from billing.store.database import Database
 from billing.store.ledger import Ledger, LotTerms
 
 
-async def refunded_cart(ledger: Ledger, org: str, now: datetime) -> list[str]:
+async def refunded_cart(ledger: Ledger, accounts: Accounts, org: str,
+                        now: datetime) -> list[str]:
     """A cart of two packs (4900 and 900 cents) bought with one payment intent, then refunded
     in full: the lots' ids."""
+    await accounts.ensure_in(None, org, now)
     lots = []
     for line, (units, cents) in enumerate([(500000, 4900), (100000, 900)], start=1):
         terms = LotTerms(payment_intent=f"pi_{org}", charge=f"ch_{org}", price_cents=cents,
@@ -32,17 +35,17 @@ async def refunded_cart(ledger: Ledger, org: str, now: datetime) -> list[str]:
     return lots
 
 
-async def test_a_refunded_cart_keeps_every_invariant(ledger: Ledger, db: Database, org: str,
-                                                     now: datetime) -> None:
-    await refunded_cart(ledger, org, now)
+async def test_a_refunded_cart_keeps_every_invariant(
+        ledger: Ledger, accounts: Accounts, db: Database, org: str, now: datetime) -> None:
+    await refunded_cart(ledger, accounts, org, now)
     assert [e["amount"] async for e in db.ledger.find(
         {"org_id": org, "kind": EntryKind.REFUND})] == [-600000]
     assert await violations(db, org, now) == []
 
 
 async def test_a_lot_recording_more_than_was_taken_is_a_violation(
-        ledger: Ledger, db: Database, org: str, now: datetime) -> None:
-    lots = await refunded_cart(ledger, org, now)
+        ledger: Ledger, accounts: Accounts, db: Database, org: str, now: datetime) -> None:
+    lots = await refunded_cart(ledger, accounts, org, now)
     await db.lots.update_one({"_id": lots[1]}, {"$inc": {"clawed_units": -1}})
     found = await violations(db, org, now)
     assert len(found) == 1 and f"purchase pi_{org}" in found[0], found
