@@ -49,7 +49,7 @@ class AutoTopUpActivities:
             return _failed(order, f"customer {customer} has no payment method")
         client = self.stripe_api.client
         params: dict[str, Any] = {
-            "amount": pack.price_cents, "currency": "usd", "customer": customer,
+            "amount": pack.price_cents, "currency": pack.currency, "customer": customer,
             "payment_method": method, "off_session": True, "confirm": True,
             "description": f"automatic top-up: pack {pack.id}",
             "metadata": {"org_id": order.org_id, "pack_id": pack.id,

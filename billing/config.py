@@ -12,7 +12,7 @@ import tomllib
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
 from pydantic import (
     BaseModel,
@@ -62,6 +62,8 @@ class PlanConfig(_Strict):
     signup_grant: int = Field(default=0, ge=0)
     stripe_price_ids: tuple[str, ...] = ()
     ratios: dict[str, Decimal] = Field(default_factory=dict)
+    #: The weekly quota is `meter_quota` x the quantity of the subscription item (seats).
+    per_seat: bool = False
 
     @field_validator("ratios")
     @classmethod
@@ -77,11 +79,28 @@ class PlanConfig(_Strict):
 
 
 class PackConfig(_Strict):
+    """A credit pack. `stripe_price_ids` lists every Stripe Price that sells it (one per
+    currency, older Prices still sold by open payment links); the single-price spelling
+    `stripe_price_id = "..."` is accepted too. `currency` is that of `price_cents`, what an
+    automatic top-up charges."""
+
     id: Identifier
     units: int = Field(gt=0)
     price_cents: int = Field(gt=0)
     expiry_days: int | None = Field(default=None, gt=0)
-    stripe_price_id: str | None = None
+    stripe_price_ids: tuple[str, ...] = ()
+    currency: str = Field(default="usd", pattern=r"^[a-z]{3}$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_price(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "stripe_price_id" in data:
+            if "stripe_price_ids" in data:
+                raise ValueError("give stripe_price_ids or stripe_price_id, not both")
+            data = dict(data)
+            single = data.pop("stripe_price_id")
+            data["stripe_price_ids"] = [single] if single else []
+        return data
 
 
 class SubscriptionsConfig(_Strict):
@@ -121,9 +140,10 @@ class BillingConfig(_Strict):
         pack_ids = [p.id for p in self.packs]
         if len(set(pack_ids)) != len(pack_ids):
             raise ValueError("packs: pack ids must be unique")
-        prices = [price for p in self.plans for price in p.stripe_price_ids]
+        prices = [price for plan in self.plans for price in plan.stripe_price_ids]
+        prices += [price for pack in self.packs for price in pack.stripe_price_ids]
         if len(set(prices)) != len(prices):
-            raise ValueError("plans.stripe_price_ids: a price id belongs to one plan only")
+            raise ValueError("stripe_price_ids: a price id belongs to one plan or pack only")
         return self
 
     @cached_property
@@ -150,7 +170,7 @@ class BillingConfig(_Strict):
 
     def pack_for_price(self, price_id: str) -> PackConfig | None:
         for pack in self.packs:
-            if pack.stripe_price_id == price_id:
+            if price_id in pack.stripe_price_ids:
                 return pack
         return None
 

@@ -1,10 +1,10 @@
 """What a payment bought (SPEC §5.5): the pack lines to credit, one rule for every path.
 
-A Checkout session's line items are the truth: each line whose price is a pack's
-`stripe_price_id` credits `pack.units x quantity`, and its lot's price is what that line cost, so a
-refund of a mixed cart claws back in proportion to the packs only. Metadata naming a pack covers a
-session whose single line has an ad hoc price, and a payment made without Checkout (a bare
-payment intent), which buys one pack for what it received.
+A Checkout session's line items are the truth: each line whose price is one of a pack's
+`stripe_price_ids` credits `pack.units x quantity`, and its lot's price is what that line cost.
+Metadata naming a pack covers a payment made without Checkout (a bare payment intent), which buys
+one pack for what it received. Lines none of which has a pack's price, in a purchase whose
+metadata names a pack or an organization, are never guessed at: `unresolved`.
 
 The same rule decides, for a refund or a dispute whose purchase is not credited yet, whether
 there is a purchase to wait for at all.
@@ -80,13 +80,20 @@ def resolve_purchase(
     metadata: tuple[Obj | None, ...] = (),
     paid_cents: int = 0,
     invoice: str | None = None,
+    names_org: bool = False,
 ) -> Purchase:
     """The pack lines a payment bought.
 
     `line_items` are the Checkout session's (None: the payment had no Checkout session);
     `metadata` the objects whose `metadata.pack_id` may name the pack (session, payment intent,
     charge); `paid_cents` what a payment without Checkout received; `invoice` the invoice a
-    payment settled (a subscription's: never a pack).
+    payment settled (a subscription's: never a pack); `names_org` whether the payment's
+    metadata names an organization.
+
+    A Checkout line of `price_pack_500k_eur` (listed by pack_500k) credits 500000 units; a
+    single line of an unlisted `price_pack_500k_2019` with `metadata.pack_id = "pack_500k"` is
+    `unresolved` (which units that Price buys cannot be told); a T-shirt alone, with no billing
+    metadata, is `ignored`.
     """
     if invoice is not None:
         return _ignored(f"the payment settles invoice {invoice}")
@@ -112,20 +119,20 @@ def resolve_purchase(
         lines.append(line)
     if lines:
         return Purchase(Verdict.CREDIT, tuple(lines))
+    if line_items:
+        if named_pack is not None:
+            return _unresolved(
+                f"metadata names pack {named_pack.id!r} but none of the {len(line_items)} line "
+                "items has one of its stripe_price_ids")
+        if names_org:
+            return _unresolved(
+                f"the purchase names an organization but none of its {len(line_items)} line "
+                "items has a pack's price")
+        return _ignored("no line item has a pack price")
     if named_pack is None:
         return _ignored("no line item has a pack price")
-    if len(line_items) > 1:
-        return _unresolved(
-            f"metadata names pack {named_pack.id!r} but none of the {len(line_items)} line items "
-            "has its price: which line bought it cannot be told"
-        )
-    if line_items:
-        line = _line(named_pack, line_items[0].get("quantity"), line_items[0].get("amount_total"))
-        if line is None:
-            return _unresolved("the pack's line item has no positive quantity")
-    else:
-        line = _line(named_pack, 1, paid_cents)
-        assert line is not None
+    line = _line(named_pack, 1, paid_cents)
+    assert line is not None
     return Purchase(Verdict.CREDIT, (line,))
 
 
