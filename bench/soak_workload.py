@@ -67,34 +67,28 @@ class Api:
     retries: int = 0
 
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return await self._answered(lambda api: api.request(method, path, **kwargs),
+                                    f"{method} {path}")
+
+    async def deliver(self, evt: Obj) -> None:
+        """A signed Stripe event (signed again at every attempt), delivered until answered 200,
+        as Stripe retries."""
+        response = await self._answered(lambda api: deliver(api, evt), evt["id"])
+        if response.status_code != 200:
+            raise AssertionError(f"{evt['id']}: {response.status_code} {response.text}")
+
+    async def _answered(self, send: Callable[[httpx.AsyncClient], Awaitable[httpx.Response]],
+                        what: str) -> httpx.Response:
         while True:
-            api = self.rng.choice(self.clients)
             try:
-                response = await api.request(method, path, **kwargs)
+                response = await send(self.rng.choice(self.clients))
                 if response.status_code < 500:
                     return response
             except httpx.HTTPError:
                 pass
             self.retries += 1
             if asyncio.get_running_loop().time() > self.deadline:
-                raise Gone(f"{method} {path} got no answer before the deadline")
-            await asyncio.sleep(0.2)
-
-    async def deliver(self, evt: Obj) -> None:
-        """A signed Stripe event, delivered until answered 200 (as Stripe retries)."""
-        while True:
-            api = self.rng.choice(self.clients)
-            try:
-                response = await deliver(api, evt)
-                if response.status_code == 200:
-                    return
-                if response.status_code < 500:
-                    raise AssertionError(f"{evt['id']}: {response.status_code} {response.text}")
-            except httpx.HTTPError:
-                pass
-            self.retries += 1
-            if asyncio.get_running_loop().time() > self.deadline:
-                raise Gone(f"{evt['id']} was never accepted")
+                raise Gone(f"{what} got no answer before the deadline")
             await asyncio.sleep(0.2)
 
 
