@@ -233,3 +233,20 @@ def clawback_units(
         lot_units, round_half_up_div(max(clawed_cents_total, 0) * lot_units, lot_price_cents)
     )
     return max(clawed_total - already_clawed, 0)
+
+
+def reinstated_units(
+    *, lot_units: int, lot_price_cents: int, standing_cents_total: int, clawed_units: int
+) -> int:
+    """Units a failed or canceled refund, or a reinstated dispute, gives back to a lot.
+
+    What a lot has lost is always what the refunds and disputes still standing say:
+    `clawed_total` is computed again from their cents (`clawback_units`), and the lot gets back
+    what it lost beyond that. Giving back "what the reversed clawback took" would be wrong
+    after a cap: on a 4900-cent 500000-unit pack, a pending refund of 500 cents takes 51020 units
+    and a refund of 4900 hits the cap (448980 more); when the 500 fails, the 4900 still standing
+    is the whole pack, so 0 units come back, not 51020.
+    """
+    standing = clawback_units(lot_units=lot_units, lot_price_cents=lot_price_cents,
+                              clawed_cents_total=standing_cents_total, already_clawed=0)
+    return max(clawed_units - standing, 0)

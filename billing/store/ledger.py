@@ -38,6 +38,7 @@ from billing.ledger import (
     plan_draw,
     plan_expiry,
     plan_purchase_clawback,
+    reinstated_units,
 )
 from billing.metrics import LEDGER_ENTRIES
 from billing.store.auto_topups import trigger_in
@@ -392,11 +393,13 @@ class Ledger:
         now: datetime,
         memo: str = "",
     ) -> LedgerResult:
-        """Give back exactly what the clawback `withdrawn_key` took from the purchase's lots (a
-        won dispute, a failed or canceled refund).
+        """Undo the clawback `withdrawn_key` (a won dispute, a failed or canceled refund): the
+        lots' cumulative clawback forgets its cents, and each lot gets back what it lost beyond
+        what the refunds and disputes still standing say (`billing.ledger.reinstated_units`:
+        after a cap, less than the clawback took).
 
-        The units come back as a new `reinstatement` lot with the first purchased lot's expiry,
-        and the lots' cumulative clawback forgets the clawback's cents. When the clawback has not
+        The units come back as a new `reinstatement` lot with the first purchased lot's expiry.
+        When the clawback has not
         happened yet (Stripe delivered the reversal first), it is voided instead: it will never
         apply, and the reversal writes no entry (`notes["voided"]`).
         """
@@ -417,16 +420,21 @@ class Ledger:
                     session=session)
             return LedgerResult(False, None, balance, {"voided": True})
         total = 0
+        price = sum(int(lot["price_cents"]) for lot in lots)
         for lot in lots:
             taken = next(c for c in lot["clawbacks"] if c["key"] == withdrawn_key)
-            usage = int(taken.get("usage", 0))
-            total += int(taken["units"])
+            units = reinstated_units(
+                lot_units=lot["units"], lot_price_cents=price,
+                standing_cents_total=int(lot["clawback_cents"]) - int(taken["cents"]),
+                clawed_units=int(lot["clawed_units"]))
+            usage = min(int(taken.get("usage", 0)), units)
+            total += units
             await self.db.lots.update_one(
                 {"_id": lot["_id"]},
                 {
                     "$push": {"clawbacks": {"key": key, "cents": -taken["cents"],
-                                            "units": -taken["units"], "usage": -usage}},
-                    "$inc": {"clawback_cents": -taken["cents"], "clawed_units": -taken["units"],
+                                            "units": -units, "usage": -usage}},
+                    "$inc": {"clawback_cents": -taken["cents"], "clawed_units": -units,
                              "usage_returned": -usage},
                 },
                 session=session,
