@@ -216,27 +216,37 @@ def plan_draw(lots: list[OpenLot], units: int, now: datetime) -> Draw:
 
 
 def clawback_units(
-    *, lot_units: int, lot_price_cents: int, clawed_cents_total: int, already_clawed: int
+    *, lot_units: int, lot_price_cents: int, clawed_cents_total: int, already_clawed: int,
+    paid_cents: int | None = None, pack_cents_total: int = 0,
 ) -> int:
     """Units a refund or dispute takes back from a lot bought with the charge.
 
-    Cumulative rounding: `clawed_total = round_half_up(cents_total * units / price_cents)`, capped
-    at what the lot bought, and this clawback is `clawed_total - already_clawed`. Partial refunds
-    therefore always add up exactly (1633 + 1633 + 1634 cents of a 4900-cent 500000-unit pack claw
-    back exactly 500000 units), and refunds never claw back more than was bought. For a cart of
-    several packs, `price_cents` is what all its pack lines cost together, so each lot gives back
-    the same share of itself.
+    A refund is spread pro rata over everything the charge paid for (`paid_cents`, default the
+    pack lines' cost `lot_price_cents`): refunding 2500 cents of a 7400-cent cart (a 4900-cent
+    500000-unit pack and a 2500-cent T-shirt) claws back 168919 units, about a third of the
+    pack. Refunds whose metadata says `billing_scope: "packs"` (`pack_cents_total`) are spread
+    over the pack lines only: 2450 of them claw back half the pack.
+
+    Cumulative rounding: `clawed_total = round_half_up(units * (cents / paid + pack_cents /
+    price))`, rounded once over everything standing, capped at what the lot bought, and this
+    clawback is `clawed_total - already_clawed`. Partial refunds therefore always add up exactly
+    (1633 + 1633 + 1634 cents of a 4900-cent 500000-unit pack claw back exactly 500000 units),
+    and refunds never claw back more than was bought. For a cart of several packs,
+    `lot_price_cents` is what all its pack lines cost together, so each lot gives back the same
+    share of itself.
     """
     if lot_price_cents <= 0:
         raise ValueError("a purchased lot has a positive price")
-    clawed_total = min(
-        lot_units, round_half_up_div(max(clawed_cents_total, 0) * lot_units, lot_price_cents)
-    )
+    paid = max(paid_cents or lot_price_cents, lot_price_cents)
+    numerator = lot_units * (max(clawed_cents_total, 0) * lot_price_cents
+                             + max(pack_cents_total, 0) * paid)
+    clawed_total = min(lot_units, round_half_up_div(numerator, paid * lot_price_cents))
     return max(clawed_total - already_clawed, 0)
 
 
 def reinstated_units(
-    *, lot_units: int, lot_price_cents: int, standing_cents_total: int, clawed_units: int
+    *, lot_units: int, lot_price_cents: int, standing_cents_total: int, clawed_units: int,
+    paid_cents: int | None = None, standing_pack_cents: int = 0,
 ) -> int:
     """Units a failed or canceled refund, or a reinstated dispute, gives back to a lot.
 
@@ -248,5 +258,6 @@ def reinstated_units(
     is the whole pack, so 0 units come back, not 51020.
     """
     standing = clawback_units(lot_units=lot_units, lot_price_cents=lot_price_cents,
-                              clawed_cents_total=standing_cents_total, already_clawed=0)
+                              clawed_cents_total=standing_cents_total, already_clawed=0,
+                              paid_cents=paid_cents, pack_cents_total=standing_pack_cents)
     return max(clawed_units - standing, 0)

@@ -539,6 +539,33 @@ async def test_replayed_clawback_writes_nothing(accounts, ledger, db, org, now):
     assert await db.ledger.count_documents({"org_id": org}) == 2
 
 
+async def test_a_refund_of_a_mixed_cart_is_spread_over_everything_the_charge_paid_for(
+    accounts, ledger, db, org, now
+):
+    """A 4900-cent pack and a 2500-cent T-shirt on one 7400-cent charge (SPEC 5.1): 2500 cents
+    refunded claw back a third of the pack; 2450 more with `billing_scope: packs` half of it, in
+    one cumulative rounding; 500 with `billing_scope: other` nothing; the scoped refund's
+    reversal gives back what the refunds still standing no longer take."""
+    await open_account(accounts, org, now)
+    lot = lot_of(await buy(ledger, org, now, "pi_1"))
+
+    async def cart_refund(re: str, cents: int, scope: str | None = None) -> LedgerResult:
+        return await clawback(ledger, org, key=f"refund:{re}", kind=EntryKind.REFUND,
+                              lot_ids=[lot], cents=cents, now=now, paid_cents=7400, scope=scope)
+
+    assert (await cart_refund("re_1", 2500)).amount == -168_919
+    assert (await cart_refund("re_2", 2450, "packs")).amount == -(418_919 - 168_919)
+    other = await cart_refund("re_3", 500, "other")
+    assert (other.applied, other.notes) == (False, {"clawed_units": 0})
+    back = await reinstate(ledger, org, key="refund:re_2:reversed", withdrawn_key="refund:re_2",
+                           now=now)
+    assert back.amount == 250_000
+    doc = await lot_doc(db, lot)
+    assert (doc["clawed_units"], doc["clawback_cents"], doc["clawback_pack_cents"]) == (
+        168_919, 2500, 0)
+    assert (await assert_consistent(db, org))["balance"] == PACK_UNITS - 168_919
+
+
 async def test_a_reinstated_dispute_restores_exactly_what_it_clawed_back(
     accounts, ledger, db, org, now
 ):

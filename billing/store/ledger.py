@@ -45,6 +45,11 @@ from billing.store.auto_topups import trigger_in
 from billing.store.database import Database, Doc
 from billing.store.transactions import after_commit, run_in_transaction
 
+#: Where a lot counts the cents of the clawbacks standing against it, by `billing_scope`: none
+#: (spread over everything the charge paid for), `packs` (over the pack lines only); `other`
+#: takes nothing and counts nowhere.
+_SCOPE_FIELDS = {"": "clawback_cents", "packs": "clawback_pack_cents"}
+
 
 @dataclass(frozen=True)
 class LotTerms:
@@ -317,13 +322,20 @@ class Ledger:
         now: datetime,
         memo: str = "",
         meta: dict[str, Any] | None = None,
+        paid_cents: int | None = None,
+        scope: str | None = None,
     ) -> LedgerResult:
         """Refund or dispute of `cents` against the lots bought with the charge (one per pack
         line of the purchase), as planned by `billing.ledger.plan_purchase_clawback`.
 
+        `paid_cents` is what the charge paid for everything it bought (None: only its packs),
+        over which a refund is spread pro rata; `scope` the refund's `billing_scope`: `packs`
+        spreads it over the pack lines only, `other` takes nothing (recorded, so that its
+        reversal gives nothing back either).
+
         Rounding is cumulative (`billing.ledger.clawback_units`). Each lot keeps each clawback
-        `{key, cents, units, usage}`, so the cumulative total is exact even when a clawback rounds
-        to zero units and writes no entry, and a reversal gives back exactly what it took. A key
+        `{key, cents, scope, units, usage}`, and the cents standing per scope, so the cumulative
+        total is exact even when a clawback rounds to zero units and writes no entry. A key
         already there (applied, or voided by a reversal that came first) is a no-op.
         """
         if kind not in (EntryKind.REFUND, EntryKind.DISPUTE):
@@ -338,13 +350,18 @@ class Ledger:
         if _recorded(lots, key):
             return LedgerResult(False, None, int(account["balance"]))
         price = sum(int(lot["price_cents"]) for lot in lots)
-        cents_total = int(lots[0]["clawback_cents"]) + cents
+        paid = max(paid_cents or 0, int(lots[0].get("paid_cents") or 0)) or None
+        counter = _SCOPE_FIELDS.get(scope or "")
         shares = [
             ClawShare(
                 lot=_open_lot(lot),
-                units=clawback_units(lot_units=lot["units"], lot_price_cents=price,
-                                     clawed_cents_total=cents_total,
-                                     already_clawed=lot["clawed_units"]),
+                units=clawback_units(
+                    lot_units=lot["units"], lot_price_cents=price, paid_cents=paid,
+                    clawed_cents_total=int(lot["clawback_cents"]) + (
+                        cents if counter == "clawback_cents" else 0),
+                    pack_cents_total=int(lot.get("clawback_pack_cents", 0)) + (
+                        cents if counter == "clawback_pack_cents" else 0),
+                    already_clawed=lot["clawed_units"]),
                 usage_repaid=int(lot.get("repaid_usage", 0)) - int(lot.get("usage_returned", 0)),
             )
             for lot in lots
@@ -355,13 +372,14 @@ class Ledger:
         returned = dict(plan.usage_returned) if plan else {}
         for share in shares:
             usage = returned.get(share.lot.id, 0)
+            counted = {counter: cents} if counter else {}
             await self.db.lots.update_one(
                 {"_id": share.lot.id},
                 {
-                    "$push": {"clawbacks": {"key": key, "cents": cents, "units": share.units,
-                                            "usage": usage}},
-                    "$inc": {"clawback_cents": cents, "clawed_units": share.units,
-                             "usage_returned": usage},
+                    "$push": {"clawbacks": {"key": key, "cents": cents, "scope": scope,
+                                            "units": share.units, "usage": usage}},
+                    "$inc": {**counted, "clawed_units": share.units, "usage_returned": usage},
+                    **({"$set": {"paid_cents": paid}} if paid else {}),
                 },
                 session=session,
             )
@@ -423,9 +441,13 @@ class Ledger:
         price = sum(int(lot["price_cents"]) for lot in lots)
         for lot in lots:
             taken = next(c for c in lot["clawbacks"] if c["key"] == withdrawn_key)
+            counter = _SCOPE_FIELDS.get(taken.get("scope") or "")
+            gone = {counter: int(taken["cents"])} if counter else {}
             units = reinstated_units(
-                lot_units=lot["units"], lot_price_cents=price,
-                standing_cents_total=int(lot["clawback_cents"]) - int(taken["cents"]),
+                lot_units=lot["units"], lot_price_cents=price, paid_cents=lot.get("paid_cents"),
+                standing_cents_total=int(lot["clawback_cents"]) - gone.get("clawback_cents", 0),
+                standing_pack_cents=int(lot.get("clawback_pack_cents", 0)) - gone.get(
+                    "clawback_pack_cents", 0),
                 clawed_units=int(lot["clawed_units"]))
             usage = min(int(taken.get("usage", 0)), units)
             total += units
@@ -433,8 +455,9 @@ class Ledger:
                 {"_id": lot["_id"]},
                 {
                     "$push": {"clawbacks": {"key": key, "cents": -taken["cents"],
-                                            "units": -units, "usage": -usage}},
-                    "$inc": {"clawback_cents": -taken["cents"], "clawed_units": -units,
+                                            "scope": taken.get("scope"), "units": -units,
+                                            "usage": -usage}},
+                    "$inc": {**{k: -v for k, v in gone.items()}, "clawed_units": -units,
                              "usage_returned": -usage},
                 },
                 session=session,
