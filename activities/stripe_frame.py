@@ -11,7 +11,7 @@ write.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import partial
@@ -31,6 +31,7 @@ from billing.store.database import Doc
 from billing.store.ledger import LedgerResult
 from billing.store.notifications import notify
 from billing.store.transactions import run_in_transaction
+from billing.stripe import orgs
 from billing.stripe.events import (
     CHARGE_REFUNDED,
     CUSTOMER_DELETED,
@@ -144,12 +145,33 @@ class StripeFrame:
                         payload=payload, now=outcome.apply.now):
             outcome.written.append(f"notification {type}")
 
+    async def _find_org(self, session: AsyncClientSession, outcome: Outcome,
+                        customers: Sequence[str | None] = (), *,
+                        objects: Sequence[Obj | None] = (), intent: Obj | None = None,
+                        subscription_org: str | None = None) -> str | None:
+        """Set `outcome.org_id` in the order of SPEC §5.5 (`billing.stripe.orgs.resolve_org`):
+        what the payload named (already in `org_id`), the metadata of `objects`, of the payment
+        intent, the known subscription's organization, and last the organization linked to the
+        first of `customers` that has one (read only when nothing before names one)."""
+        linked = None
+        if orgs.needs_customer_link(named=outcome.org_id, objects=objects,
+                                    payment_intent=intent, subscription_org=subscription_org):
+            for customer in dict.fromkeys(c for c in customers if c):
+                linked = await self.subscriptions.org_for_customer(customer, session)
+                if linked is not None:
+                    break
+        outcome.org_id = orgs.resolve_org(
+            named=outcome.org_id, objects=objects, payment_intent=intent,
+            subscription_org=subscription_org, customer_org=linked)
+        return outcome.org_id
+
     async def _resolve_org(self, session: AsyncClientSession, outcome: Outcome,
-                           customer: str | None) -> bool:
-        """Metadata first (already in `org_id`), then the account linked to the customer."""
-        if outcome.org_id is None:
-            outcome.org_id = await self.subscriptions.org_for_customer(customer, session)
-        if outcome.org_id is None:
+                           customer: str | None, *, objects: Sequence[Obj | None] = (),
+                           intent: Obj | None = None,
+                           subscription_org: str | None = None) -> bool:
+        """`_find_org`; without an organization the outcome is `unresolved`."""
+        if await self._find_org(session, outcome, (customer,), objects=objects, intent=intent,
+                                subscription_org=subscription_org) is None:
             outcome.set("unresolved", f"no organization in metadata or linked to {customer}")
             return False
         return True
@@ -196,27 +218,57 @@ class StripeFrame:
                     f"{what}: {purchase.reason}")
         return []
 
+    async def _charge_org(self, session: AsyncClientSession, outcome: Outcome, *,
+                          known_only: bool = False) -> str | None:
+        """The organization of a refunded or disputed charge whose purchase opened no lot (a
+        plan payment, or one that cannot be told), in the order of SPEC §5.5: the event's
+        metadata, the charge's and the Checkout session's, the payment intent's, then the
+        customer's link. Its account exists afterwards; with `known_only`, None (and
+        `outcome.org_id` unset) for an organization the engine has no account of: a payment that
+        bought nothing of billing does not make an organization known (SPEC §5.1)."""
+        apply = outcome.apply
+        facts = apply.purchase
+        obj = apply.event.object
+        intent = facts.intent if facts else None
+        charge = facts.charge if facts else None
+        session_obj = facts.session if facts else None
+        customers = [ref_id(o.get("customer")) for o in (obj, charge, intent, session_obj) if o]
+        org_id = await self._find_org(session, outcome, customers,
+                                      objects=(obj, charge, session_obj), intent=intent)
+        if org_id is None:
+            return None
+        if not known_only:
+            await self.runtime.accounts.ensure_in(session, org_id, apply.now)
+        elif await self.runtime.db.accounts.find_one({"_id": org_id}, {"_id": 1},
+                                                     session=session) is None:
+            outcome.org_id = None
+            return None
+        return org_id
+
     @activity.defn(name="stripe_resolve_org")
     async def resolve_org(self, apply: StripeApply) -> OrgRef:
         """The organization of an event whose payload names none, read before anything else can
-        fail (so a failure is findable by organization): the customer link, the subscription's
-        state, then the lots bought with the payment intent or charge."""
+        fail (so a failure is findable by organization), from what the engine already holds, in
+        the order of `billing.stripe.orgs.resolve_org`: the lots bought with the payment intent
+        or charge, the subscription's state, then the customer link. Only a first guess for the
+        run's `OrgId`: the apply activity decides, with what Stripe holds about the payment
+        (whose metadata a customer link never overrides)."""
         event = apply.event
         obj = event.object
         own_id = ref_id(obj.get("id"))
-        customer = own_id if event.type == CUSTOMER_DELETED else ref_id(obj.get("customer"))
-        org = await self.subscriptions.org_for_customer(customer)
-        if org is not None:
-            return OrgRef(org_id=org)
-        sub_id = own_id if event.type in SUBSCRIPTION_TYPES else ref_id(obj.get("subscription"))
-        doc = await self.subscriptions.subscription(sub_id) if sub_id else None
-        if doc is not None:
-            return OrgRef(org_id=doc["org_id"])
         intent = own_id if event.type == PAYMENT_INTENT_SUCCEEDED else ref_id(
             obj.get("payment_intent"))
         charge = own_id if event.type == CHARGE_REFUNDED else ref_id(obj.get("charge"))
         lots = await self.runtime.ledger.find_purchase_lots(payment_intent=intent, charge=charge)
-        return OrgRef(org_id=lots[0]["org_id"] if lots else None)
+        recorded = lots[0]["org_id"] if lots else None
+        sub_id = own_id if event.type in SUBSCRIPTION_TYPES else ref_id(obj.get("subscription"))
+        doc = await self.subscriptions.subscription(sub_id) if sub_id and not recorded else None
+        subscription_org = (doc or {}).get("org_id")
+        customer = own_id if event.type == CUSTOMER_DELETED else ref_id(obj.get("customer"))
+        linked = await self.subscriptions.org_for_customer(customer) if orgs.needs_customer_link(
+            recorded=recorded, subscription_org=subscription_org) else None
+        return OrgRef(org_id=orgs.resolve_org(recorded=recorded, subscription_org=subscription_org,
+                                              customer_org=linked))
 
     @activity.defn(name="record_stripe_outcome")
     async def record_outcome(self, apply: StripeApply) -> StripeStep:
@@ -224,6 +276,8 @@ class StripeFrame:
 
         async def work(session: AsyncClientSession, outcome: Outcome) -> None:
             outcome.set(apply.outcome or "ignored", apply.reason)
+            # Nothing decided it: the run's first guess (`stripe_resolve_org`) is all there is.
+            outcome.org_id = outcome.org_id or apply.org_guess
 
         return await self._run(apply, work)
 

@@ -13,9 +13,10 @@ from temporalio import activity
 from activities.stripe_frame import Outcome
 from activities.stripe_subscriptions import SubscriptionActivities
 from billing.models import StripeApply, StripeStep, SubscriptionState
+from billing.stripe import orgs
 from billing.stripe.events import INVOICE_FAILED, INVOICE_FAMILY, Marker, is_stale
 from billing.stripe.invoices import invoice_effect, invoice_subscription
-from billing.stripe.objects import org_from, ref_id, timestamp
+from billing.stripe.objects import ref_id, timestamp
 
 
 class InvoiceActivities(SubscriptionActivities):
@@ -25,9 +26,13 @@ class InvoiceActivities(SubscriptionActivities):
         invoice = apply.event.object
         sub_id = invoice_subscription(invoice)
         doc = await self.subscriptions.subscription(sub_id) if sub_id else None
-        org = apply.org_id or (doc or {}).get("org_id") or await (
-            self.subscriptions.org_for_customer(ref_id(invoice.get("customer"))))
-        return SubscriptionState(org_id=org, status=(doc or {}).get("status"))
+        known = (doc or {}).get("org_id")
+        linked = await self.subscriptions.org_for_customer(ref_id(invoice.get("customer"))) if (
+            orgs.needs_customer_link(named=apply.org_id, subscription_org=known)) else None
+        return SubscriptionState(
+            org_id=orgs.resolve_org(named=apply.org_id, subscription_org=known,
+                                    customer_org=linked),
+            status=(doc or {}).get("status"))
 
     @activity.defn(name="apply_stripe_invoice")
     async def apply_invoice(self, apply: StripeApply) -> StripeStep:
@@ -44,9 +49,13 @@ class InvoiceActivities(SubscriptionActivities):
 
         async def work(session: AsyncClientSession, outcome: Outcome) -> None:
             doc = await self.subscriptions.subscription(sub_id, session) if sub_id else None
-            if outcome.org_id is None:
-                outcome.org_id = (doc or {}).get("org_id") or org_from(fetched)
-            if not await self._resolve_org(session, outcome, customer):
+            # The invoice's and its subscription's metadata, then the subscription as the engine
+            # knows it, and only last the customer's link (SPEC §5.5).
+            if not await self._resolve_org(
+                    session, outcome, customer,
+                    objects=(fetched if fetched is not None and fetched.get("id") == sub_id
+                             else None,),
+                    subscription_org=(doc or {}).get("org_id")):
                 return None
             org_id = outcome.org_id
             assert org_id is not None

@@ -13,7 +13,7 @@ from billing.models import PurchaseFacts, StripeApply, StripeStep
 from billing.runtime import Runtime
 from billing.store.ledger import LotTerms
 from billing.stripe.events import PAYMENT_INTENT_SUCCEEDED
-from billing.stripe.objects import amount, org_from, ref_id
+from billing.stripe.objects import amount, ref_id
 from billing.stripe.purchases import Verdict, line_key, purchase_key, resolve_purchase
 
 
@@ -24,15 +24,14 @@ class PurchaseActivities(StripeFrame):
 
     async def _read_facts(self, apply: StripeApply) -> StripeApply:
         """The purchase behind a paid Checkout session or a succeeded payment intent, read from
-        Stripe, and the organization it names when the event's own object does not."""
+        Stripe (`apply_purchase` finds the organization it names)."""
         obj = apply.event.object
         if apply.event.type == PAYMENT_INTENT_SUCCEEDED:
             facts = await self.stripe_api.purchase_facts(ref_id(obj.get("id")), intent=obj)
         else:
             facts = await self.stripe_api.purchase_facts(ref_id(obj.get("payment_intent")),
                                                          session=obj)
-        return apply.model_copy(update={"purchase": facts, "org_id": apply.org_id or org_from(
-            facts.session) or org_from(facts.intent)})
+        return apply.model_copy(update={"purchase": facts})
 
     @activity.defn(name="read_and_apply_stripe_purchase")
     async def read_and_apply_purchase(self, apply: StripeApply) -> StripeStep:
@@ -70,10 +69,10 @@ class PurchaseActivities(StripeFrame):
                 return outcome.set("unresolved", "the purchase names no payment intent or session")
             if purchase.verdict is Verdict.UNRESOLVED:
                 outcome.set("unresolved", purchase.reason)
-                if outcome.org_id is None:
-                    outcome.org_id = await self.subscriptions.org_for_customer(customer, session)
-                if outcome.org_id is not None:
-                    await self.runtime.accounts.ensure_in(session, outcome.org_id, apply.now)
+                org_id = await self._find_org(session, outcome, (customer,),
+                                              objects=(facts.session,), intent=facts.intent)
+                if org_id is not None:
+                    await self.runtime.accounts.ensure_in(session, org_id, apply.now)
                     await self._notify(
                         session, outcome, "purchase.unresolved",
                         f"purchase.unresolved:{payment_intent or session_id}",
@@ -81,7 +80,10 @@ class PurchaseActivities(StripeFrame):
                          "reason": purchase.reason, "event": apply.event.id},
                     )
                 return None
-            if not await self._resolve_org(session, outcome, customer):
+            # Metadata of the session, then of the payment intent, before any customer link:
+            # one customer may pay for several organizations (SPEC §5.5).
+            if not await self._resolve_org(session, outcome, customer, objects=(facts.session,),
+                                           intent=facts.intent):
                 return None
             org_id = outcome.org_id
             assert org_id is not None
@@ -120,12 +122,11 @@ class PurchaseActivities(StripeFrame):
         session_id = ref_id(checkout.get("id"))
 
         async def work(session: AsyncClientSession, outcome: Outcome) -> None:
-            if outcome.org_id is None:
-                outcome.org_id = await self.subscriptions.org_for_customer(
-                    ref_id(checkout.get("customer")), session)
-            if outcome.org_id is None:
+            org_id = await self._find_org(session, outcome, (ref_id(checkout.get("customer")),),
+                                          objects=(checkout,))
+            if org_id is None:
                 return outcome.set("ignored", "failed payment of no known organization")
-            await self.runtime.accounts.ensure_in(session, outcome.org_id, apply.now)
+            await self.runtime.accounts.ensure_in(session, org_id, apply.now)
             return await self._notify(
                 session, outcome, "purchase.failed", f"purchase.failed:{session_id}",
                 {"checkout_session": session_id,

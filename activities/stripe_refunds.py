@@ -73,11 +73,7 @@ class RefundActivities(StripeFrame):
                           charge: str | None, refunds: list[tuple[Obj, RefundAction]]
                           ) -> None:
         """No purchase can be told for this charge: write nothing, tell the organization."""
-        if outcome.org_id is None:
-            outcome.org_id = await self.subscriptions.org_for_customer(
-                ref_id(outcome.apply.event.object.get("customer")), session)
-        if outcome.org_id is not None:
-            await self.runtime.accounts.ensure_in(session, outcome.org_id, outcome.apply.now)
+        if await self._charge_org(session, outcome) is not None:
             await self._notify(
                 session, outcome, "refund.unresolved",
                 f"refund.unresolved:{outcome.apply.event.id}",

@@ -18,7 +18,7 @@ from billing.clock import utcnow
 from billing.models import StripeApply, StripeStep
 from billing.store.database import Doc
 from billing.stripe.events import CUSTOMER_DELETED, SUBSCRIPTION_FAMILY, Marker, is_stale
-from billing.stripe.objects import org_from, ref_id, timestamp
+from billing.stripe.objects import ref_id, timestamp
 from billing.stripe.subscriptions import (
     CANCELED,
     DELINQUENT_STATUSES,
@@ -98,9 +98,8 @@ class SubscriptionActivities(StripeFrame):
             if sub_id is None:
                 return outcome.set("unresolved", "the event names no subscription")
             previous = await self.subscriptions.subscription(sub_id, session)
-            if outcome.org_id is None:
-                outcome.org_id = org_from(sub) or (previous or {}).get("org_id")
-            if not await self._resolve_org(session, outcome, customer):
+            if not await self._resolve_org(session, outcome, customer, objects=(sub,),
+                                           subscription_org=(previous or {}).get("org_id")):
                 return None
             current = self.subscriptions.marker(previous, SUBSCRIPTION_FAMILY)
             if is_stale(current, marker):

@@ -206,6 +206,10 @@ class StripeApply(BaseModel):
     subscription: dict[str, Any] | None = None
     refunds: list[dict[str, Any]] | None = None
     payment_intent: str | None = None  # behind a disputed charge, when the payload lacks it
+    #: The run's first guess of the organization (`stripe_resolve_org`: the lots, a known
+    #: subscription, the customer link), for its `OrgId`; never above what the apply
+    #: activity finds in metadata (SPEC §5.5), only used when nothing decides.
+    org_guess: str | None = None
     outcome: StripeOutcomeKind | None = None  # for `record_stripe_outcome` only
     reason: str | None = None
 

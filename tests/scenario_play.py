@@ -209,8 +209,17 @@ class Play:
         expect = substitute(expect, self.ids)
         if "outcome" in expect:
             assert outcome == expect["outcome"], f"{where}: outcome {outcome}"
+        await self.check_org(self.org, expect, where)
+        for other in expect.get("others", []):
+            await self.check_org(other["org"], other, f"{where}, {other['org']}")
+        if "failed" in expect:
+            outcomes = [await self.settle(e) for e in dict.fromkeys(self.delivered)]
+            assert outcomes.count("failed") == expect["failed"], f"{where}: {outcomes}"
+
+    async def check_org(self, org: str, expect: Obj, where: str) -> None:
+        """The state of one organization: `$org`, or another one the scenario names."""
         if {"balance", "lots"} & expect.keys():
-            response = await self.call("GET", f"/v1/orgs/{self.org}/balance")
+            response = await self.call("GET", f"/v1/orgs/{org}/balance")
             body = response.json() if response.status_code == 200 else {"balance": 0, "lots": []}
             if "balance" in expect:
                 assert body["balance"] == expect["balance"], f"{where}: balance {body}"
@@ -218,7 +227,7 @@ class Play:
                 lots = [[lot["units"], lot["remaining"]] for lot in body["lots"]]
                 assert lots == expect["lots"], f"{where}: lots {lots}"
         if {"plan", "status", "past_due"} & expect.keys():
-            response = await self.call("GET", f"/v1/orgs/{self.org}/subscription")
+            response = await self.call("GET", f"/v1/orgs/{org}/subscription")
             view = response.json() if response.status_code == 200 else {
                 "plan_id": "free", "status": "none", "past_due_since": None}
             for key, field_name in (("plan", "plan_id"), ("status", "status")):
@@ -228,22 +237,26 @@ class Play:
                 assert (view["past_due_since"] is not None) == expect["past_due"], \
                     f"{where}: subscription {view}"
         if "quota" in expect:
-            quota = (await self.call("GET", f"/v1/orgs/{self.org}/quota")).json()
+            quota = (await self.call("GET", f"/v1/orgs/{org}/quota")).json()
             for key, value in expect["quota"].items():
                 assert quota[key] == value, f"{where}: quota {quota}"
-        if {"notifications", "notifications_include", "notifications_exclude"} & expect.keys():
-            response = await self.call("GET", f"/v1/orgs/{self.org}/notifications")
-            found = Counter(n["type"] for n in response.json()["notifications"]) \
-                if response.status_code == 200 else Counter()
+        if {"notifications", "notifications_include", "notifications_exclude",
+                "notification_payloads"} & expect.keys():
+            response = await self.call("GET", f"/v1/orgs/{org}/notifications")
+            notes = response.json()["notifications"] if response.status_code == 200 else []
+            found = Counter(n["type"] for n in notes)
+            for kind, fields in (expect.get("notification_payloads") or {}).items():
+                payloads = [n["payload"] for n in notes if n["type"] == kind]
+                assert payloads, f"{where}: no {kind} in {found}"
+                for payload in payloads:
+                    assert {k: payload.get(k) for k in fields} == fields, \
+                        f"{where}: {kind} payload {payload}"
             if "notifications" in expect:
                 assert found == Counter(expect["notifications"]), f"{where}: {found}"
             for kind in expect.get("notifications_include", []):
                 assert found[kind] > 0, f"{where}: no {kind} in {found}"
             for kind in expect.get("notifications_exclude", []):
                 assert found[kind] == 0, f"{where}: {kind} in {found}"
-        if "failed" in expect:
-            outcomes = [await self.settle(e) for e in dict.fromkeys(self.delivered)]
-            assert outcomes.count("failed") == expect["failed"], f"{where}: {outcomes}"
 
     # ---- the plays -------------------------------------------------------------------------------
 

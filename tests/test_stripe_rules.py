@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -9,9 +10,11 @@ from stripe_payloads import resource, subscription
 
 from billing.config import BillingConfig, PackConfig
 from billing.stripe import events as ev
+from billing.stripe import orgs as orgs_module
 from billing.stripe.disputes import DisputeAction, dispute_action
 from billing.stripe.invoices import invoice_effect, invoice_subscription
 from billing.stripe.objects import org_from, pack_from
+from billing.stripe.orgs import needs_customer_link, resolve_org
 from billing.stripe.purchases import Verdict, line_key, purchase_key, resolve_purchase
 from billing.stripe.purchases import purchase_behind_charge as resolve_behind
 from billing.stripe.refunds import RefundAction, charge_refunds, refund_action
@@ -59,6 +62,31 @@ def test_org_and_pack_from_metadata_in_order_with_seed_spellings():
     assert org_from({"metadata": None}, {}) is None
 
 
+def test_the_organization_in_the_order_of_the_specification():
+    """SPEC §5.5: the engine's record, the event object's metadata, the payment intent's, a
+    known subscription's organization, the customer link last; a link never overrides
+    metadata."""
+    a, b = {"metadata": {"org_id": "org-a"}}, {"metadata": {"org_id": "org-b"}}
+    bare = {"metadata": {}}
+    assert resolve_org(objects=(bare, a), payment_intent=b, subscription_org="org-c",
+                       customer_org="org-d") == "org-a"
+    assert resolve_org(objects=(bare, None), payment_intent=a, subscription_org="org-c",
+                       customer_org="org-d") == "org-a"
+    assert resolve_org(objects=(bare,), subscription_org="org-c", customer_org="org-d") == "org-c"
+    assert resolve_org(objects=(bare,), customer_org="org-d") == "org-d"
+    assert resolve_org(named="org-a", objects=(b,), customer_org="org-d") == "org-a"
+    assert resolve_org(recorded="org-r", named="org-a", customer_org="org-d") == "org-r"
+    assert resolve_org() is None
+    assert needs_customer_link(objects=(bare,))
+    assert not needs_customer_link(objects=(bare,), payment_intent=a)
+    assert not needs_customer_link(subscription_org="org-c")
+
+
+@pytest.mark.parametrize("module", [orgs_module])
+def test_worked_examples_in_docstrings_hold(module):
+    assert doctest.testmod(module).failed == 0
+
+
 @pytest.fixture
 def shop(config: BillingConfig) -> BillingConfig:
     """The example configuration with a second pack."""
@@ -83,10 +111,12 @@ def test_every_pack_line_is_credited_with_its_quantity_and_what_it_cost(shop):
     assert cart.lines[1].expires_at(bought) == bought + timedelta(days=30)
 
 
-def test_metadata_names_the_pack_of_an_ad_hoc_price_or_of_a_payment_without_checkout(shop):
+def test_metadata_names_the_pack_of_a_payment_without_checkout_never_of_another_price(shop):
     meta = ({"metadata": {"pack_id": "pack_500k"}},)
     single = resolve_purchase(shop, line_items=[item("price_adhoc", 2, 9000)], metadata=meta)
-    assert [(line.units, line.price_cents) for line in single.lines] == [(1_000_000, 9000)]
+    assert single.verdict is Verdict.UNRESOLVED  # which units that Price buys is not known
+    second = resolve_purchase(shop, line_items=[item("price_pack_500k_eur", 1, 4500)])
+    assert [(line.units, line.price_cents) for line in second.lines] == [(500_000, 4500)]
     bare = resolve_purchase(shop, line_items=None, metadata=meta, paid_cents=4500)
     assert [(line.units, line.price_cents) for line in bare.lines] == [(500_000, 4500)]
     two = resolve_purchase(shop, line_items=[item("price_a"), item("price_b")], metadata=meta)
@@ -97,6 +127,8 @@ def test_metadata_names_the_pack_of_an_ad_hoc_price_or_of_a_payment_without_chec
 
 def test_payments_that_bought_no_pack_are_ignored(shop):
     assert resolve_purchase(shop, line_items=[item("price_tshirt")]).verdict is Verdict.IGNORED
+    named = resolve_purchase(shop, line_items=[item("price_tshirt")], names_org=True)
+    assert named.verdict is Verdict.UNRESOLVED  # it names an organization: never silent
     assert resolve_purchase(shop, line_items=None).verdict is Verdict.IGNORED
     invoice = resolve_purchase(shop, line_items=None, invoice="in_1",
                                metadata=({"metadata": {"pack_id": "pack_500k"}},))

@@ -194,10 +194,12 @@ class StripeEventWorkflow:
         if self._since(ORG_ID_FIRST):
             _mark(event.type, org)
             if org is None and event.type not in ev.INVOICE_TYPES:
-                # Findable by organization before anything else can fail (SPEC §6).
+                # Findable by organization before anything else can fail (SPEC §6). Only a
+                # guess (a customer link may be all it has): the apply activity decides, and
+                # metadata that Stripe's objects hold comes before any link (SPEC §5.5).
                 found = await self._call("stripe_resolve_org", apply, OrgRef)
                 if found.org_id is not None:
-                    apply = apply.model_copy(update={"org_id": found.org_id})
+                    apply = apply.model_copy(update={"org_guess": found.org_id})
                     _mark(event.type, found.org_id)
         else:  # runs started before organizations were resolved first
             attributes = [STRIPE_EVENT_TYPE.value_set(event.type)]
@@ -209,7 +211,7 @@ class StripeEventWorkflow:
             result = await self._record(apply, "ignored", f"event type {event.type} is not handled")
         else:
             result = await handler(self, apply)
-        if result.org_id is not None and result.org_id != apply.org_id:
+        if result.org_id is not None and result.org_id != (apply.org_id or apply.org_guess):
             workflow.upsert_search_attributes([ORG_ID.value_set(result.org_id)])
         return result
 
@@ -272,7 +274,9 @@ class StripeEventWorkflow:
         sub: Obj | None = None
         if subscription_id is not None and (state.status is None or recovers):
             sub = await self._read_unless_missing("stripe_retrieve_subscription", subscription_id)
-        org = apply.org_id or state.org_id or (org_from(sub) if sub else None)
+        # The subscription's metadata comes before what the engine knows (`state.org_id` may be
+        # only a customer link): `apply_stripe_invoice` decides in the order of SPEC §5.5.
+        org = apply.org_id or (org_from(sub) if sub else None)
         return await self._outcome("apply_stripe_invoice", apply.model_copy(
             update={"org_id": org, "subscription": sub}))
 
