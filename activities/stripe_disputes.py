@@ -8,7 +8,7 @@ from datetime import datetime
 from pymongo.asynchronous.client_session import AsyncClientSession
 from temporalio import activity
 
-from activities.stripe_frame import Outcome, StripeFrame
+from activities.stripe_frame import Obj, Outcome, StripeFrame, purchase_of
 from billing.ledger import EntryKind
 from billing.models import StripeApply, StripeStep
 from billing.store.database import Doc
@@ -39,12 +39,15 @@ class DisputeActivities(StripeFrame):
             lots = await self._purchase_lots(session, outcome, charge=charge,
                                              what=f"dispute {dp}")
             if not lots:
+                if outcome.kind == "ignored":
+                    await self._plan_payment(session, outcome, action, dp, payload)
                 return None
             org_id = lots[0]["org_id"]
             lot_ids = [lot["_id"] for lot in lots]
+            told = {**payload, "purchase": purchase_of(lots)}
             if action is DisputeAction.OPEN:
                 return await self._notify(session, outcome, "dispute.opened",
-                                          f"dispute.opened:{dp}", payload)
+                                          f"dispute.opened:{dp}", told)
             if action is DisputeAction.WITHDRAW:
                 # Before the clawback, whose debit could otherwise trigger the next top-up.
                 if not _recorded(lots, withdrawn_key(dp)) and await self._disable_auto_topup(
@@ -65,9 +68,20 @@ class DisputeActivities(StripeFrame):
             outcome.ledger(result)
             if not (result.applied or result.notes):
                 outcome.set("duplicate", f"dispute {dp} already {action.value}")
-            return await self._notify(session, outcome, note, f"{note}:{dp}", payload)
+            return await self._notify(session, outcome, note, f"{note}:{dp}", told)
 
         return await self._run(apply, work)
+
+    async def _plan_payment(self, session: AsyncClientSession, outcome: Outcome,
+                            action: DisputeAction, dispute: str, payload: Obj) -> None:
+        """A dispute of a charge that bought no pack (a plan payment) writes no ledger entry
+        but is never silent (SPEC §5.1): the organization (one the engine knows) hears of it,
+        `"purchase": null`, with the keys of a pack's dispute, so each is told once."""
+        note = PLAN_PAYMENT_NOTES[action]
+        if await self._charge_org(session, outcome, known_only=True) is None:
+            return
+        await self._notify(session, outcome, note, f"{note}:{dispute}",
+                           {**payload, "purchase": None})
 
     async def _disable_auto_topup(self, session: AsyncClientSession, payment_intent: str | None,
                                   dispute: str, now: datetime) -> bool:
@@ -77,6 +91,11 @@ class DisputeActivities(StripeFrame):
             return False
         return await self.runtime.auto_topups.disable_for_payment_in(
             session, payment_intent=payment_intent, dispute=dispute, now=now)
+
+
+#: What the feed hears of a dispute of a plan payment: every step of it, as of a pack's.
+PLAN_PAYMENT_NOTES = {DisputeAction.OPEN: "dispute.opened", DisputeAction.WITHDRAW: "dispute.lost",
+                      DisputeAction.REINSTATE: "dispute.reinstated"}
 
 
 def _recorded(lots: list[Doc], key: str) -> bool:

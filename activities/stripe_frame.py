@@ -282,6 +282,15 @@ class StripeFrame:
         return await self._run(apply, work)
 
 
+def purchase_of(lots: list[Doc]) -> Obj:
+    """What a notification about a refund or a dispute says of the purchase behind its charge
+    (`"purchase": null` when the charge bought no pack, SPEC §5.1)."""
+    first = lots[0]
+    return {"payment_intent": first.get("payment_intent"), "charge": first.get("charge"),
+            "checkout_session": first.get("checkout_session"),
+            "packs": [lot.get("pack_id") for lot in lots]}
+
+
 @contextmanager
 def malformed_object(apply: StripeApply) -> Iterator[None]:
     """A Stripe object without a field its type always has, or with a number beyond the 64 bits

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pymongo.asynchronous.client_session import AsyncClientSession
 from temporalio import activity
 
-from activities.stripe_frame import Outcome, StripeFrame
+from activities.stripe_frame import Outcome, StripeFrame, purchase_of
 from billing.ledger import EntryKind
 from billing.models import StripeApply, StripeStep
 from billing.stripe.events import CHARGE_REFUNDED
@@ -37,6 +37,8 @@ class RefundActivities(StripeFrame):
             if not lots:
                 if outcome.kind == "unresolved":
                     await self._unresolved(session, outcome, charge, acted)
+                elif outcome.kind == "ignored":
+                    await self._plan_payment(session, outcome, charge, acted)
                 return None
             org_id = lots[0]["org_id"]
             lot_ids = [lot["_id"] for lot in lots]
@@ -60,7 +62,7 @@ class RefundActivities(StripeFrame):
                         await self._notify(
                             session, outcome, "refund.reversed", f"refund.reversed:{refund_id}",
                             {"refund": refund_id, "charge": charge, "status": refund.get("status"),
-                             "units": result.amount},
+                             "units": result.amount, "purchase": purchase_of(lots)},
                         )
                 outcome.ledger(result)
                 if result.applied or result.notes:
@@ -68,6 +70,26 @@ class RefundActivities(StripeFrame):
             return None
 
         return await self._run(apply, work)
+
+    async def _plan_payment(self, session: AsyncClientSession, outcome: Outcome,
+                            charge: str | None, refunds: list[tuple[Obj, RefundAction]]
+                            ) -> None:
+        """A refund of a charge that bought no pack (a plan payment) writes no ledger entry but
+        is never silent (SPEC §5.1): the organization (one the engine knows) hears
+        `refund.created` once per refund (key `refund.created:<re id>`, whichever event carries
+        it), `"purchase": null`. A refund that failed or was canceled gave nothing back: nothing
+        to tell."""
+        created = [r for r, action in refunds if action is RefundAction.CLAW]
+        if not created or await self._charge_org(session, outcome, known_only=True) is None:
+            return
+        for refund in created:
+            refund_id = str(refund["id"])
+            await self._notify(
+                session, outcome, "refund.created", f"refund.created:{refund_id}",
+                {"refund": refund_id, "charge": charge, "amount": refund.get("amount"),
+                 "reason": refund.get("reason"), "status": refund.get("status"),
+                 "purchase": None},
+            )
 
     async def _unresolved(self, session: AsyncClientSession, outcome: Outcome,
                           charge: str | None, refunds: list[tuple[Obj, RefundAction]]

@@ -21,6 +21,7 @@ NOTIFICATION_TYPES = frozenset(
         "plan.changed",
         "plan.unresolved",
         "subscription.expired",
+        "refund.created",
         "refund.unresolved",
         "refund.reversed",
         "purchase.unresolved",
