@@ -29,6 +29,13 @@ STRIPE_WEBHOOKS = Counter(
     "(started, duplicate, ignored, rejected, unavailable).",
     ["type", "answer"],
 )
+STRIPE_OTHER_MODE = Counter(
+    "billing_stripe_webhooks_other_mode_total",
+    "Stripe events answered 200 ignored without a workflow because their livemode differs from "
+    "the API key's mode (a test event on a live engine, or a live one on a test engine), by "
+    "event type and the event's livemode.",
+    ["type", "livemode"],
+)
 STRIPE_EVENTS = Counter(
     "billing_stripe_events_total",
     "Stripe events processed by the worker, by event type and outcome.",

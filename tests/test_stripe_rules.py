@@ -82,7 +82,17 @@ def test_the_organization_in_the_order_of_the_specification():
     assert not needs_customer_link(subscription_org="org-c")
 
 
-@pytest.mark.parametrize("module", [orgs_module])
+def test_events_of_the_other_mode_than_the_key():
+    assert ev.key_is_live("sk_live_x") and ev.key_is_live("rk_live_x")
+    assert ev.key_is_live("sk_test_x") is False and ev.key_is_live("") is None
+    assert ev.other_mode(True, "sk_test_x") and ev.other_mode(False, "rk_live_x")
+    assert not ev.other_mode(False, "sk_test_x") and not ev.other_mode(True, "sk_live_x")
+    # No livemode (or not a boolean), or no key: the usual path.
+    assert not ev.other_mode(None, "sk_live_x") and not ev.other_mode("true", "sk_test_x")
+    assert not ev.other_mode(True, "")
+
+
+@pytest.mark.parametrize("module", [orgs_module, ev])
 def test_worked_examples_in_docstrings_hold(module):
     assert doctest.testmod(module).failed == 0
 

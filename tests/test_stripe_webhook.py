@@ -7,6 +7,8 @@ import time
 from collections.abc import AsyncIterator
 
 import httpx
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 from stripe_payloads import (
     ROTATED_SECRET,
     deliver,
@@ -100,3 +102,55 @@ async def test_temporal_unreachable_answers_503(stripe_runtime: Runtime, org):
         response = await deliver(client, evt)
     assert (response.status_code, error_code(response)) == (503, "TEMPORAL_UNAVAILABLE")
     assert await stripe_runtime.db.accounts.find_one({"_id": org}) is None
+
+
+def _other_mode_count(event_type: str, livemode: bool) -> float:
+    return REGISTRY.get_sample_value("billing_stripe_webhooks_other_mode_total", {
+        "type": event_type, "livemode": str(livemode).lower()}) or 0.0
+
+
+async def test_events_of_the_other_mode_are_ignored_without_a_workflow_and_counted(
+        api, stripe_runtime: Runtime, temporal_client, stripe_worker, org):
+    """SPEC §5.5: an event whose `livemode` differs from the API key's mode (`sk_live_`/
+    `rk_live_` keys are live) is answered 200 `ignored`, starts nothing and is counted; an
+    event without `livemode` keeps the usual path."""
+    def purchase(livemode: bool | None) -> dict:
+        evt = event("payment_intent.succeeded", payment_intent(
+            pi=new_id("pi"), meta=metadata(org, "pack_500k")))
+        if livemode is None:
+            evt.pop("livemode")
+        else:
+            evt["livemode"] = livemode
+        return evt
+
+    # The tests' key is a test key (`sk_test_`): a live event is the other mode.
+    live = purchase(True)
+    before = _other_mode_count("payment_intent.succeeded", True)
+    response = await deliver(api, live)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ignored", "workflow_id": None}
+    assert (await api.get(f"/v1/stripe-events/{live['id']}")).status_code == 404
+    assert _other_mode_count("payment_intent.succeeded", True) == before + 1
+    scraped = [sample for family in text_string_to_metric_families(
+        (await api.get("/metrics")).text) for sample in family.samples
+        if sample.name == "billing_stripe_webhooks_other_mode_total"]
+    assert {"type": "payment_intent.succeeded", "livemode": "true"} in [
+        sample.labels for sample in scraped]
+
+    for same_mode in (purchase(False), purchase(None)):
+        started = await deliver(api, same_mode)
+        assert started.json() == {"status": "started",
+                                  "workflow_id": f"stripe-{same_mode['id']}"}
+
+    # A live key (`rk_live_` restricted keys too): a test event is the other mode.
+    settings = stripe_runtime.settings.model_copy(update={"stripe_api_key": "rk_live_billing"})
+    runtime = Runtime(settings=settings, config=stripe_runtime.config, db=stripe_runtime.db)
+    app = create_app(runtime, temporal_client)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://api") as live_api:
+        test_event = purchase(False)
+        before = _other_mode_count("payment_intent.succeeded", False)
+        ignored = await deliver(live_api, test_event)
+        assert ignored.json() == {"status": "ignored", "workflow_id": None}
+        assert _other_mode_count("payment_intent.succeeded", False) == before + 1
+        assert (await api.get(f"/v1/stripe-events/{test_event['id']}")).status_code == 404

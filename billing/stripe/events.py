@@ -86,3 +86,33 @@ def is_stale(current: Marker | None, event: Marker) -> bool:
     """An event not newer than its family's marker changes nothing; the same second is ordered
     by event id (any total order keeps replicas consistent)."""
     return current is not None and event <= current
+
+
+def key_is_live(api_key: str) -> bool | None:
+    """The mode of a Stripe API key: `sk_live_`/`rk_live_` keys are live, any other key is a
+    test key; None without a key (the mode cannot be told).
+
+    >>> key_is_live("sk_live_abc"), key_is_live("rk_live_abc"), key_is_live("sk_test_abc")
+    (True, True, False)
+    >>> key_is_live("") is None
+    True
+    """
+    if not api_key:
+        return None
+    return api_key.startswith(("sk_live_", "rk_live_"))
+
+
+def other_mode(livemode: object, api_key: str) -> bool:
+    """Whether an event belongs to the other Stripe mode than the engine's API key (SPEC §5.5):
+    answered `ignored` without a workflow, so a test purchase never credits real units. An event
+    without a boolean `livemode`, or an engine without an API key, keeps the usual path.
+
+    >>> other_mode(False, "sk_live_abc"), other_mode(True, "sk_test_abc")
+    (True, True)
+    >>> other_mode(True, "rk_live_abc"), other_mode(False, "sk_test_abc")
+    (False, False)
+    >>> other_mode(None, "sk_live_abc"), other_mode(True, "")
+    (False, False)
+    """
+    live = key_is_live(api_key)
+    return isinstance(livemode, bool) and live is not None and livemode != live

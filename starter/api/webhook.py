@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import stripe
 from fastapi import APIRouter, Request
@@ -27,9 +27,9 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from billing.errors import BillingError
-from billing.metrics import STRIPE_WEBHOOKS
+from billing.metrics import STRIPE_OTHER_MODE, STRIPE_WEBHOOKS
 from billing.models import StripeEvent
-from billing.stripe.events import is_handled
+from billing.stripe.events import is_handled, other_mode
 from billing.stripe.invoices import invoice_subscription_metadata
 from billing.stripe.objects import org_from
 from starter.api.deps import StateDep, temporal_client
@@ -87,11 +87,14 @@ def _signed_at(header: str) -> int:
     raise BillingError("the signature has no timestamp", code="SIGNATURE_INVALID")
 
 
-def parse_event(body: bytes) -> StripeEvent:
+def read_json(body: bytes) -> Any:
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except ValueError as exc:
         raise BillingError("the body is not valid JSON", code="MALFORMED_JSON") from exc
+
+
+def parse_event(data: Any) -> StripeEvent:
     shape_error = BillingError("an event needs an id of 1 to 255 letters, digits or `_.:-`, a "
                                "string type, an integer Unix time created and an object "
                                "data.object", code="MALFORMED_EVENT")
@@ -143,9 +146,18 @@ async def stripe_webhook(request: Request, state: StateDep) -> WebhookAck:
         body = await request.body()  # at most 1 MiB: starter.api.limits
         settings = state.runtime.settings
         verify_signature(body, request.headers.get("stripe-signature"), settings.webhook_secrets)
-        event = parse_event(body)
+        data = read_json(body)
+        event = parse_event(data)
         event_type = event.type
-        if not is_handled(event.type):
+        livemode = data.get("livemode")  # an object: `parse_event` accepted it
+        if other_mode(livemode, settings.stripe_api_key):
+            # A test event on a live engine (a test-mode secret among the webhook secrets), or
+            # the reverse: it never credits anything (SPEC §5.5).
+            STRIPE_OTHER_MODE.labels(event.type, str(livemode).lower()).inc()
+            log.warning("stripe webhook ignored: livemode %s differs from the API key's mode",
+                        livemode, extra={"event_id": event.id, "event_type": event.type})
+            ack = WebhookAck(status="ignored", workflow_id=None)
+        elif not is_handled(event.type):
             ack = WebhookAck(status="ignored", workflow_id=None)
         else:
             client = await temporal_client(state)
