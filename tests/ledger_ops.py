@@ -15,12 +15,11 @@ from billing.store.transactions import run_in_transaction
 
 async def clawback(ledger: Ledger, org_id: str, *, key: str, kind: EntryKind,
                    lot_ids: list[str], cents: int, now: datetime,
-                   meta: dict[str, Any] | None = None, paid_cents: int | None = None,
+                   meta: dict[str, Any] | None = None,
                    scope: str | None = None) -> LedgerResult:
     async def work(session: AsyncClientSession) -> LedgerResult:
         return await ledger.clawback_in(session, org_id, key=key, kind=kind, lot_ids=lot_ids,
-                                        cents=cents, now=now, meta=meta, paid_cents=paid_cents,
-                                        scope=scope)
+                                        cents=cents, now=now, meta=meta, scope=scope)
 
     return await run_in_transaction(ledger.db.client, work)
 

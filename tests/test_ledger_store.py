@@ -42,6 +42,7 @@ async def buy(
     units: int = PACK_UNITS,
     cents: int = PACK_CENTS,
     expires_at: datetime | None = None,
+    paid_cents: int | None = None,
 ) -> LedgerResult:
     return await ledger.write(
         org,
@@ -53,6 +54,7 @@ async def buy(
             payment_intent=f"{pi}-{org}",  # Stripe ids are unique: one org per payment intent
             charge=f"ch_{pi}-{org}",
             price_cents=cents,
+            paid_cents=paid_cents,
             pack_id="pack_500k",
             expires_at=expires_at,
         ),
@@ -547,11 +549,11 @@ async def test_a_refund_of_a_mixed_cart_is_spread_over_everything_the_charge_pai
     one cumulative rounding; 500 with `billing_scope: other` nothing; the scoped refund's
     reversal gives back what the refunds still standing no longer take."""
     await open_account(accounts, org, now)
-    lot = lot_of(await buy(ledger, org, now, "pi_1"))
+    lot = lot_of(await buy(ledger, org, now, "pi_1", paid_cents=7400))
 
     async def cart_refund(re: str, cents: int, scope: str | None = None) -> LedgerResult:
         return await clawback(ledger, org, key=f"refund:{re}", kind=EntryKind.REFUND,
-                              lot_ids=[lot], cents=cents, now=now, paid_cents=7400, scope=scope)
+                              lot_ids=[lot], cents=cents, now=now, scope=scope)
 
     assert (await cart_refund("re_1", 2500)).amount == -168_919
     assert (await cart_refund("re_2", 2450, "packs")).amount == -(418_919 - 168_919)

@@ -61,6 +61,9 @@ class LotTerms:
     checkout_session: str | None = None
     pack_id: str | None = None
     price_cents: int | None = None
+    #: What the charge paid for everything it bought (packs and other lines): a refund is spread
+    #: over it pro rata (SPEC 5.1). None: only the packs (lots written before it was recorded).
+    paid_cents: int | None = None
     line: int | None = None  # the pack line of the purchase (1-based)
     source_lot: str | None = None
 
@@ -201,6 +204,7 @@ class Ledger:
                     "checkout_session": lot_terms.checkout_session,
                     "pack_id": lot_terms.pack_id,
                     "price_cents": lot_terms.price_cents,
+                    "paid_cents": lot_terms.paid_cents,
                     "source_lot": lot_terms.source_lot,
                     "clawbacks": [],
                     "clawback_cents": 0,
@@ -322,16 +326,15 @@ class Ledger:
         now: datetime,
         memo: str = "",
         meta: dict[str, Any] | None = None,
-        paid_cents: int | None = None,
         scope: str | None = None,
     ) -> LedgerResult:
         """Refund or dispute of `cents` against the lots bought with the charge (one per pack
         line of the purchase), as planned by `billing.ledger.plan_purchase_clawback`.
 
-        `paid_cents` is what the charge paid for everything it bought (None: only its packs),
-        over which a refund is spread pro rata; `scope` the refund's `billing_scope`: `packs`
-        spreads it over the pack lines only, `other` takes nothing (recorded, so that its
-        reversal gives nothing back either).
+        It is spread pro rata over what the charge paid for everything it bought (the lots'
+        `paid_cents`, recorded at the purchase); `scope` is the refund's `billing_scope`:
+        `packs` spreads it over the pack lines only, `other` takes nothing (recorded, so that
+        its reversal gives nothing back either).
 
         Rounding is cumulative (`billing.ledger.clawback_units`). Each lot keeps each clawback
         `{key, cents, scope, units, usage}`, and the cents standing per scope, so the cumulative
@@ -350,7 +353,7 @@ class Ledger:
         if _recorded(lots, key):
             return LedgerResult(False, None, int(account["balance"]))
         price = sum(int(lot["price_cents"]) for lot in lots)
-        paid = max(paid_cents or 0, int(lots[0].get("paid_cents") or 0)) or None
+        paid = lots[0].get("paid_cents")
         counter = _SCOPE_FIELDS.get(scope or "")
         shares = [
             ClawShare(
@@ -379,7 +382,6 @@ class Ledger:
                     "$push": {"clawbacks": {"key": key, "cents": cents, "scope": scope,
                                             "units": share.units, "usage": usage}},
                     "$inc": {**counted, "clawed_units": share.units, "usage_returned": usage},
-                    **({"$set": {"paid_cents": paid}} if paid else {}),
                 },
                 session=session,
             )

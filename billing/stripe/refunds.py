@@ -28,6 +28,19 @@ def refund_action(refund: Obj) -> RefundAction:
     return RefundAction.NONE
 
 
+#: `metadata.billing_scope` of a refund: the merchant refunded the pack lines (`packs`) or the
+#: other lines (`other`) of a mixed cart; without it a refund is spread over the whole charge.
+SCOPES = frozenset({"packs", "other"})
+
+
+def refund_scope(refund: Obj) -> str | None:
+    """The refund's `billing_scope` (`packs`, `other`), or None (pro rata over everything the
+    charge paid for). An unknown value counts as none."""
+    meta = refund.get("metadata")
+    scope = meta.get("billing_scope") if isinstance(meta, dict) else None
+    return scope if scope in SCOPES else None
+
+
 def charge_refunds(charge: Obj) -> list[Obj] | None:
     """The refunds a `charge.refunded` payload carries, or None when they must be listed
     through the API (not expanded, or only a first page)."""
