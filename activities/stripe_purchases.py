@@ -13,7 +13,7 @@ from billing.models import PurchaseFacts, StripeApply, StripeStep
 from billing.runtime import Runtime
 from billing.store.ledger import LotTerms
 from billing.stripe.events import PAYMENT_INTENT_SUCCEEDED
-from billing.stripe.objects import amount, ref_id
+from billing.stripe.objects import amount, org_from, ref_id
 from billing.stripe.purchases import Verdict, line_key, purchase_key, resolve_purchase
 
 
@@ -58,7 +58,8 @@ class PurchaseActivities(StripeFrame):
         purchase = resolve_purchase(
             config, metadata=(facts.session, facts.intent),
             line_items=facts.line_items if facts.session is not None else None,
-            paid_cents=paid, invoice=ref_id((facts.intent or {}).get("invoice")))
+            paid_cents=paid, invoice=ref_id((facts.intent or {}).get("invoice")),
+            names_org=org_from(facts.session, facts.intent) is not None)
         customer = ref_id((facts.session or {}).get("customer")) or ref_id(
             (facts.intent or {}).get("customer"))
 
@@ -100,7 +101,7 @@ class PurchaseActivities(StripeFrame):
                         expires_at=line.expires_at(bought_at(apply)),
                         payment_intent=payment_intent, charge=charge,
                         checkout_session=session_id, pack_id=line.pack.id,
-                        price_cents=line.price_cents, line=index + 1,
+                        price_cents=line.price_cents, paid_cents=paid, line=index + 1,
                     ),
                     meta={"stripe_event": apply.event.id}, opening=opening,
                     # `payment:<pi>` keys: `paid_for_in` just found none written.

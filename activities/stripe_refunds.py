@@ -11,7 +11,13 @@ from billing.ledger import EntryKind
 from billing.models import StripeApply, StripeStep
 from billing.stripe.events import CHARGE_REFUNDED
 from billing.stripe.objects import Obj, amount, ref_id
-from billing.stripe.refunds import RefundAction, refund_action, refund_key, reversal_key
+from billing.stripe.refunds import (
+    RefundAction,
+    refund_action,
+    refund_key,
+    refund_scope,
+    reversal_key,
+)
 
 
 class RefundActivities(StripeFrame):
@@ -50,7 +56,7 @@ class RefundActivities(StripeFrame):
                         session, org_id, key=refund_key(refund_id), kind=EntryKind.REFUND,
                         lot_ids=lot_ids, cents=amount(refund.get("amount")), now=apply.now,
                         memo=f"refund of {charge or lots[0].get('payment_intent')}",
-                        meta={"stripe_event": apply.event.id},
+                        meta={"stripe_event": apply.event.id}, scope=refund_scope(refund),
                     )
                 else:
                     result = await ledger.reinstate_in(

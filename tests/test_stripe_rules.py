@@ -206,6 +206,16 @@ def test_plan_from_prices_and_ended_statuses(config):
     assert plan_for_subscription(config, sub, deleted=True) == PlanChoice(None, "canceled")
 
 
+def test_several_plan_items_give_the_highest_quota_whatever_their_order(config):
+    sub = subscription(sub="sub_1", customer="cus_1", price="price_starter_monthly")
+    first = sub["items"]["data"][0]
+    for prices in (["price_starter_monthly", "price_pro_monthly", "price_addon"],
+                   ["price_addon", "price_pro_monthly", "price_starter_monthly"]):
+        sub["items"]["data"] = [{**first, "id": f"si_{p}", "price": {**first["price"], "id": p}}
+                                for p in prices]
+        assert plan_for_subscription(config, sub) == PlanChoice("pro", "active"), prices
+
+
 def view(sub_id: str, status: str, plan: str | None, since: int = 0) -> SubscriptionView:
     return SubscriptionView(id=sub_id, status=status, plan_id=plan, since=since)
 

@@ -61,15 +61,16 @@ class PlanChoice:
 
 def plan_for_subscription(config: BillingConfig, sub: Obj, *, deleted: bool = False) -> PlanChoice:
     """Plan and status of one subscription: an ended one is `canceled` and pays for nothing;
-    otherwise the plan whose `stripe_price_ids` holds one of its prices."""
+    otherwise, among the plans whose `stripe_price_ids` hold one of its items' prices, the one
+    with the highest weekly quota (items `price_starter_monthly` and `price_pro_monthly` on one
+    subscription: `pro`), whatever the order of the items."""
     status = str(sub.get("status") or "incomplete")
     if deleted or status in ENDED_STATUSES:
         return PlanChoice(None, CANCELED)
     prices = price_ids(sub)
-    for price in prices:
-        plan = config.plan_for_price(price)
-        if plan is not None:
-            return PlanChoice(plan.id, status)
+    plans = [plan for plan in map(config.plan_for_price, prices) if plan is not None]
+    if plans:
+        return PlanChoice(max(plans, key=lambda plan: plan.meter_quota).id, status)
     return PlanChoice(None, status, tuple(prices))
 
 
