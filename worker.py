@@ -74,7 +74,7 @@ def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
     purchases = PurchaseActivities(runtime, stripe_api)
     refunds = RefundActivities(runtime)
     disputes = DisputeActivities(runtime)
-    invoices = InvoiceActivities(runtime)
+    invoices = InvoiceActivities(runtime, stripe_api)
     dunning = DunningActivities(runtime)
     reconcile = ReconcileActivities(runtime, stripe_api)
     auto_topup = AutoTopUpActivities(runtime, stripe_api)

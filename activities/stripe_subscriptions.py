@@ -13,11 +13,19 @@ from typing import Any
 from pymongo.asynchronous.client_session import AsyncClientSession
 from temporalio import activity
 
+from activities.stripe_api import StripeApiActivities
 from activities.stripe_frame import Outcome, StripeFrame
 from billing.clock import utcnow
 from billing.models import StripeApply, StripeStep
+from billing.runtime import Runtime
 from billing.store.database import Doc
-from billing.stripe.events import CUSTOMER_DELETED, SUBSCRIPTION_FAMILY, Marker, is_stale
+from billing.stripe.events import (
+    CUSTOMER_DELETED,
+    SUBSCRIPTION_FAMILY,
+    Marker,
+    is_stale,
+    same_second,
+)
 from billing.stripe.objects import ref_id, timestamp
 from billing.stripe.subscriptions import (
     CANCELED,
@@ -33,7 +41,15 @@ from billing.stripe.subscriptions import (
 Obj = dict[str, Any]
 
 
+class _SameSecond(Exception):
+    """The event shares its second with the subscription's marker: read Stripe, then again."""
+
+
 class SubscriptionActivities(StripeFrame):
+    def __init__(self, runtime: Runtime, stripe_api: StripeApiActivities) -> None:
+        super().__init__(runtime)
+        self.stripe_api = stripe_api
+
     async def _standing(self, session: AsyncClientSession, outcome: Outcome,
                         link: dict[str, Any] | None = None) -> str:
         """Derive and write the organization's standing, move its plan; returns the status."""
@@ -84,7 +100,11 @@ class SubscriptionActivities(StripeFrame):
 
     @activity.defn(name="apply_stripe_subscription")
     async def apply_subscription(self, apply: StripeApply) -> StripeStep:
-        """One subscription created, updated, ended, or bought through Checkout."""
+        """One subscription created, updated, ended, or bought through Checkout.
+
+        An event of the same second as the subscription's marker (`same_second`) cannot be
+        ordered: the subscription is read from Stripe and applied as Stripe holds it, and the
+        marker keeps the greater of the two."""
         event = apply.event
         if event.type == CUSTOMER_DELETED:
             return await self._customer_deleted(apply)
@@ -93,6 +113,7 @@ class SubscriptionActivities(StripeFrame):
         sub_id = ref_id(sub.get("id"))
         customer = ref_id(sub.get("customer")) or ref_id(event.object.get("customer"))
         marker = Marker(event.created, event.id)
+        from_stripe = apply.subscription is not None
 
         async def work(session: AsyncClientSession, outcome: Outcome) -> None:
             if sub_id is None:
@@ -102,20 +123,30 @@ class SubscriptionActivities(StripeFrame):
                                            subscription_org=(previous or {}).get("org_id")):
                 return None
             current = self.subscriptions.marker(previous, SUBSCRIPTION_FAMILY)
-            if is_stale(current, marker):
+            tie = same_second(current, marker)
+            if tie and not from_stripe:
+                raise _SameSecond
+            if is_stale(current, marker) and not tie:
                 return outcome.set("stale", f"older than subscription {sub_id}'s marker {current}")
             org_id = outcome.org_id
             assert org_id is not None
             await self.runtime.accounts.ensure_in(session, org_id, apply.now)
-            await self.save_subscription_in(session, outcome, {**sub, "id": sub_id}, previous,
-                                            deleted=deleted, marker=marker)
+            await self.save_subscription_in(
+                session, outcome, {**sub, "id": sub_id}, previous,
+                deleted=deleted, marker=max(marker, current) if tie and current else marker)
             status = await self._standing(session, outcome, {"stripe_customer_id": customer})
             if deleted and not is_live(status):
                 await self.meters.reset_week_usage_in(session, org_id, utcnow())
                 outcome.written.append("week usage reset")
             return None
 
-        return await self._run(apply, work)
+        try:
+            return await self._run(apply, work)
+        except _SameSecond:
+            assert sub_id is not None
+            sub = await self.stripe_api.retrieve_subscription(sub_id)
+            from_stripe = True
+            return await self._run(apply, work)
 
     async def _customer_deleted(self, apply: StripeApply) -> StripeStep:
         """The customer is gone: every subscription of it ends, and the Stripe ids unlink."""

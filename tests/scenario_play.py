@@ -132,6 +132,8 @@ class Play:
     served: dict[str, Built] = field(default_factory=dict)
     t0: int = field(default_factory=lambda: int(time.time()) - 3600)
     delivered: list[str] = field(default_factory=list)
+    #: Events given an `id_rank` get ids `evt_<ids_base><rank>`, so their order is the ranks'.
+    ids_base: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     def __post_init__(self) -> None:
         self.ids = {sym: f"{prefix}_{uuid.uuid4().hex[:14]}"
@@ -156,8 +158,10 @@ class Play:
         if built.line_items is not None:
             self.fake.line_items[built.obj["id"]] = built.line_items
         created = self.t0 + int(step.get("at", 10 * index))
-        return event(step["event"], built.obj, created=created,
-                     event_id=f"evt_{uuid.uuid4().hex[:20]}")
+        rank = step.get("id_rank")
+        event_id = (f"evt_{self.ids_base}{int(rank):04d}" if rank is not None
+                    else f"evt_{uuid.uuid4().hex[:20]}")
+        return event(step["event"], built.obj, created=created, event_id=event_id)
 
     async def send(self, evt: Obj) -> None:
         response = await deliver(self.api, evt)

@@ -165,9 +165,16 @@ async def test_unpaid_and_non_pack_checkouts_change_nothing(
     ]
     not_a_pack = event("checkout.session.completed", session)
     result = await send(api, temporal_client, not_a_pack)
-    assert (result.outcome, result.written) == ("ignored", [])
-    assert (await event_view(api, not_a_pack))["outcome"] == "ignored"
-    assert (await api.get(f"/v1/orgs/{org}/balance")).status_code == 404  # never created
+    # It names an organization but bought no pack: never silent (SPEC 5.5).
+    assert (result.outcome, result.written) == ("unresolved", ["notification purchase.unresolved"])
+    assert (await event_view(api, not_a_pack))["outcome"] == "unresolved"
+    assert (await api.get(f"/v1/orgs/{org}/balance")).json()["balance"] == 0
+
+    bare = stripe_fake.add(payment_intent(pi=new_id("pi"), meta={}))["id"]
+    nobody = checkout_session(payment_intent=bare, meta={})
+    stripe_fake.line_items[nobody["id"]] = stripe_fake.line_items[session["id"]]
+    result = await send(api, temporal_client, event("checkout.session.completed", nobody))
+    assert (result.outcome, result.written) == ("ignored", [])  # nothing of billing in it
 
 
 async def test_metadata_fallbacks_payment_intent_then_line_item_price(
@@ -387,8 +394,8 @@ async def subscription_view(api: httpx.AsyncClient, org: str) -> dict[str, Any]:
     return view
 
 
-async def test_stale_subscription_events_and_same_second_order_by_id(
-    api, stripe_worker, temporal_client, org
+async def test_stale_subscription_events_and_same_second_read_from_stripe(
+    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org
 ):
     sub, cus = new_id("sub"), new_id("cus")
 
@@ -403,15 +410,19 @@ async def test_stale_subscription_events_and_same_second_order_by_id(
     assert (await event_view(api, old))["outcome"] == "stale"
     assert (await subscription_view(api, org))["plan_id"] == "pro"
 
+    # Two events of one second: their ids say nothing of their order (SPEC 5.4). The second
+    # to arrive reads the subscription from Stripe, which holds it on `pro` now.
+    stripe_fake.add(subscription(sub=sub, customer=cus, price="price_pro_monthly",
+                                 meta=metadata(org)))
     base = new_id("evt")
-    later_id = await send(api, temporal_client,
-                          updated("price_starter_monthly", T0 + 20, f"{base}_2"))
-    earlier_id = await send(api, temporal_client,
-                            updated("price_pro_monthly", T0 + 20, f"{base}_1"))
-    assert (later_id.outcome, earlier_id.outcome) == ("applied", "stale")
+    greater_id = await send(api, temporal_client,
+                            updated("price_starter_monthly", T0 + 20, f"{base}_2"))
+    smaller_id = await send(api, temporal_client,
+                            updated("price_starter_monthly", T0 + 20, f"{base}_1"))
+    assert (greater_id.outcome, smaller_id.outcome) == ("applied", "applied")
     view = await subscription_view(api, org)
     assert view == {
-        "org_id": org, "plan_id": "starter", "status": "active",
+        "org_id": org, "plan_id": "pro", "status": "active",
         "current_period_start": "2026-05-28T20:26:40Z", "past_due_since": None,
         "stripe_customer_id": cus, "stripe_subscription_id": sub,
     }

@@ -84,8 +84,19 @@ class Marker:
 
 def is_stale(current: Marker | None, event: Marker) -> bool:
     """An event not newer than its family's marker changes nothing; the same second is ordered
-    by event id (any total order keeps replicas consistent)."""
+    by event id (any total order keeps replicas consistent). Subscription-family events of the
+    same second are not ordered at all (`same_second`)."""
     return current is not None and event <= current
+
+
+def same_second(current: Marker | None, event: Marker) -> bool:
+    """Another event of the marker's second (SPEC 5.4): Stripe's `created` has one-second
+    resolution and its event ids are not ordered, so which of the two is newer cannot be told.
+    Checkout emits `customer.subscription.created` (`incomplete`) and `.updated` (`active`) in
+    one second: `Marker(1700000000, "evt_b")` then `Marker(1700000000, "evt_a")` is a tie; the
+    engine reads the subscription from Stripe and applies what Stripe holds."""
+    return (current is not None and event.created == current.created
+            and event.event_id != current.event_id)
 
 
 def key_is_live(api_key: str) -> bool | None:
