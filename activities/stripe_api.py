@@ -121,6 +121,22 @@ class StripeApiActivities:
             ),
         )
 
+    async def invoice_lines(self, invoice_id: str) -> list[Obj]:
+        """Every line of an invoice (its payload carries the first page only)."""
+        return await self._list(
+            f"the lines of {invoice_id}",
+            lambda: self.client.v1.invoices.line_items.list_async(invoice_id, {"limit": 100}),
+        )
+
+    async def invoice_payments(self, invoice_id: str) -> list[Obj]:
+        """The payments of an invoice (API versions from 2025-03-31 keep the payment intent and
+        charge there, not on the invoice)."""
+        return await self._list(
+            f"the payments of {invoice_id}",
+            lambda: self.client.v1.invoice_payments.list_async(
+                {"invoice": invoice_id, "limit": 100}),
+        )
+
     @activity.defn(name="stripe_find_checkout_sessions")
     async def find_checkout_sessions(self, payment_intent_id: str) -> list[Obj]:
         """The Checkout sessions that took a payment intent (at most one in practice).

@@ -10,13 +10,28 @@ from __future__ import annotations
 from pymongo.asynchronous.client_session import AsyncClientSession
 from temporalio import activity
 
-from activities.stripe_frame import Outcome
+from activities.stripe_frame import Outcome, bought_at
 from activities.stripe_subscriptions import SubscriptionActivities
+from billing.ledger import EntryKind
 from billing.models import StripeApply, StripeStep, SubscriptionState
+from billing.store.ledger import LotTerms
 from billing.stripe import orgs
-from billing.stripe.events import INVOICE_FAILED, INVOICE_FAMILY, Marker, is_stale
-from billing.stripe.invoices import invoice_effect, invoice_subscription
-from billing.stripe.objects import ref_id, timestamp
+from billing.stripe.events import (
+    INVOICE_FAILED,
+    INVOICE_FAMILY,
+    INVOICE_PAID_TYPES,
+    Marker,
+    is_stale,
+)
+from billing.stripe.invoices import (
+    InvoicePack,
+    invoice_effect,
+    invoice_lines,
+    invoice_packs,
+    invoice_payment,
+    invoice_subscription,
+)
+from billing.stripe.objects import Obj, amount, ref_id, timestamp
 
 
 class InvoiceActivities(SubscriptionActivities):
@@ -38,7 +53,8 @@ class InvoiceActivities(SubscriptionActivities):
     async def apply_invoice(self, apply: StripeApply) -> StripeStep:
         """A failed invoice of a live subscription makes it past due (first failure date kept)
         and notifies; a paid one recovers a delinquent subscription, with its plan read again
-        from the subscription the workflow fetched. Any other invoice notifies at most."""
+        from the subscription the workflow fetched, and credits every pack line it bills
+        (`_paid_packs`), whatever the order of its events. Any other invoice notifies at most."""
         event = apply.event
         invoice = event.object
         failed = event.type == INVOICE_FAILED
@@ -46,6 +62,7 @@ class InvoiceActivities(SubscriptionActivities):
         sub_id = invoice_subscription(invoice)
         marker = Marker(event.created, event.id)
         fetched = apply.subscription
+        packs, (payment_intent, charge) = await self._paid_packs(apply)
 
         async def work(session: AsyncClientSession, outcome: Outcome) -> None:
             doc = await self.subscriptions.subscription(sub_id, session) if sub_id else None
@@ -71,8 +88,24 @@ class InvoiceActivities(SubscriptionActivities):
                 learnt = True
             if doc is not None and doc.get("org_id") != org_id:
                 doc = None  # another organization's subscription: not this one's to change
+            # Before the ordering marker: a pack line is credited once by its key, whichever of
+            # the invoice's events comes first or late.
+            for index, pack in enumerate(packs):
+                line = pack.line
+                outcome.ledger(await self.runtime.ledger.write_in(
+                    session, org_id, key=pack.key, kind=EntryKind.TOPUP, amount=line.units,
+                    now=apply.now, memo=f"pack {line.pack.id} x{line.quantity} on {invoice['id']}",
+                    terms=LotTerms(
+                        expires_at=line.expires_at(bought_at(apply)),
+                        payment_intent=payment_intent, charge=charge, pack_id=line.pack.id,
+                        price_cents=line.price_cents, line=index + 1,
+                        paid_cents=amount(invoice.get("amount_paid")) or None),
+                    meta={"stripe_event": event.id}))
             if doc is not None and is_stale(self.subscriptions.marker(doc, INVOICE_FAMILY),
                                             marker):
+                if outcome.written:
+                    return outcome.set("applied", "its pack lines only: older than subscription "
+                                                  f"{sub_id}'s invoice marker")
                 return outcome.set("stale", f"older than subscription {sub_id}'s invoice marker")
             effect = invoice_effect(failed, doc.get("status") if doc else None)
             if doc is not None:
@@ -109,3 +142,26 @@ class InvoiceActivities(SubscriptionActivities):
             return None
 
         return await self._run(apply, work)
+
+    async def _paid_packs(self, apply: StripeApply) -> tuple[list[InvoicePack],
+                                                             tuple[str | None, str | None]]:
+        """The pack lines of a paid invoice and the payment intent and charge that paid it, read
+        from Stripe where the payload does not carry them (read before the transaction)."""
+        invoice = apply.event.object
+        invoice_id = ref_id(invoice.get("id"))
+        if apply.event.type not in INVOICE_PAID_TYPES or invoice_id is None:
+            return [], (None, None)
+        lines = invoice_lines(invoice)
+        if lines is None:
+            lines = await self.stripe_api.invoice_lines(invoice_id)
+        packs = invoice_packs(self.runtime.config, invoice_id, lines)
+        if not packs:
+            return [], (None, None)
+        payments: list[Obj] | None = None
+        if not (ref_id(invoice.get("payment_intent")) or ref_id(invoice.get("charge"))):
+            listed = invoice.get("payments")
+            payments = ([p for p in listed["data"] if isinstance(p, dict)]
+                        if isinstance(listed, dict) and isinstance(listed.get("data"), list)
+                        and not listed.get("has_more")
+                        else await self.stripe_api.invoice_payments(invoice_id))
+        return packs, invoice_payment(invoice, payments)

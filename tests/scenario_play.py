@@ -105,6 +105,10 @@ def build(spec: Obj, served: dict[str, Built]) -> Built:
             built.line_items = [line_item(i["price"], quantity=i.get("quantity", 1),
                                           amount_total=i.get("amount_total", 4900))
                                 for i in value]
+        elif built.kind == "invoice" and key == "lines":
+            obj["lines"] = {"object": "list", "has_more": False,
+                            "url": f"/v1/invoices/{obj['id']}/lines", "data": [
+                                invoice_line(obj["id"], **line) for line in value]}
         elif built.kind == "invoice" and key == "subscription":
             obj["parent"] = {"type": "subscription_details", "quote_details": None,
                              "subscription_details": {"subscription": value, "metadata": None}}
@@ -115,6 +119,14 @@ def build(spec: Obj, served: dict[str, Built]) -> Built:
         else:
             obj[key] = value
     return built
+
+
+def invoice_line(invoice: str, *, price: str, quantity: int = 1, amount: int = 4900) -> Obj:
+    """An invoice line item as API versions from 2025-03-31 shape it (`pricing.price_details`)."""
+    return {"id": f"il_{uuid.uuid4().hex[:16]}", "object": "line_item", "invoice": invoice,
+            "amount": amount, "currency": "usd", "quantity": quantity, "metadata": {},
+            "pricing": {"type": "price_details", "unit_amount_decimal": None,
+                        "price_details": {"price": price, "product": "prod_pack"}}}
 
 
 # ---- one play --------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """A small Stripe API fake on 127.0.0.1 and the fixtures that run the engine against it.
 
 It answers what `localstripe` lacks (subscription retrieval with items, refunds listed by charge,
-Checkout sessions listed by payment intent, checkout line items, events listed by creation time
-and type), creates PaymentIntents with a programmed outcome per customer or payment method
-(honouring `Idempotency-Key`), and can answer 500 on demand.
+Checkout sessions listed by payment intent, checkout line items, invoice lines and payments,
+events listed by creation time and type), creates PaymentIntents with a programmed outcome per
+customer or payment method (honouring `Idempotency-Key`), and can answer 500 on demand.
 `conftest.py` shares its fixtures with every test module.
 """
 
@@ -148,6 +148,16 @@ class StripeFake:
             return self._list(path, [o for o in self.objects.values()
                                      if o.get("object") == "checkout.session"
                                      and o.get("payment_intent") == pi])
+        if parts == ["v1", "invoice_payments"]:
+            invoice = request.query.get("invoice")
+            return self._list(path, [o for o in self.objects.values()
+                                     if o.get("object") == "invoice_payment"
+                                     and o.get("invoice") == invoice])
+        if len(parts) == 4 and parts[:2] == ["v1", "invoices"] and parts[3] == "lines":
+            invoice = self.objects.get(parts[2])
+            if invoice is None:
+                return self._missing(parts[2])
+            return self._list(path, invoice.get("lines", {}).get("data", []))
         if parts == ["v1", "refunds"]:
             charge = request.query.get("charge", "")
             return self._list(path, self.refunds.get(charge, []))

@@ -133,7 +133,8 @@ def purchase(v: Victim, meta: Obj, *, pi: str | None = None) -> Obj:
 
 
 def unknown_price_checkout(v: Victim, fake: StripeFake) -> Obj:
-    """A paid checkout naming the victim whose only line item is not a pack."""
+    """A paid checkout naming the victim whose only line item is not a pack: never silent
+    (SPEC 5.5), but nothing is credited."""
     session = checkout_session(payment_intent=None, meta=metadata(v.org))
     fake.line_items[session["id"]] = [
         {"id": new_id("li"), "object": "item", "price": {"id": "price_unknown"}, "quantity": 1}]
@@ -227,7 +228,8 @@ CASES: list[Case] = [
          Recorded("unresolved")),
     Case("purchase with an operator payment intent id",
          lambda v, f: smuggled_payment_intent(v), Recorded("unresolved")),
-    Case("checkout of an unknown price", unknown_price_checkout, Recorded("ignored")),
+    Case("checkout of an unknown price", unknown_price_checkout,
+         Recorded("unresolved", ("purchase.unresolved",))),
     Case("checkout in setup mode",
          lambda v, f: event("checkout.session.completed",
                             checkout_session(payment_intent=None, meta=metadata(v.org, PACK),
