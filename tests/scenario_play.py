@@ -109,6 +109,10 @@ def build(spec: Obj, served: dict[str, Built]) -> Built:
             obj["lines"] = {"object": "list", "has_more": False,
                             "url": f"/v1/invoices/{obj['id']}/lines", "data": [
                                 invoice_line(obj["id"], **line) for line in value]}
+        elif built.kind == "invoice" and key == "lines_first_page_only":
+            # The event carries only the first `value` lines; the fake serves them all.
+            obj["lines"] = {**obj["lines"], "data": obj["lines"]["data"][:value],
+                            "has_more": True}
         elif built.kind == "invoice" and key == "subscription":
             obj["parent"] = {"type": "subscription_details", "quote_details": None,
                              "subscription_details": {"subscription": value, "metadata": None}}

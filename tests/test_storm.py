@@ -23,7 +23,6 @@ import httpx
 from faults import (
     WorkerProcess,
     app_client,
-    assert_ledger_invariants,
     delete_schedules_of,
     failures,
     outcomes,
@@ -31,6 +30,7 @@ from faults import (
     wait_until,
     worker_env,
 )
+from ledger_checks import assert_consistent
 from stripe_fake import StripeFake
 from stripe_payloads import (
     charge,
@@ -224,4 +224,4 @@ async def test_a_redelivery_storm_applies_every_event_exactly_once(
                     if org == storm.org and amount == PACK_UNITS and key.startswith("payment:")}
         assert credited == {f"payment:{pi}" for pi in storm.payment_intents}
         assert accounts[storm.org]["plan_id"] == storm.plan
-        await assert_ledger_invariants(db, storm.org)
+        await assert_consistent(db, storm.org)
