@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import write_section
+from common import ROOT, write_section
 from soak_check import Violation, check_all
 from soak_cluster import CONFIG, FAULTS, Cluster, Nemesis
 from soak_workload import Api, ScenarioDeck, ScenarioPlay, UsageOrg, clients, usage_orgs
@@ -173,12 +174,28 @@ def report(outcome: Outcome) -> str:
 
 
 def record(outcome: Outcome, path: Path, command: str) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip() or "unknown"
     write_section(f"soak-seed-{outcome.seed}", "\n".join([
         f"### Seed {outcome.seed}", "",
-        f"`{command}`", "",
+        f"`{command}` (commit {commit}, {time.strftime('%Y-%m-%d', time.gmtime())})", "",
         f"{outcome.summary()} ({outcome.took_s / 60:.1f} minutes in all, "
         f"{outcome.figures()['organizations']} organizations, "
         f"{outcome.retries} client retries)."]), path)
+
+
+def replayable(argv: list[str]) -> list[str]:
+    """The arguments that decide a run, without where it writes (`--output`, `--data-dir`)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--output", "--data-dir"):
+            skip = True
+        elif not arg.startswith(("--output=", "--data-dir=")):
+            kept.append(arg)
+    return kept
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -212,8 +229,7 @@ def main() -> None:
         outcome = event_loop.run(soak(args, data_dir))
     print(report(outcome), flush=True)
     if args.output is not None:
-        record(outcome, args.output, "python bench/soak.py " + " ".join(sys.argv[1:]).replace(
-            f"--output {args.output}", "").strip())
+        record(outcome, args.output, "python bench/soak.py " + " ".join(replayable(sys.argv[1:])))
     if args.json:
         print(json.dumps({**outcome.figures(), "faults_by_kind": dict(outcome.faults),
                           "fault_kinds": list(FAULTS),
