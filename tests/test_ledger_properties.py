@@ -4,10 +4,12 @@ replays), in random order, keep the ledger's invariants."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from fractions import Fraction
 from functools import partial
 
 from hypothesis import HealthCheck, event, example, given, settings
@@ -16,7 +18,6 @@ from ledger_checks import assert_consistent
 from ledger_ops import clawback, reinstate
 
 from billing.ledger import EntryKind
-from billing.money import round_half_up_div
 from billing.store.accounts import Accounts
 from billing.store.database import Database, Doc
 from billing.store.ledger import Ledger, LedgerResult, LotTerms
@@ -25,11 +26,14 @@ Op = tuple[object, ...]
 
 expiry = st.none() | st.integers(1, 60)
 pack_line = st.tuples(st.integers(1, 1_000_000), st.integers(1, 10_000), expiry)
-#: A purchase of one to three pack lines, each its own lot.
-topup = st.tuples(st.just("topup"), st.lists(pack_line, min_size=1, max_size=3))
-claws = st.tuples(
-    st.sampled_from(["refund", "dispute"]), st.integers(0, 1_000), st.integers(1, 6_000)
-)
+#: A purchase of one to three pack lines, each its own lot, and what the charge paid for other
+#: lines (a T-shirt, shipping: none half the time).
+topup = st.tuples(st.just("topup"), st.lists(pack_line, min_size=1, max_size=3),
+                  st.just(0) | st.integers(1, 5_000))
+#: A refund spread over the whole charge, or scoped to its packs or to its other lines; a dispute.
+claws = st.tuples(st.just("refund"), st.integers(0, 1_000), st.integers(1, 6_000),
+                  st.sampled_from([None, "packs", "other"])) | st.tuples(
+    st.just("dispute"), st.integers(0, 1_000), st.integers(1, 6_000), st.none())
 #: Give back a refund or a dispute: an earlier one, or (`pick` past them) one of a purchase that
 #: has not happened yet, so the reversal lands first and must void it.
 reverse = st.tuples(st.just("reverse"), st.integers(0, 1_000))
@@ -87,13 +91,14 @@ class Run:
     async def step(self, i: int, op: Op) -> None:
         ledger, org, now = self.ledger, self.org, self.now
         match op:
-            case ("topup", list(lines)):
+            case ("topup", list(lines), int(other)):
                 lots = []
+                paid = sum(cents for _, cents, _ in lines) + other
                 for n, (units, cents, days) in enumerate(lines):
                     terms = LotTerms(
                         payment_intent=f"pi_{i}-{org}", charge=f"ch_{i}-{org}",
-                        price_cents=cents, pack_id="pack", expires_at=self.expiry(days),
-                        line=n + 1,
+                        price_cents=cents, paid_cents=paid, pack_id="pack",
+                        expires_at=self.expiry(days), line=n + 1,
                     )
                     key = f"payment:pi_{i}" if n == 0 else f"payment:pi_{i}:{n + 1}"
                     result = await self.write(key, EntryKind.TOPUP, units, terms)
@@ -107,12 +112,13 @@ class Run:
                 await self.write(f"usage:run{i}:initial", EntryKind.DEBIT, -units)
             case ("adjust", int(units)):
                 await self.write(f"admin:req{i}", EntryKind.ADJUSTMENT, units)
-            case ("refund" | "dispute", int(pick), int(cents)) if self.purchases:
+            case ("refund" | "dispute", int(pick), int(cents), scope) if self.purchases:
                 lot_ids = self.purchases[pick % len(self.purchases)]
                 kind = EntryKind.DISPUTE if op[0] == "dispute" else EntryKind.REFUND
                 key = f"dispute:dp_{i}:withdrawn" if kind is EntryKind.DISPUTE else f"refund:re_{i}"
                 await self.apply(lambda: clawback(ledger, org, key=key, kind=kind,
-                                                  lot_ids=lot_ids, cents=cents, now=now))
+                                                  lot_ids=lot_ids, cents=cents, now=now,
+                                                  scope=scope))
                 self.clawed.append((key, lot_ids))
             case ("reverse", int(pick)) if self.purchases:
                 if pick < 500 and self.clawed:
@@ -150,10 +156,14 @@ async def check_invariants(db: Database, org: str, now: datetime) -> None:
         price = sum(lot["price_cents"] for lot in bought)
         # What a lot has lost is exactly what the refunds and disputes still standing say
         # (cumulative rounding), whatever failed or was reversed in between, also after a cap
-        # bit while a refund that later failed stood.
+        # bit while a refund that later failed stood: a share of everything the charge paid
+        # for, plus a share of the packs for refunds scoped to them.
         for lot in bought:
-            assert lot["clawed_units"] == min(
-                lot["units"], round_half_up_div(lot["clawback_cents"] * lot["units"], price))
+            share = (Fraction(lot["clawback_cents"], lot["paid_cents"])
+                     + Fraction(lot.get("clawback_pack_cents", 0), price))
+            exact = share * lot["units"]
+            rounded = math.floor(exact + Fraction(1, 2))
+            assert lot["clawed_units"] == min(lot["units"], rounded), lot
     for kind in sorted({e["kind"] for e in entries}):
         event(f"wrote {kind}")
     if len(purchases) and max(len(b) for b in purchases.values()) > 1:
@@ -170,8 +180,8 @@ async def check_invariants(db: Database, org: str, now: datetime) -> None:
 @given(history=st.lists(ops, min_size=10, max_size=40))
 # A refund pending (500 cents), a second refund that hits the lot's cap (4900), then the first
 # fails: the standing refund is the whole pack, so nothing comes back.
-@example(history=[("topup", [(500_000, 4900, None)]), ("refund", 0, 500), ("refund", 0, 4900),
-                  ("reverse", 0)])
+@example(history=[("topup", [(500_000, 4900, None)], 0), ("refund", 0, 500, "packs"),
+                  ("refund", 0, 4900, None), ("reverse", 0)])
 async def test_random_histories_keep_the_ledger_invariants(
     history: list[Op], accounts: Accounts, ledger: Ledger, db: Database, now: datetime
 ) -> None:
