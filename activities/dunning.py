@@ -38,7 +38,8 @@ class DunningActivities:
             found = await self.subscriptions.refresh_in(
                 session, org_id, self.runtime.config,
                 current_plan=(account or {}).get("plan_id"), now=now)
-            await self.meters.apply_plan_change_in(session, org_id, found.plan_id, now)
+            await self.meters.apply_plan_change_in(session, org_id, found.plan_id, now,
+                                                   seats=found.seats)
             return True
 
         return await run_in_transaction(self.runtime.db.client, work)

@@ -177,7 +177,7 @@ class StripeFrame:
         return True
 
     async def _meter_plan(self, session: AsyncClientSession, outcome: Outcome,
-                          plan_id: str) -> None:
+                          plan_id: str, seats: int = 1) -> None:
         """Put the organization on `plan_id` and meter the rest of the week on what its status
         now pays for (call after writing the standing)."""
         assert outcome.org_id is not None
@@ -187,7 +187,7 @@ class StripeFrame:
         # The week is the one this write lands in (a retry may land after the weekly reset),
         # not the one the workflow started in.
         changed = await self.meters.apply_plan_change_in(session, outcome.org_id, plan_id,
-                                                         utcnow())
+                                                         utcnow(), seats=seats)
         if changed or current != plan_id:
             outcome.written.append(f"plan {current} -> {plan_id}")
 

@@ -59,7 +59,7 @@ class SubscriptionActivities(StripeFrame):
         found = await self.subscriptions.refresh_in(
             session, outcome.org_id, self.runtime.config,
             current_plan=(account or {}).get("plan_id"), now=outcome.apply.now, link=link)
-        await self._meter_plan(session, outcome, found.plan_id)
+        await self._meter_plan(session, outcome, found.plan_id, found.seats)
         return found.status
 
     async def _plan_unresolved(self, session: AsyncClientSession, outcome: Outcome,
@@ -80,7 +80,7 @@ class SubscriptionActivities(StripeFrame):
         fields: Obj = {"status": choice.status, "customer": ref_id(sub.get("customer")),
                        "prices": price_ids(sub), "current_period_start": period_start(sub)}
         if choice.plan_id is not None:
-            fields["plan_id"] = choice.plan_id
+            fields.update(plan_id=choice.plan_id, seats=choice.seats)
         if choice.status == "past_due":
             fields["past_due_since"] = (previous.get("past_due_since")
                                         or timestamp(outcome.apply.event.created))

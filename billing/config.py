@@ -62,18 +62,8 @@ class PlanConfig(_Strict):
     signup_grant: int = Field(default=0, ge=0)
     stripe_price_ids: tuple[str, ...] = ()
     ratios: dict[str, Decimal] = Field(default_factory=dict)
-    #: The weekly quota is `meter_quota` x the quantity of the subscription item (seats). Only
-    #: `false` is accepted so far: a configuration asking for seats is refused at start rather
-    #: than silently billed per organization.
+    #: The weekly quota is `meter_quota` x the quantity of the subscription item (seats).
     per_seat: bool = False
-
-    @field_validator("per_seat")
-    @classmethod
-    def _per_seat(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("per_seat = true is not supported yet: the weekly quota is per "
-                             "organization")
-        return value
 
     @field_validator("ratios")
     @classmethod

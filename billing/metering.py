@@ -159,6 +159,13 @@ def is_runaway(balance: int, quota: int, factor: int) -> bool:
     return quota > 0 and balance < -factor * quota
 
 
+def plan_quota(plan: PlanConfig, seats: int) -> int:
+    """The weekly quota of `plan` for an organization paying for `seats` (SPEC 5.4): a
+    `per_seat` plan multiplies its `meter_quota` by the seats (5 seats of a 50000-unit plan:
+    250000), any other plan ignores them."""
+    return plan.meter_quota * max(seats, 1) if plan.per_seat else plan.meter_quota
+
+
 def effective_plan(config: BillingConfig, plan_id: str | None, status: str | None) -> PlanConfig:
     """The plan an organization is metered on: its own, or the default one while its
     subscription is in a status that does not pay for a plan."""

@@ -1,5 +1,5 @@
-"""The configuration file (SPEC §4): packs sold by several Prices, their currency, and what is
-refused at start with a message naming the key."""
+"""The configuration file (SPEC §4): packs sold by several Prices, their currency, seat plans,
+and what is refused at start with a message naming the key."""
 
 from __future__ import annotations
 
@@ -30,9 +30,13 @@ def test_the_single_price_spelling_is_still_read() -> None:
     ((PRICES, PRICES + '\nstripe_price_id = "price_x"'), "not both"),
     ((PRICES, 'stripe_price_ids = ["price_pro_monthly"]'), "one plan or pack only"),
     (('currency = "usd"', 'currency = "US dollars"'), "currency"),
-    (("per_seat = false", "per_seat = true"), "per_seat"),
 ])
 def test_what_is_refused_names_the_key(change: tuple[str, str], message: str) -> None:
     assert change[0] in EXAMPLE
     with pytest.raises(ConfigError, match=message):
         parse_config(EXAMPLE.replace(*change))
+
+
+def test_a_plan_may_count_seats() -> None:
+    config = parse_config(EXAMPLE.replace("per_seat = false", "per_seat = true"))
+    assert config.plans_by_id["pro"].per_seat

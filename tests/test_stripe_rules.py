@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from stripe_payloads import resource, subscription
 
-from billing.config import BillingConfig, PackConfig
+from billing.config import EXAMPLE_CONFIG, BillingConfig, PackConfig, parse_config
+from billing.metering import plan_quota
 from billing.stripe import events as ev
 from billing.stripe import orgs as orgs_module
 from billing.stripe.disputes import DisputeAction, dispute_action
@@ -214,6 +215,24 @@ def test_several_plan_items_give_the_highest_quota_whatever_their_order(config):
         sub["items"]["data"] = [{**first, "id": f"si_{p}", "price": {**first["price"], "id": p}}
                                 for p in prices]
         assert plan_for_subscription(config, sub) == PlanChoice("pro", "active"), prices
+
+
+def test_a_per_seat_plan_counts_the_quantity_of_its_item(config):
+    starter = 'stripe_price_ids = ["price_starter_monthly"]'
+    seats = parse_config(EXAMPLE_CONFIG.read_text().replace(starter, starter + "\nper_seat = true"))
+    sub = subscription(sub="sub_1", customer="cus_1", price="price_starter_monthly")
+    sub["items"]["data"][0]["quantity"] = 5
+    assert plan_for_subscription(seats, sub) == PlanChoice("starter", "active", seats=5)
+    assert plan_quota(seats.plans_by_id["starter"], 5) == 250_000
+    # 20 seats of starter (1,000,000) weigh more than one pro (500,000); 5 seats do not
+    first = sub["items"]["data"][0]
+    pro = {**first, "id": "si_pro", "quantity": 1, "price": {**first["price"],
+                                                              "id": "price_pro_monthly"}}
+    sub["items"]["data"] = [first, pro]
+    assert plan_for_subscription(seats, sub).plan_id == "pro"
+    first["quantity"] = 20
+    assert plan_for_subscription(seats, sub) == PlanChoice("starter", "active", seats=20)
+    assert plan_for_subscription(config, sub) == PlanChoice("pro", "active")  # no seat plans
 
 
 def view(sub_id: str, status: str, plan: str | None, since: int = 0) -> SubscriptionView:

@@ -42,6 +42,7 @@ from billing.metering import (
     is_runaway,
     meter_usage,
     overflow,
+    plan_quota,
     quota_gate,
     settlement_units,
     thresholds_crossed,
@@ -143,9 +144,9 @@ class Meters:
 
     # ---- shared steps ---------------------------------------------------------------------------
 
-    def _snapshot(self, plan: PlanConfig) -> Doc:
+    def _snapshot(self, plan: PlanConfig, account: Doc) -> Doc:
         return {
-            "quota": plan.meter_quota,
+            "quota": plan_quota(plan, int(account.get("seats") or 1)),
             "plan_id": plan.id,
             "ratio_version": self.config.meter.ratio_version,
         }
@@ -170,7 +171,7 @@ class Meters:
         await self.db.meters.update_one(
             key,
             {"$setOnInsert": {**key, "created_at": now, "updated_at": now, **OVERFLOW_COUNTED,
-                              **self._snapshot(plan)},
+                              **self._snapshot(plan, account)},
              "$inc": {"used": units}},
             upsert=True,
             session=session,
@@ -335,7 +336,7 @@ class Meters:
         # The meter's plan is the account's plan unless the subscription's status overrides it
         # (rare): price with the account's plan, and correct once the meter says otherwise.
         account = await self.db.accounts.find_one(
-            {"_id": org_id}, {"balance": 1, "plan_id": 1}, session=session
+            {"_id": org_id}, {"balance": 1, "plan_id": 1, "seats": 1}, session=session
         )
         if account is None:
             raise OrgNotFound(org_id)
@@ -455,7 +456,8 @@ class Meters:
         if meter is not None:
             return MeterView(account["_id"], week, meter["used"], meter["quota"], meter["plan_id"])
         plan = await self._plan_in(None, account)
-        return MeterView(account["_id"], week, 0, plan.meter_quota, plan.id)
+        return MeterView(account["_id"], week, 0, plan_quota(plan, int(account.get("seats") or 1)),
+                         plan.id)
 
     async def gate(self, org_id: str, now: datetime) -> Gate:
         """The quota gate of SPEC §5.2: may this organization start more work now?"""
@@ -474,52 +476,59 @@ class Meters:
     # ---- plan changes (called inside the Stripe event's transaction) ----------------------------
 
     async def apply_plan_change_in(
-        self, session: AsyncClientSession, org_id: str, plan_id: str, now: datetime
+        self, session: AsyncClientSession, org_id: str, plan_id: str, now: datetime, *,
+        seats: int = 1,
     ) -> bool:
-        """Put the organization on `plan_id` and meter the rest of this week on it.
+        """Put the organization on `plan_id` (with `seats`, for a `per_seat` plan) and meter the
+        rest of this week on it.
 
-        Writes the account's `plan_id` (the source of truth) and this week's quota snapshot; the
-        week's usage is kept. Call it after writing the subscription's status in the same
-        session: the metered plan is the default one while the status does not pay for a plan.
-        Raises `plan.changed` (and any quota alert the new quota implies) and returns True only
-        when the metered plan actually changes.
+        Writes the account's `plan_id` and `seats` (the source of truth) and this week's quota
+        snapshot; the week's usage is kept. Call it after writing the subscription's status in
+        the same session: the metered plan is the default one while the status does not pay for
+        a plan. Raises `plan.changed` (and any quota alert the new quota implies) and returns
+        True only when the metered plan or its quota actually changes (a seat count too).
         """
         if plan_id not in self.config.plans_by_id:
             raise InvalidInput(f"unknown plan {plan_id!r}", code="UNKNOWN_PLAN")
-        before = await self.db.accounts.find_one({"_id": org_id}, {"plan_id": 1},
+        before = await self.db.accounts.find_one({"_id": org_id}, {"plan_id": 1, "seats": 1},
                                                  session=session)
         if before is None:
             raise OrgNotFound(org_id)
+        account = {"_id": org_id, "plan_id": plan_id, "seats": max(seats, 1)}
         await self.db.accounts.update_one(
-            {"_id": org_id}, {"$set": {"plan_id": plan_id, "updated_at": now}}, session=session
+            {"_id": org_id}, {"$set": {"plan_id": plan_id, "seats": account["seats"],
+                                       "updated_at": now}}, session=session
         )
         status = (await self._status_in(session, org_id)).get("status")
         plan = effective_plan(self.config, plan_id, status)
+        snapshot = self._snapshot(plan, account)
         week = iso_week(now)
         key = {"org_id": org_id, "week": week}
         previous_meter = await self.db.meters.find_one(key, session=session)
         await self.db.meters.update_one(
             key,
-            {"$set": {**self._snapshot(plan), "updated_at": now},
+            {"$set": {**snapshot, "updated_at": now},
              "$setOnInsert": {**key, "used": 0, "created_at": now, **OVERFLOW_COUNTED}},
             upsert=True,
             session=session,
         )
-        previous = (
-            previous_meter["plan_id"] if previous_meter is not None
-            else effective_plan(self.config, before.get("plan_id"), status).id
-        )
-        if previous == plan.id:
+        if previous_meter is not None:
+            previous, previous_quota = previous_meter["plan_id"], previous_meter["quota"]
+        else:
+            earlier = effective_plan(self.config, before.get("plan_id"), status)
+            previous = earlier.id
+            previous_quota = plan_quota(earlier, int(before.get("seats") or 1))
+        if (previous, previous_quota) == (plan.id, snapshot["quota"]):
             return False
         used = int(previous_meter["used"]) if previous_meter is not None else 0
         await notify(
             self.db, session, org_id=org_id, type="plan.changed",
-            key=f"plan.changed:{now.isoformat()}:{previous}:{plan.id}",
-            payload={"week": week, "from": previous, "to": plan.id, "quota": plan.meter_quota,
+            key=f"plan.changed:{now.isoformat()}:{previous}:{plan.id}:{snapshot['quota']}",
+            payload={"week": week, "from": previous, "to": plan.id, "quota": snapshot["quota"],
                      "used": used},
             now=now,
         )
-        meter = {"org_id": org_id, "week": week, "used": used, "quota": plan.meter_quota,
+        meter = {"org_id": org_id, "week": week, "used": used, "quota": snapshot["quota"],
                  "plan_id": plan.id}
         await self._threshold_alerts_in(session, meter, 0, now)
         return True
@@ -698,7 +707,8 @@ class _Group:
 
     async def _read(self, orgs: set[str], keys: set[tuple[str, str]]) -> None:
         cursor = self.db.accounts.find({"_id": {"$in": sorted(orgs)}},
-                                       {"balance": 1, "plan_id": 1}, session=self.session)
+                                       {"balance": 1, "plan_id": 1, "seats": 1},
+                                       session=self.session)
         self.accounts.update({doc["_id"]: doc async for doc in cursor})
         weeks = {week for _, week in keys}
         cursor = self.db.meters.find({"org_id": {"$in": sorted(orgs)},

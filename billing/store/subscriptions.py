@@ -36,6 +36,7 @@ def view(doc: Doc) -> SubscriptionView:
         id=str(doc["_id"]), status=str(doc.get("status") or "incomplete"),
         plan_id=doc.get("plan_id"), past_due_since=doc.get("past_due_since"),
         period_start=doc.get("current_period_start"), since=marker.created if marker else 0,
+        seats=int(doc.get("seats") or 1),
     )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from billing.metering import plan_quota
 from billing.stripe.objects import Obj, ref_id, timestamp
 
 if TYPE_CHECKING:
@@ -57,21 +58,32 @@ class PlanChoice:
     plan_id: str | None
     status: str
     unknown_prices: tuple[str, ...] = ()
+    #: The quantity of the item that gives the plan, when the plan is `per_seat` (else 1).
+    seats: int = 1
 
 
 def plan_for_subscription(config: BillingConfig, sub: Obj, *, deleted: bool = False) -> PlanChoice:
     """Plan and status of one subscription: an ended one is `canceled` and pays for nothing;
     otherwise, among the plans whose `stripe_price_ids` hold one of its items' prices, the one
     with the highest weekly quota (items `price_starter_monthly` and `price_pro_monthly` on one
-    subscription: `pro`), whatever the order of the items."""
+    subscription: `pro`), whatever the order of the items. A `per_seat` plan's quota counts its
+    item's `quantity`: 5 seats of a 50000-unit plan weigh 250000."""
     status = str(sub.get("status") or "incomplete")
     if deleted or status in ENDED_STATUSES:
         return PlanChoice(None, CANCELED)
-    prices = price_ids(sub)
-    plans = [plan for plan in map(config.plan_for_price, prices) if plan is not None]
-    if plans:
-        return PlanChoice(max(plans, key=lambda plan: plan.meter_quota).id, status)
-    return PlanChoice(None, status, tuple(prices))
+    choices: list[PlanChoice] = []
+    for item in subscription_items(sub):
+        price = ref_id(item.get("price"))
+        plan = config.plan_for_price(price) if price else None
+        if plan is not None:
+            quantity = item.get("quantity")
+            seats = quantity if isinstance(quantity, int) and not isinstance(
+                quantity, bool) and quantity > 0 and plan.per_seat else 1
+            choices.append(PlanChoice(plan.id, status, seats=seats))
+    if choices:
+        return max(choices, key=lambda c: plan_quota(config.plans_by_id[str(c.plan_id)],
+                                                     c.seats))
+    return PlanChoice(None, status, tuple(price_ids(sub)))
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,7 @@ class SubscriptionView:
     past_due_since: datetime | None = None
     period_start: datetime | None = None
     since: int = 0  # `created` of the newest subscription event applied (orders the ties)
+    seats: int = 1
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,7 @@ class Standing:
     subscription_id: str | None
     past_due_since: datetime | None
     period_start: datetime | None
+    seats: int = 1
 
 
 def standing(
@@ -111,14 +125,15 @@ def standing(
     if live:
         def rank(s: SubscriptionView) -> tuple[int, bool, int, str]:
             plan = config.plans_by_id.get(s.plan_id or current_plan or default)
-            quota = plan.meter_quota if plan is not None else -1
+            quota = plan_quota(plan, s.seats) if plan is not None else -1
             return (quota, s.status != "past_due", s.since, s.id)
 
         best = max(live, key=rank)
         plan_id = best.plan_id or current_plan or default
         if plan_id not in config.plans_by_id:
             plan_id = default
-        return Standing(plan_id, best.status, best.id, best.past_due_since, best.period_start)
+        return Standing(plan_id, best.status, best.id, best.past_due_since, best.period_start,
+                        best.seats if best.plan_id == plan_id else 1)
     if not subs:
         return Standing(default, STATUS_NONE, None, None, None)
     pending = [s for s in subs if s.status not in ENDED_STATUSES]
