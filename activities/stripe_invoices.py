@@ -31,7 +31,7 @@ from billing.stripe.invoices import (
     invoice_payment,
     invoice_subscription,
 )
-from billing.stripe.objects import Obj, amount, ref_id, timestamp
+from billing.stripe.objects import Obj, amount, ref_id, timestamp, whole_list
 
 
 class InvoiceActivities(SubscriptionActivities):
@@ -159,9 +159,7 @@ class InvoiceActivities(SubscriptionActivities):
             return [], (None, None)
         payments: list[Obj] | None = None
         if not (ref_id(invoice.get("payment_intent")) or ref_id(invoice.get("charge"))):
-            listed = invoice.get("payments")
-            payments = ([p for p in listed["data"] if isinstance(p, dict)]
-                        if isinstance(listed, dict) and isinstance(listed.get("data"), list)
-                        and not listed.get("has_more")
-                        else await self.stripe_api.invoice_payments(invoice_id))
+            payments = whole_list(invoice.get("payments"))
+            if payments is None:
+                payments = await self.stripe_api.invoice_payments(invoice_id)
         return packs, invoice_payment(invoice, payments)

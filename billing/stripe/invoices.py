@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from billing.stripe.objects import Obj, amount, ref_id
+from billing.stripe.objects import Obj, amount, ref_id, whole_list
 from billing.stripe.purchases import PurchaseLine
 from billing.stripe.subscriptions import DELINQUENT_STATUSES, LIVE_STATUSES
 
@@ -63,12 +63,7 @@ def invoice_effect(failed: bool, subscription_status: str | None) -> InvoiceEffe
 def invoice_lines(invoice: Obj) -> list[Obj] | None:
     """The line items an invoice payload carries, or None when they must be listed through the
     API (Stripe sends the first page only: `has_more`)."""
-    lines = invoice.get("lines")
-    if not isinstance(lines, dict) or not isinstance(lines.get("data"), list):
-        return None
-    if lines.get("has_more"):
-        return None
-    return [line for line in lines["data"] if isinstance(line, dict)]
+    return whole_list(invoice.get("lines"))
 
 
 def line_price(line: Obj) -> str | None:

@@ -59,6 +59,17 @@ def pack_from(*objs: Obj | None) -> str | None:
     return None
 
 
+def whole_list(value: object) -> list[Obj] | None:
+    """The items of a Stripe list object carried whole in a payload (`{"object": "list",
+    "data": [...], "has_more": false}`), or None when it is absent, not expanded, or only its
+    first page (`has_more`): then it must be listed through the API."""
+    if not isinstance(value, dict) or not isinstance(value.get("data"), list):
+        return None
+    if value.get("has_more"):
+        return None
+    return [item for item in value["data"] if isinstance(item, dict)]
+
+
 def timestamp(value: object) -> datetime | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from billing.stripe.objects import Obj, amount, ref_id
+from billing.stripe.objects import Obj, amount, ref_id, whole_list
 
 #: A refund in these states took (or is taking) the money back: claw back when created.
 CLAWED_STATUSES = frozenset({"pending", "succeeded", "requires_action"})
@@ -44,12 +44,7 @@ def refund_scope(refund: Obj) -> str | None:
 def charge_refunds(charge: Obj) -> list[Obj] | None:
     """The refunds a `charge.refunded` payload carries, or None when they must be listed
     through the API (not expanded, or only a first page)."""
-    refunds = charge.get("refunds")
-    if not isinstance(refunds, dict) or not isinstance(refunds.get("data"), list):
-        return None
-    if refunds.get("has_more"):
-        return None
-    return [r for r in refunds["data"] if isinstance(r, dict)]
+    return whole_list(charge.get("refunds"))
 
 
 def refund_key(refund_id: str) -> str:
