@@ -36,7 +36,7 @@ async def billing(*args: str, env: dict[str, str] | None = None, timeout: float 
     """Run `billing ARGS` with a clean engine environment plus `env`."""
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("MONGODB_", "TEMPORAL_", "STRIPE_", "BILLING_"))}
-    base.update(COLUMNS="200", **(env or {}))
+    base.update({"COLUMNS": "200", **(env or {})})
     proc = await asyncio.create_subprocess_exec(
         BILLING, *args, env=base,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

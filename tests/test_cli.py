@@ -87,6 +87,24 @@ async def test_human_output_shows_balance_and_entries(
     assert f"+{config.default_plan.signup_grant}" in listed.out
 
 
+async def test_tables_keep_every_id_whole_on_one_line_at_any_width(
+    org: str, accounts: Accounts, ledger: Ledger, now: datetime, store_env: dict[str, str],
+) -> None:
+    """SPEC §7: an operator copies ids from the tables, so none is folded, whatever the
+    terminal's width (here 40 columns, narrower than any row)."""
+    await accounts.register(org, now)
+    key = f"admin:{'a-long-request-id-' * 3}end"
+    await ledger.write(org, key=key, kind=EntryKind.ADJUSTMENT, amount=7, now=now)
+    lot = (await ledger.lots(org))[0]["_id"]
+
+    listed = await billing("ledger", org, env={**store_env, "COLUMNS": "40"})
+    shown = await billing("balance", org, env={**store_env, "COLUMNS": "40"})
+
+    assert listed.code == 0 and shown.code == 0, listed.err + shown.err
+    assert any(key in line for line in listed.out.splitlines()), listed.out
+    assert any(lot in line for line in shown.out.splitlines()), shown.out
+
+
 @pytest.mark.parametrize("command", ["balance", "ledger"])
 async def test_unknown_org_exits_1_with_a_clear_message(
     command: str, org: str, store_env: dict[str, str],

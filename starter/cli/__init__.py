@@ -1,5 +1,6 @@
-"""The `billing` command line (SPEC §7): `app` is the console script's entry point."""
+"""The `billing` command line (SPEC §7): `main` is the console script's entry point, `app` the
+Typer application it runs (tests invoke `app` in process)."""
 
-from starter.cli.app import app
+from starter.cli.app import app, main
 
-__all__ = ["app"]
+__all__ = ["app", "main"]

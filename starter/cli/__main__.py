@@ -1,5 +1,5 @@
 """`python -m starter.cli`: the `billing` command line, for child processes of `billing dev`."""
 
-from starter.cli import app
+from starter.cli import main
 
-app()
+main()

@@ -22,6 +22,7 @@ from starter.cli.output import (
     console,
     err_console,
     operator_errors,
+    print_table,
     progress_bars,
     store_runtime,
     temporal,
@@ -60,11 +61,11 @@ def failures(
         return
     table = Table(title=f"{len(found)} failed workflow(s) and unresolved event(s), newest first")
     table.add_column("kind", no_wrap=True)
-    table.add_column("workflow id", overflow="fold")
+    table.add_column("workflow id")
     table.add_column("type")
-    table.add_column("org", overflow="fold")
+    table.add_column("org")
     table.add_column("event type")
-    table.add_column("failure", overflow="fold")
+    table.add_column("failure")
     table.add_column("at (UTC)", no_wrap=True)
     for failed in found:
         table.add_row(
@@ -73,7 +74,7 @@ def failures(
             escape(failed.failure or ""),
             f"{failed.close_time:%Y-%m-%d %H:%M:%S}" if failed.close_time else "",
         )
-    console.print(table)
+    print_table(table)
     console.print("retry one with [bold]billing retry WORKFLOW_ID[/bold], all with "
                   "[bold]billing retry --all-failed[/bold]; a Stripe event (failed or unresolved) "
                   "can be fetched and run again with [bold]billing replay EVT_ID[/bold]")

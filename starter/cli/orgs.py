@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from starter.cli.output import console, reported_errors, store_runtime
+from starter.cli.output import console, print_table, reported_errors, store_runtime
 
 
 def balance(
@@ -35,7 +35,7 @@ def balance(
         f"[bold]{escape(result.org_id)}[/bold]: balance [bold]{result.balance}[/bold] units"
     )
     table = Table()
-    table.add_column("lot", overflow="fold")
+    table.add_column("lot")
     table.add_column("kind", no_wrap=True)
     table.add_column("units", justify="right", no_wrap=True)
     table.add_column("remaining", justify="right", no_wrap=True)
@@ -46,7 +46,7 @@ def balance(
             f"{lot.expires_at:%Y-%m-%d %H:%M:%S}" if lot.expires_at else "never",
         )
     if result.lots:
-        console.print(table)
+        print_table(table)
     else:
         console.print("no open lots")
 
@@ -75,15 +75,15 @@ def ledger(
     table.add_column("created at (UTC)", no_wrap=True)
     table.add_column("kind", no_wrap=True)
     table.add_column("amount", justify="right", no_wrap=True)
-    table.add_column("key", overflow="fold")
-    table.add_column("lot", overflow="fold")
+    table.add_column("key")
+    table.add_column("lot")
     table.add_column("memo")
     for entry in page.entries:
         table.add_row(
             f"{entry.created_at:%Y-%m-%d %H:%M:%S}", entry.kind, f"{entry.amount:+d}",
             escape(entry.key), entry.lot_id or "", escape(entry.memo),
         )
-    console.print(table)
+    print_table(table)
     if page.next_cursor:
         console.print("more entries: raise --limit (at most 200) or page "
                       f"GET /v1/orgs/{escape(org)}/ledger?cursor={page.next_cursor}")
@@ -113,7 +113,7 @@ def meter(
     for column in ("plan", "used", "quota", "remaining"):
         table.add_column(column, justify="left" if column == "plan" else "right")
     table.add_row(view.plan_id, str(view.used), str(view.quota), str(view.remaining))
-    console.print(table)
+    print_table(table)
 
 
 def register(app: typer.Typer) -> None:

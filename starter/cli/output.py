@@ -16,6 +16,7 @@ from rich.markup import escape
 from starter import event_loop
 
 if TYPE_CHECKING:
+    from rich.table import Table
     from temporalio.client import Client
 
     from billing.runtime import Runtime
@@ -67,6 +68,22 @@ def operator_errors() -> Iterator[None]:
         except RPCError as exc:
             err_console.print(f"[red]Temporal refused:[/red] {escape(exc.message)}")
             raise typer.Exit(EXIT_ERROR) from exc
+
+
+def print_table(table: Table, out: Console | None = None) -> None:
+    """Print `table` at its natural width, never narrower than the terminal: every id stays
+    whole on one line whatever the terminal's width (SPEC §7: an operator copies them), and a
+    terminal narrower than the table wraps its lines itself."""
+    from rich.measure import Measurement
+
+    out = out or console
+    natural = Measurement.get(out, out.options.update_width(1_000_000), table).maximum
+    width = out.width
+    out.width = max(width, natural)
+    try:
+        out.print(table, crop=False)
+    finally:
+        out.width = width
 
 
 @contextlib.contextmanager

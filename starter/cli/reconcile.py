@@ -13,7 +13,14 @@ from rich.table import Table
 if TYPE_CHECKING:
     from billing.models import ReconcileReport
 
-from starter.cli.output import console, err_console, operator_errors, store_runtime, temporal
+from starter.cli.output import (
+    console,
+    err_console,
+    operator_errors,
+    print_table,
+    store_runtime,
+    temporal,
+)
 
 #: Divergences listed in the table; the JSON output and the stored report hold more.
 SHOWN = 50
@@ -70,21 +77,21 @@ def print_report(report: ReconcileReport) -> None:
     if report.divergences:
         table = Table(title=f"divergences ({report.divergences_total})")
         for column in ("org", "check", "kind", "subject", "expected", "actual"):
-            table.add_column(column, overflow="fold")
+            table.add_column(column)
         for d in report.divergences[:SHOWN]:
             table.add_row(*(escape(str(v if v is not None else "")) for v in (
                 d.org_id, d.check, d.kind, d.subject, d.expected, d.actual)))
-        console.print(table)
+        print_table(table)
         if report.divergences_total > SHOWN:
             console.print(f"{report.divergences_total - SHOWN} more: see --json or the "
                           f"`reports` document {escape(report.report_id)}")
     if report.repaired_events:
         table = Table(title="missed events run now")
         for column in ("event", "type", "outcome"):
-            table.add_column(column, overflow="fold")
+            table.add_column(column)
         for event in report.repaired_events:
             table.add_row(escape(event.event_id), event.type, event.outcome)
-        console.print(table)
+        print_table(table)
 
 
 def reconcile(

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from starter.cli.output import console, err_console, operator_errors, temporal
+from starter.cli.output import console, err_console, operator_errors, print_table, temporal
 
 if TYPE_CHECKING:
     from starter.operations.schedule_views import ScheduleView, TriggerResult
@@ -29,7 +29,7 @@ def _print_schedules(views: list[ScheduleView]) -> None:
     table.add_column("paused")
     table.add_column("overlap")
     table.add_column("last run", no_wrap=True)
-    table.add_column("last workflow id", overflow="fold")
+    table.add_column("last workflow id")
     for view in views:
         if not view.exists:
             table.add_row(view.id, view.workflow, "[yellow]not created: start the worker[/yellow]",
@@ -41,7 +41,7 @@ def _print_schedules(views: list[ScheduleView]) -> None:
             "[yellow]yes[/yellow]" if view.paused else "no", view.overlap or "",
             _when(view.last_run) or "never", escape(view.last_workflow_id or ""),
         )
-    console.print(table)
+    print_table(table)
 
 
 def _print_trigger(result: TriggerResult) -> None:

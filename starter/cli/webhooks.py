@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from starter.cli.output import EXIT_ERROR, console, err_console, reported_errors
+from starter.cli.output import EXIT_ERROR, err_console, print_table, reported_errors
 
 webhooks_app = typer.Typer(help="Outbound webhooks: the engine's notifications sent to the app.",
                            no_args_is_help=True)
@@ -39,14 +39,14 @@ def test_receivers(
                                for r in results]))
     else:
         table = Table(title="webhook test")
-        table.add_column("receiver", overflow="fold")
+        table.add_column("receiver")
         table.add_column("answer")
         for result in results:
             answer = str(result.status) if result.status is not None else escape(
                 result.error or "")
             table.add_row(escape(result.url),
                           f"[green]{answer}[/green]" if result.ok else f"[red]{answer}[/red]")
-        console.print(table)
+        print_table(table)
     if not all(r.ok for r in results):
         raise typer.Exit(EXIT_ERROR)
 
