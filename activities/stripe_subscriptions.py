@@ -149,7 +149,8 @@ class SubscriptionActivities(StripeFrame):
             return await self._run(apply, work)
 
     async def _customer_deleted(self, apply: StripeApply) -> StripeStep:
-        """The customer is gone: every subscription of it ends, and the Stripe ids unlink."""
+        """The customer is gone: every subscription of it ends, and the Stripe ids unlink, for
+        every organization it pays for (one customer may pay for several)."""
         event = apply.event
         customer = ref_id(event.object.get("id"))
         marker = Marker(event.created, event.id)
@@ -157,25 +158,36 @@ class SubscriptionActivities(StripeFrame):
         async def work(session: AsyncClientSession, outcome: Outcome) -> None:
             if not await self._resolve_org(session, outcome, customer):
                 return None
-            org_id = outcome.org_id
-            assert org_id is not None
-            await self.runtime.accounts.ensure_in(session, org_id, apply.now)
-            for doc in await self.subscriptions.of_org(org_id, session):
-                if doc.get("customer") not in (None, customer):
-                    continue
-                if is_stale(self.subscriptions.marker(doc, SUBSCRIPTION_FAMILY), marker):
-                    continue
-                await self.subscriptions.save_in(
-                    session, doc["_id"], org_id, fields={"status": CANCELED,
-                                                         "past_due_since": None},
-                    now=apply.now, family=SUBSCRIPTION_FAMILY, marker=marker)
-                if doc.get("status") not in ENDED_STATUSES:
-                    await self._notify(session, outcome, "subscription.expired",
-                                       f"subscription.expired:{doc['_id']}",
-                                       {"subscription": doc["_id"], "event": event.type})
-            await self._standing(session, outcome, {"stripe_customer_id": None,
-                                                    "stripe_subscription_id": None})
+            first = outcome.org_id
+            linked = await self.subscriptions.orgs_for_customer(customer, session)
+            for org_id in dict.fromkeys([first, *linked]):
+                outcome.org_id = org_id
+                await self._end_customer_in(session, outcome, customer, marker)
+            outcome.org_id = first
             outcome.written.append(f"customer {customer} unlinked")
             return None
 
         return await self._run(apply, work)
+
+    async def _end_customer_in(self, session: AsyncClientSession, outcome: Outcome,
+                               customer: str | None, marker: Marker) -> None:
+        """End one organization's subscriptions of a deleted customer and unlink it."""
+        apply = outcome.apply
+        org_id = outcome.org_id
+        assert org_id is not None
+        await self.runtime.accounts.ensure_in(session, org_id, apply.now)
+        for doc in await self.subscriptions.of_org(org_id, session):
+            if doc.get("customer") not in (None, customer):
+                continue
+            if is_stale(self.subscriptions.marker(doc, SUBSCRIPTION_FAMILY), marker):
+                continue
+            await self.subscriptions.save_in(
+                session, doc["_id"], org_id, fields={"status": CANCELED,
+                                                     "past_due_since": None},
+                now=apply.now, family=SUBSCRIPTION_FAMILY, marker=marker)
+            if doc.get("status") not in ENDED_STATUSES:
+                await self._notify(session, outcome, "subscription.expired",
+                                   f"subscription.expired:{doc['_id']}",
+                                   {"subscription": doc["_id"], "event": apply.event.type})
+        await self._standing(session, outcome, {"stripe_customer_id": None,
+                                                "stripe_subscription_id": None})

@@ -65,6 +65,17 @@ class Subscriptions:
         )
         return str(doc["_id"]) if doc else None
 
+    async def orgs_for_customer(
+        self, customer_id: str | None, session: AsyncClientSession | None = None
+    ) -> list[str]:
+        """Every organization linked to a Stripe customer, in id order: one customer may pay for
+        several (SPEC 5.5)."""
+        if not customer_id:
+            return []
+        cursor = self.db.subscriptions.find(
+            {"stripe_customer_id": customer_id}, {"_id": 1}, session=session).sort("_id", 1)
+        return [str(doc["_id"]) async for doc in cursor]
+
     @staticmethod
     def marker(doc: Doc | None, family: str) -> Marker | None:
         return Marker.from_doc(((doc or {}).get("markers") or {}).get(family))
