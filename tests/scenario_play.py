@@ -101,6 +101,12 @@ def build(spec: Obj, served: dict[str, Built]) -> Built:
                 item["quantity"] = value
             else:
                 item["current_period_start"] = value
+        elif built.kind == "subscription" and key == "items":
+            first = obj["items"]["data"][0]
+            obj["items"]["data"] = [
+                {**copy.deepcopy(first), "id": f"si_{uuid.uuid4().hex[:14]}",
+                 "price": {**first["price"], "id": i["price"]}, "quantity": i.get("quantity", 1)}
+                for i in value]
         elif built.kind == "checkout.session" and key == "line_items":
             built.line_items = [line_item(i["price"], quantity=i.get("quantity", 1),
                                           amount_total=i.get("amount_total", 4900))
