@@ -13,8 +13,10 @@ from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Self
+from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -118,6 +120,30 @@ class AdminConfig(_Strict):
     approval_threshold_units: int = Field(gt=0)
 
 
+def _absolute_http(url: str) -> str:
+    """An absolute http(s) URL with a host, as Stripe and browsers need it."""
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(f"{url!r} is not an absolute http(s) URL")
+    return url
+
+
+HttpUrl = Annotated[str, AfterValidator(_absolute_http)]
+
+
+class CheckoutConfig(_Strict):
+    """Where Stripe Checkout sends the customer back (SPEC §5.9), unless a request says."""
+
+    success_url: HttpUrl = "http://127.0.0.1:8000/portal?checkout=done"
+    cancel_url: HttpUrl = "http://127.0.0.1:8000/portal"
+
+
+class PortalConfig(_Strict):
+    """The customer page (SPEC §5.10): which origins may embed it in a frame."""
+
+    frame_ancestors: tuple[HttpUrl, ...] = ()
+
+
 class BillingConfig(_Strict):
     """The product configuration of one deployment (the TOML file)."""
 
@@ -127,6 +153,8 @@ class BillingConfig(_Strict):
     subscriptions: SubscriptionsConfig
     reconcile: ReconcileConfig
     admin: AdminConfig
+    checkout: CheckoutConfig = CheckoutConfig()
+    portal: PortalConfig = PortalConfig()
 
     @model_validator(mode="after")
     def _references(self) -> Self:
@@ -243,6 +271,8 @@ class Settings(BaseSettings):
     billing_webhook_budget_seconds: int = Field(default=3 * 24 * 3600, gt=0)
     #: How often the worker looks for notifications whose deliveries are not started yet.
     billing_outbox_poll_seconds: float = Field(default=1.0, gt=0)
+    billing_portal_secret: str = ""
+    billing_public_url: str = "http://127.0.0.1:8000"
 
     @property
     def webhook_secrets(self) -> tuple[str, ...]:
@@ -268,3 +298,8 @@ class Settings(BaseSettings):
     @property
     def api_tokens(self) -> tuple[str, ...]:
         return _split_csv(self.billing_api_token)
+
+    @property
+    def portal_secrets(self) -> tuple[str, ...]:
+        """`BILLING_PORTAL_SECRET`: the keys of customer tokens, the signing one first."""
+        return _split_csv(self.billing_portal_secret)
