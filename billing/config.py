@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from billing.tokens import check_keys
 from billing.webhooks import check_receivers
 
 EXAMPLE_CONFIG = Path(__file__).with_name("billing.example.toml")
@@ -303,3 +304,10 @@ class Settings(BaseSettings):
     def portal_secrets(self) -> tuple[str, ...]:
         """`BILLING_PORTAL_SECRET`: the keys of customer tokens, the signing one first."""
         return _split_csv(self.billing_portal_secret)
+
+    def check_portal(self) -> None:
+        """Raise `ConfigError` when a customer-token key is too short to sign with."""
+        try:
+            check_keys(self.portal_secrets)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc

@@ -14,6 +14,7 @@ from billing.store.ledger import Ledger
 from billing.store.meters import Meters
 from billing.store.reconcile import ReconcileStore
 from billing.store.subscriptions import Subscriptions
+from billing.store.tokens import CustomerTokens
 
 SERVER_SELECTION_TIMEOUT_MS = 5000
 
@@ -59,3 +60,7 @@ class Runtime:
     @cached_property
     def auto_topups(self) -> AutoTopUps:
         return AutoTopUps(self.db, self.config)
+
+    @cached_property
+    def tokens(self) -> CustomerTokens:
+        return CustomerTokens(self.db)

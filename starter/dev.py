@@ -105,12 +105,13 @@ def _bind_http(options: DevOptions) -> socket.socket:
 class DevCredentials:
     api_token: str
     webhook_secret: str
+    portal_secret: str
 
 
 def dev_credentials(data_dir: Path) -> DevCredentials:
-    """The dev API token and webhook secret: generated on the first start, then read back from
-    the data directory so API clients and `billing send-test-event` keep working across
-    restarts."""
+    """The dev API token, webhook secret and customer-token key: generated on the first start,
+    then read back from the data directory so API clients, `billing send-test-event` and the
+    customer page links keep working across restarts."""
     path = data_dir / CREDENTIALS_FILE
     stored: dict[str, str] = {}
     if path.exists():
@@ -125,6 +126,7 @@ def dev_credentials(data_dir: Path) -> DevCredentials:
     wanted = {
         "api_token": stored.get("api_token") or f"dev_{secrets.token_urlsafe(24)}",
         "webhook_secret": stored.get("webhook_secret") or f"whsec_dev_{secrets.token_hex(16)}",
+        "portal_secret": stored.get("portal_secret") or f"portal_dev_{secrets.token_urlsafe(32)}",
     }
     if wanted != stored:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -139,14 +141,18 @@ def new_webhook_secret() -> str:
 
 
 def dev_settings(options: DevOptions, credentials: DevCredentials) -> Settings:
-    """The environment's settings, pointed at the embedded servers; `BILLING_API_TOKEN` and
-    `STRIPE_WEBHOOK_SECRET` win over the generated dev values when they are set."""
+    """The environment's settings, pointed at the embedded servers; `BILLING_API_TOKEN`,
+    `STRIPE_WEBHOOK_SECRET`, `BILLING_PORTAL_SECRET` and `BILLING_PUBLIC_URL` win over the
+    generated dev values when they are set."""
     env = Settings()
     return Settings(
         mongodb_uri=MongoServer(port=options.mongo_port).uri,
         temporal_address=f"{HOST}:{options.temporal_port}",
         billing_api_token=env.billing_api_token or credentials.api_token,
         stripe_webhook_secret=env.stripe_webhook_secret or credentials.webhook_secret,
+        billing_portal_secret=env.billing_portal_secret or credentials.portal_secret,
+        billing_public_url=os.environ.get("BILLING_PUBLIC_URL")
+        or f"http://{HOST}:{options.http_port}",
     )
 
 
@@ -274,10 +280,18 @@ def _print_ready(
         soft_wrap=True,
     )
     console.print(
-        "Other terminals (billing balance, credit, ...): "
-        f"export MONGODB_URI='{settings.mongodb_uri}' TEMPORAL_ADDRESS={settings.temporal_address}",
+        "Other terminals (billing balance, credit, token, ...): "
+        f"export MONGODB_URI='{settings.mongodb_uri}' TEMPORAL_ADDRESS={settings.temporal_address}"
+        f" BILLING_PORTAL_SECRET='{escape(settings.billing_portal_secret)}'"
+        f" BILLING_PUBLIC_URL={settings.billing_public_url}",
         soft_wrap=True,
     )
+    mint = (f'curl -X POST -H "Authorization: Bearer {token}" -H "Content-Type: '
+            f"application/json\" -d '{{\"scopes\": [\"read\", \"purchase\"]}}' "
+            f"{api}/v1/orgs/acme/tokens")
+    console.print(
+        "Customer page of acme (registered by the curl above): open the portal_url that "
+        f"{escape(mint)} answers (or run: billing token acme --purchase)", soft_wrap=True)
     if settings.webhook_receivers:
         console.print(f"Notifications are delivered to {escape(settings.billing_webhook_url)}; "
                       "check a receiver with: billing webhooks test", soft_wrap=True)
@@ -300,6 +314,7 @@ async def run_dev(options: DevOptions, console: Console) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     settings = dev_settings(options, dev_credentials(data_dir))
     settings.check_webhooks()
+    settings.check_portal()
     mongo = MongoServer(
         port=options.mongo_port, data_dir=data_dir / "mongo", log_path=data_dir / "mongo.log"
     )

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 from meter_helpers import meter_config
+from portal_helpers import portal_api, portal_runtime
 from stripe_fake import StripeFake, api, stripe_fake, stripe_runtime, stripe_worker
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -28,8 +29,10 @@ from starter.embedded import MongoServer, free_port, start_temporal
 from worker import build_worker
 
 #: Fixtures of the helper modules, for every test module: the Stripe fake and the engine running
-#: against it, the metering configuration, and the organization hostile requests aim at.
-__all__ = ["api", "meter_config", "stripe_fake", "stripe_runtime", "stripe_worker", "victim"]
+#: against it, the metering configuration, the organization hostile requests aim at, and the
+#: engine with customer tokens enabled.
+__all__ = ["api", "meter_config", "portal_api", "portal_runtime", "stripe_fake", "stripe_runtime",
+           "stripe_worker", "victim"]
 
 
 @pytest.fixture(scope="session")

@@ -139,6 +139,7 @@ def test_dev_stack_starts_serves_stops_and_keeps_its_data(
     output = stack.output()
     assert token in output
     assert credentials["webhook_secret"] in output
+    assert credentials["portal_secret"] in output and "/v1/orgs/acme/tokens" in output
     assert f"http://127.0.0.1:{ports['ui']}" in output
     assert "BILLING_WEBHOOK_URL=http://127.0.0.1:9000/hooks BILLING_WEBHOOK_SECRET=whsec_" in output
     assert httpx.get(f"http://127.0.0.1:{ports['ui']}/", timeout=5).status_code < 400
@@ -147,6 +148,13 @@ def test_dev_stack_starts_serves_stops_and_keeps_its_data(
     assert registered.status_code == 201, registered.text
     balance = httpx.get(f"{stack.api}/v1/orgs/{org}/balance", headers=headers, timeout=5)
     assert balance.json()["balance"] == config.default_plan.signup_grant
+    issued = httpx.post(f"{stack.api}/v1/orgs/{org}/tokens", json={"scopes": ["read"]},
+                        headers=headers, timeout=10)
+    assert issued.status_code == 201, issued.text
+    assert issued.json()["portal_url"].startswith(f"{stack.api}/portal#token=")
+    customer = {"Authorization": f"Bearer {issued.json()['token']}"}
+    assert httpx.get(f"{stack.api}/v1/orgs/{org}/meter", headers=customer,
+                     timeout=5).status_code == 200
     metrics = httpx.get(f"{stack.api}/metrics", timeout=10).text
     assert 'billing_ledger_entries_total{kind="grant"} 1.0' in metrics
     assert "billing_failed_workflows 0.0" in metrics

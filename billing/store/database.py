@@ -77,6 +77,10 @@ INDEXES: dict[str, list[IndexModel]] = {
         outbox.INDEX,  # the triggers whose workflow may not be started yet
         IndexModel([("payment_intent", ASCENDING)], name="payment_intent"),
     ],
+    # Issued customer tokens and their revocations, read by `_id`; gone once expired (TTL).
+    "customer_tokens": [
+        IndexModel([("expires_at", ASCENDING)], name="expiry", expireAfterSeconds=0),
+    ],
 }
 
 

@@ -14,6 +14,7 @@ from temporalio.client import Client
 
 from billing.errors import BillingError
 from billing.runtime import Runtime
+from billing.tokens import authorize, looks_like_jwt, verify
 from starter.temporal_client import TemporalUnavailable, connect
 
 logger = logging.getLogger(__name__)
@@ -60,12 +61,14 @@ def runtime(state: Annotated[AppState, Depends(app_state)]) -> Runtime:
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require_token(
+async def require_token(
+    request: Request,
     state: Annotated[AppState, Depends(app_state)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """`Authorization: Bearer <token>` against `BILLING_API_TOKEN` (any of its comma-separated
-    values), compared in constant time."""
+    values), compared in constant time; a bearer shaped like a JWT that is none of them is a
+    customer token, held to what it may call (`customer_access`)."""
     if credentials is None:
         raise Unauthorized("missing bearer token")
     presented = credentials.credentials.encode()
@@ -73,7 +76,19 @@ def require_token(
     for token in state.runtime.settings.api_tokens:
         valid |= hmac.compare_digest(presented, token.encode())
     if not valid:
-        raise Unauthorized("invalid bearer token")
+        if not looks_like_jwt(credentials.credentials):
+            raise Unauthorized("invalid bearer token")
+        await customer_access(request, state.runtime, credentials.credentials)
+
+
+async def customer_access(request: Request, runtime: Runtime, bearer: str) -> None:
+    """A customer token passes when it verifies, is live in MongoDB (issued, not revoked: read
+    on every request) and may call the matched route on its own organization; else 401
+    `TOKEN_INVALID` or 403 `FORBIDDEN`."""
+    claims = verify(runtime.settings.portal_secrets, bearer)
+    await runtime.tokens.check_live(claims)
+    route = str(getattr(request.scope.get("route"), "path_format", ""))
+    authorize(claims, request.method, route, request.path_params.get("org"))
 
 
 def v1_router(**options: Any) -> APIRouter:

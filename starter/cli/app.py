@@ -20,6 +20,7 @@ from starter.cli import (
     processes,
     reconcile,
     schedules,
+    tokens,
     webhooks,
 )
 
@@ -32,7 +33,7 @@ app = typer.Typer(
 )
 
 for group in (processes, orgs, adjustments, auto_topup, events, schedules, reconcile,
-              webhooks):
+              webhooks, tokens):
     group.register(app)
 
 

@@ -66,6 +66,10 @@ def serve(
             err_console.print("[red]configuration error:[/red] BILLING_API_TOKEN is not set: "
                               "every /v1 request would be refused")
             raise typer.Exit(EXIT_CONFIG)
+        runtime.settings.check_portal()
+        if not runtime.settings.portal_secrets:
+            err_console.print("[yellow]warning:[/yellow] BILLING_PORTAL_SECRET is not set: no "
+                              "customer token can be issued, so GET /portal shows no data")
         if not runtime.settings.webhook_secrets:
             err_console.print("[yellow]warning:[/yellow] STRIPE_WEBHOOK_SECRET is not set: "
                               "POST /stripe/webhook rejects every event")
