@@ -81,6 +81,8 @@ INDEXES: dict[str, list[IndexModel]] = {
     "customer_tokens": [
         IndexModel([("expires_at", ASCENDING)], name="expiry", expireAfterSeconds=0),
     ],
+    # Checkout records (SPEC §5.9) are read by `_id` only.
+    "checkouts": [],
 }
 
 
@@ -153,6 +155,10 @@ class Database:
     @property
     def reports(self) -> AsyncCollection[Doc]:
         return self.db["reports"]
+
+    @property
+    def checkouts(self) -> AsyncCollection[Doc]:
+        return self.db["checkouts"]
 
     async def ensure_indexes(self) -> None:
         """Create every collection and index; safe to run at every start."""

@@ -12,6 +12,7 @@ from billing.runtime import Runtime
 from starter import tracing
 from starter.api import (
     auto_topup,
+    checkout,
     events,
     health,
     metering,
@@ -55,6 +56,7 @@ def create_app(runtime: Runtime, temporal: Client | None = None) -> FastAPI:
     app.include_router(webhook.router)
     app.include_router(events.router)
     app.include_router(auto_topup.router)
+    app.include_router(checkout.router)
     app.include_router(tokens.router)
     app.include_router(portal.router)
     tracing.instrument_app(app)
