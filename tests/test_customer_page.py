@@ -22,6 +22,7 @@ import pytest
 import uvicorn
 from playwright.async_api import Browser, Page, async_playwright
 from portal_helpers import OPERATOR, bearer, customer_token, expired_token, registered
+from stripe_fake import StripeFake
 from stripe_payloads import event, metadata, new_id, payment_intent, refund, subscription
 from temporalio.client import Client
 from victims import recorded
@@ -91,12 +92,13 @@ class Customer:
 
 @pytest.fixture(scope="module")
 async def customer(portal_api: httpx.AsyncClient, api: httpx.AsyncClient, stripe_worker: Any,
-                   temporal_client: Client) -> Customer:
+                   temporal_client: Client, stripe_fake: StripeFake) -> Customer:
     """An organization on the starter plan (50000 units a week) with a pack bought 353 days
     ago (it expires in 12 days), one bought now and partly refunded, and 56000 units used this
     week: 6000 beyond the plan."""
     org = await registered(portal_api, new_id("org"))
     cus, pi_old, pi_new, ch_new = new_id("cus"), new_id("pi"), new_id("pi"), new_id("ch")
+    stripe_fake.customer(cus)
     for evt in (
         event("customer.subscription.created",
               subscription(sub=new_id("sub"), customer=cus, price="price_starter_monthly",
@@ -203,6 +205,34 @@ async def test_the_page_shows_what_the_api_says(
         # Nothing left the engine's origin, and the token was never in a requested URL.
         assert requested and all(u.startswith(f"{server}/") for u in requested), requested
         assert not [u for u in requested if token["token"] in u]
+
+
+async def test_buy_goes_to_the_checkout_page_and_manage_to_the_billing_portal(
+    browser: Browser, server: str, portal_api: httpx.AsyncClient, customer: Customer,
+    stripe_fake: StripeFake,
+) -> None:
+    token = await customer_token(portal_api, customer.org, "read", "purchase")
+    async with opened(browser, f"{server}/portal#token={token['token']}") as (page, _):
+        await page.locator("#content").wait_for(state="visible")
+        await page.get_by_label("Quantity").fill("2")
+        await page.get_by_role("button", name="Buy 500,000 units").click()
+        await page.wait_for_url(f"{stripe_fake.url}/c/pay/*")
+        session_id = page.url.rsplit("/", 1)[1]
+        session = stripe_fake.objects[session_id]
+        assert (session["metadata"]["org_id"], session["metadata"]["pack_id"]) == (
+            customer.org, PACK)
+        assert session["customer"] == customer.customer
+        assert [(line["price"]["id"], line["quantity"])
+                for line in stripe_fake.line_items[session_id]] == [("price_pack_500k", 2)]
+        assert "Pay (test)" in await page.content()  # the fake's hosted Checkout page
+
+        await page.goto(f"{server}/portal#token={token['token']}")
+        await page.locator("#content").wait_for(state="visible")
+        await page.get_by_role("button", name="Manage subscription").click()
+        await page.wait_for_url(f"{stripe_fake.url}/p/session/*")
+        [portal] = [p for p in stripe_fake.created["billing_portal.session"]
+                    if p["url"] == page.url]
+        assert portal["customer"] == customer.customer
 
 
 async def test_a_read_only_link_shows_no_buying(

@@ -29,6 +29,7 @@ from portal_helpers import (
     expired_token,
     registered,
 )
+from stripe_fake import StripeFake
 from temporalio.client import Client
 from test_scale_out import serving
 
@@ -213,6 +214,34 @@ async def test_a_read_token_reads_its_own_organization_only(
         assert (response.status_code, error_of(response)["code"]) == (403, "FORBIDDEN"), path
     usage = await portal_api.get(f"/v1/orgs/{victim_org}/meter", headers=OPERATOR)
     assert usage.json()["used"] == 0  # nothing the token was refused was done
+
+
+async def test_a_purchase_token_starts_checkout_and_the_billing_portal_of_its_org(
+    portal_api: httpx.AsyncClient, stripe_fake: StripeFake, victim_org: str
+) -> None:
+    other = await registered(portal_api, f"org-{uuid.uuid4().hex[:10]}")
+    reader = (await customer_token(portal_api, victim_org))["token"]
+    buyer = (await customer_token(portal_api, victim_org, "read", "purchase"))["token"]
+    pack = {"pack_id": "pack_500k", "quantity": 2}
+    for token, org in ((reader, victim_org), (buyer, other)):
+        for path, body in (("checkout", pack), ("billing-portal", {})):
+            refused = await portal_api.post(f"/v1/orgs/{org}/{path}", json=body,
+                                            headers=bearer(token))
+            assert (refused.status_code, error_of(refused)["code"]) == (403, "FORBIDDEN")
+    assert not [s for s in stripe_fake.created.get("checkout.session", [])
+                if s["metadata"].get("org_id") in (victim_org, other)]
+
+    started = await portal_api.post(f"/v1/orgs/{victim_org}/checkout", json=pack,
+                                    headers=bearer(buyer))
+    assert started.status_code == 200, started.text
+    assert (started.json()["units"], started.json()["pack_id"]) == (1_000_000, "pack_500k")
+    [session] = [s for s in stripe_fake.created["checkout.session"]
+                 if s["url"] == started.json()["url"]]
+    assert session["metadata"]["org_id"] == victim_org
+    managed = await portal_api.post(f"/v1/orgs/{victim_org}/billing-portal", json={},
+                                    headers=bearer(buyer))
+    assert managed.status_code == 200, managed.text
+    assert managed.json()["url"].startswith(stripe_fake.url)
 
 
 async def test_tokens_that_are_refused_with_401(
