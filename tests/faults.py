@@ -1,9 +1,11 @@
-"""Helpers of the fault and storm tests: the worker as its own OS process, SecantusDB fail points,
-the app on a runtime of the test's choosing, and waits that poll instead of sleeping."""
+"""Helpers of the fault and storm tests: the worker and the API as their own OS processes,
+SecantusDB fail points, the app on a runtime of the test's choosing, and waits that poll instead
+of sleeping."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -23,7 +25,7 @@ from billing.models import StripeEventOutcome
 from billing.runtime import Runtime
 from billing.store.database import Database
 from starter.api.app import create_app
-from starter.embedded import find_binary
+from starter.embedded import find_binary, free_port, terminate
 from starter.schedules import SCHEDULES
 
 T = TypeVar("T")
@@ -132,6 +134,31 @@ async def app_client(runtime: Runtime, temporal: Client | None
         headers={"Authorization": "Bearer test-token"},
     ) as client:
         yield client
+
+
+@asynccontextmanager
+async def serving(env: dict[str, str], log: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """`billing serve` in its own process, ready (its `/readyz` answers 200)."""
+    port = free_port()
+    with log.open("ab") as out:
+        process = await asyncio.create_subprocess_exec(
+            find_binary("billing"), "serve", "--port", str(port), env=env, stdout=out,
+            stderr=out, start_new_session=True)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                                     headers={"Authorization": "Bearer test-token"}) as api:
+            async def ready() -> bool:
+                if process.returncode is not None:
+                    raise AssertionError(f"billing serve exited: {log.read_text()[-2000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    return (await api.get("/readyz")).status_code == 200
+                return False
+
+            await wait_until(ready, "billing serve to be ready", timeout_s=60)
+            yield api
+    finally:
+        await terminate(process, grace_s=15)
+
 
 
 # ---- workflows ----------------------------------------------------------------------------------

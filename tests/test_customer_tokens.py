@@ -15,7 +15,7 @@ import httpx
 import jwt
 import pytest
 from cli_helpers import billing
-from faults import worker_env
+from faults import serving, worker_env
 from http_helpers import error_of
 from portal_helpers import (
     CURRENT_KEY,
@@ -31,7 +31,6 @@ from portal_helpers import (
 )
 from stripe_fake import StripeFake
 from temporalio.client import Client
-from test_scale_out import serving
 
 from billing.clock import utcnow
 from billing.runtime import Runtime
@@ -345,3 +344,23 @@ async def test_billing_token_prints_a_portal_url(
     assert unset.code == 1 and "BILLING_PORTAL_SECRET" in unset.err
     short = await billing("token", victim_org, env={**env, "BILLING_PORTAL_SECRET": "short"})
     assert short.code == 2 and "at least 32" in short.err
+
+
+async def test_the_openapi_schema_documents_customer_tokens(portal_api: httpx.AsyncClient) -> None:
+    schema = (await portal_api.get("/openapi.json")).json()
+    parts = schema["components"]["schemas"]
+    for model, fields in {"TokenRequest": {"scopes", "ttl_seconds"},
+                          "IssuedTokenView": {"token", "token_id", "expires_at", "portal_url"}
+                          }.items():
+        properties = parts[model]["properties"]
+        assert set(properties) == fields, model
+        assert all(properties[f].get("description") for f in fields), model
+    assert parts["TokenRequest"]["properties"]["ttl_seconds"]["maximum"] == 86400
+    paths = schema["paths"]
+    assert {"201", "404", "503"} <= set(paths["/v1/orgs/{org}/tokens"]["post"]["responses"])
+    assert {"204", "404"} <= set(paths["/v1/tokens/{token_id}"]["delete"]["responses"])
+    for path in ("/v1/orgs/{org}/balance", "/v1/orgs/{org}/meter", "/v1/usage",
+                 "/v1/orgs/{org}/checkout"):
+        operation = next(iter(paths[path].values()))
+        assert "FORBIDDEN" in operation["responses"]["403"]["description"], path
+    assert "/portal" in paths

@@ -8,7 +8,6 @@ or applied twice, and the ledger invariants hold."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import statistics
 import time
@@ -24,6 +23,7 @@ from faults import (
     delete_schedules_of,
     outcomes,
     runtime_on,
+    serving,
     wait_until,
     worker_env,
 )
@@ -34,38 +34,12 @@ from temporalio.client import Client
 
 from billing.runtime import Runtime
 from billing.store.database import Database
-from starter.embedded import find_binary, free_port, terminate
 
 PACK = "pack_500k"
 PACK_UNITS = 500000
 SIGNUP_GRANT = 500
 RECORDS = 300
 CALLERS = 16
-AUTH = {"Authorization": "Bearer test-token"}
-
-
-@contextlib.asynccontextmanager
-async def serving(env: dict[str, str], log: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """`billing serve` in its own process, ready (its `/readyz` answers 200)."""
-    port = free_port()
-    with log.open("ab") as out:
-        process = await asyncio.create_subprocess_exec(
-            find_binary("billing"), "serve", "--port", str(port), env=env, stdout=out,
-            stderr=out, start_new_session=True)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH,
-                                     timeout=60) as api:
-            async def ready() -> bool:
-                if process.returncode is not None:
-                    raise AssertionError(f"billing serve exited: {log.read_text()[-2000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    return (await api.get("/readyz")).status_code == 200
-                return False
-
-            await wait_until(ready, "billing serve to be ready", timeout_s=60)
-            yield api
-    finally:
-        await terminate(process, grace_s=15)
 
 
 @pytest.fixture

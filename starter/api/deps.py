@@ -18,6 +18,7 @@ from billing.errors import BillingError
 from billing.runtime import Runtime
 from billing.stripe_client import stripe_client
 from billing.tokens import authorize, looks_like_jwt, verify
+from starter.api.errors import ErrorResponse
 from starter.temporal_client import TemporalUnavailable, connect
 
 logger = logging.getLogger(__name__)
@@ -100,9 +101,17 @@ async def customer_access(request: Request, runtime: Runtime, bearer: str) -> No
     authorize(claims, request.method, route, request.path_params.get("org"))
 
 
+#: Every `/v1` route may answer it: a customer token asked for more than it may do.
+FORBIDDEN: dict[int | str, dict[str, Any]] = {403: {
+    "model": ErrorResponse,
+    "description": "FORBIDDEN: a customer token (SPEC §5.10) calls only its own organization's "
+                   "reads, and with `purchase` its checkout and billing portal"}}
+
+
 def v1_router(**options: Any) -> APIRouter:
     """A router of the `/v1` API: under `/v1` and behind the bearer token. Routers carry their
     own prefix so the matched route's `path_format` is the full template (metrics label)."""
+    options["responses"] = {**FORBIDDEN, **options.get("responses", {})}
     return APIRouter(prefix="/v1", dependencies=[Depends(require_token)], **options)
 
 

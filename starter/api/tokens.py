@@ -26,7 +26,6 @@ router = v1_router(
     tags=["customer tokens"],
     responses={
         401: {"model": ErrorResponse, "description": "missing or invalid bearer token"},
-        403: {"model": ErrorResponse, "description": "FORBIDDEN: a customer token"},
         422: {"model": ErrorResponse, "description": "invalid body or id"},
     },
 )
@@ -54,8 +53,9 @@ class TokenRequest(BaseModel):
 class IssuedTokenView(BaseModel):
     token: str = Field(description="the JWT: `Authorization: Bearer <token>`")
     token_id: str = Field(description="its id (`jti`), to revoke it")
-    expires_at: datetime
-    portal_url: str = Field(description="the customer page, the token in the URL fragment")
+    expires_at: datetime = Field(description="when the token stops working (whole seconds)")
+    portal_url: str = Field(description="`<BILLING_PUBLIC_URL>/portal#token=<token>`: the "
+                            "customer page, the token in the URL fragment")
 
 
 NOT_CONFIGURED: dict[int | str, dict[str, Any]] = {
