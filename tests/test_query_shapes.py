@@ -209,3 +209,30 @@ async def test_outbound_webhooks_use_index_lookups_and_no_find_and_modify(
     unindexed = [(name, collection, query) for name, collection, query in commands.seen
                  if not index_backed(collection, query)]
     assert unindexed == []
+
+
+async def test_a_customer_token_costs_one_lookup_by_id_per_request(
+    runtime: Runtime, temporal_client: Client
+) -> None:
+    """Revocations are read on every request (SPEC §5.10): by `_id`, never a scan."""
+    commands = Commands()
+    engine = runtime_on(runtime, billing_portal_secret="portal-key-shapes-0123456789abcdef01",
+                        client_options={"event_listeners": [commands]})
+    org = f"org-shapes-{uuid.uuid4().hex[:8]}"
+    try:
+        async with app_client(engine, temporal_client) as api:
+            assert (await api.put(f"/v1/orgs/{org}")).status_code == 201
+            issued = (await api.post(f"/v1/orgs/{org}/tokens",
+                                     json={"scopes": ["read"]})).json()
+            commands.seen.clear()
+            read = await api.get(f"/v1/orgs/{org}/meter",
+                                 headers={"Authorization": f"Bearer {issued['token']}"})
+            assert read.status_code == 200, read.text
+            assert (await api.delete(f"/v1/tokens/{issued['token_id']}")).status_code == 204
+    finally:
+        await engine.db.close()
+
+    tokens = [c for c in commands.seen if c[1] == "customer_tokens"]
+    assert tokens[0] == ("find", "customer_tokens", {"_id": issued["token_id"]})
+    assert [c[0] for c in tokens] == ["find", "update", "find"]  # the read, then the revocation
+    assert all(index_backed(collection, query) for _, collection, query in commands.seen)
