@@ -88,14 +88,16 @@ def screenshots(tmp_path: Path) -> Path:
 class Customer:
     org: str
     customer: str
+    #: Units of its active balance hold (0 on an engine without holds).
+    held: int
 
 
 @pytest.fixture(scope="module")
 async def customer(portal_api: httpx.AsyncClient, api: httpx.AsyncClient, stripe_worker: Any,
                    temporal_client: Client, stripe_fake: StripeFake) -> Customer:
     """An organization on the starter plan (50000 units a week) with a pack bought 353 days
-    ago (it expires in 12 days), one bought now and partly refunded, and 56000 units used this
-    week: 6000 beyond the plan."""
+    ago (it expires in 12 days), one bought now and partly refunded, 56000 units used this
+    week (6000 beyond the plan) and 1200 units on hold."""
     org = await registered(portal_api, new_id("org"))
     cus, pi_old, pi_new, ch_new = new_id("cus"), new_id("pi"), new_id("pi"), new_id("ch")
     stripe_fake.customer(cus)
@@ -116,7 +118,10 @@ async def customer(portal_api: httpx.AsyncClient, api: httpx.AsyncClient, stripe
                                      json={"org_id": org, "run_id": f"run-{run}",
                                            "units": units})
         assert used.status_code == 200, used.text
-    return Customer(org=org, customer=cus)
+    hold = await portal_api.post(f"/v1/orgs/{org}/holds", headers=OPERATOR,
+                                 json={"hold_id": "run-7", "units": 1200, "ttl_seconds": 3600})
+    assert hold.status_code in (201, 404), hold.text  # 404: an engine without holds (§5.11)
+    return Customer(org=org, customer=cus, held=1200 if hold.status_code == 201 else 0)
 
 
 async def read(api: httpx.AsyncClient, org: str, what: str) -> Any:
@@ -173,7 +178,7 @@ async def test_the_page_shows_what_the_api_says(
 
         assert await number(page, "#balance") == balance["balance"]
         assert await number(page, "#remaining") == quota["remaining"]
-        assert await number(page, "#held") == meter.get("held", 0)
+        assert await number(page, "#held") == meter.get("held", 0) == customer.held
 
         # Every lot, soonest expiry first, with what is left and when it expires in words.
         lots = page.locator("#lots li")
