@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -86,7 +87,7 @@ def _lists(node: Any) -> Any:
 
 
 class StripeFake:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, state_file: Path | None = None) -> None:
         self.objects: dict[str, Obj] = {}
         self.refunds: dict[str, list[Obj]] = {}
         self.line_items: dict[str, list[Obj]] = {}
@@ -110,6 +111,8 @@ class StripeFake:
         self.webhook: Webhook | None = None
         self.calls: Counter[str] = Counter()
         self.port = port
+        #: Where the objects are kept across restarts (`billing dev`); None: in memory only.
+        self.state_file = state_file
         self._runner: web.AppRunner | None = None
 
     @property
@@ -380,11 +383,23 @@ class StripeFake:
                     f'<form method="post"><button type="submit">Pay (test)</button></form>')
             return web.Response(text=_page("Checkout (test)", body), content_type="text/html")
         paid = self.complete_checkout(session_id)
-        if self.webhook is not None:
-            await self.deliver("checkout.session.completed", paid)
+        delivered = await self._deliver_paid(paid) if self.webhook is not None else []
         if "application/json" in request.headers.get("Accept", ""):
-            return web.json_response(paid)
+            return web.json_response({"session": paid, "events": delivered})
         raise web.HTTPSeeOther(str(paid.get("success_url") or "/"))
+
+    async def _deliver_paid(self, paid: Obj) -> list[Obj]:
+        """What Stripe sends once a Checkout is paid: the session's completion, and the payment
+        intent's success or the subscription's creation; each delivery's answer."""
+        second = ("payment_intent.succeeded", self.objects[paid["payment_intent"]]) \
+            if paid["mode"] == "payment" else \
+            ("customer.subscription.created", self.objects[paid["subscription"]])
+        delivered = []
+        for event_type, obj in (("checkout.session.completed", paid), second):
+            event, response = await self.deliver(event_type, obj)
+            delivered.append({"id": event["id"], "type": event_type,
+                              "status": response.status_code, "answer": response.text})
+        return delivered
 
     def event(self, event_type: str, obj: Obj) -> Obj:
         """An event of `obj` as Stripe sends it, kept for `GET /v1/events`."""
@@ -394,13 +409,14 @@ class StripeFake:
         self.events.append(event)
         return event
 
-    async def deliver(self, event_type: str, obj: Obj) -> httpx.Response:
-        """Send the signed event of `obj` to the webhook."""
+    async def deliver(self, event_type: str, obj: Obj) -> tuple[Obj, httpx.Response]:
+        """Send the signed event of `obj` to the webhook; the event and the answer."""
         assert self.webhook is not None
-        body = json.dumps(self.event(event_type, obj))
+        event = self.event(event_type, obj)
+        body = json.dumps(event)
         signature = stripe.WebhookSignature.generate_signature_header(body, self.webhook.secret)
         async with httpx.AsyncClient(timeout=30.0) as http:
-            return await http.post(self.webhook.url, content=body, headers={
+            return event, await http.post(self.webhook.url, content=body, headers={
                 "Content-Type": "application/json", "Stripe-Signature": signature})
 
     def _events(self, request: web.Request) -> web.Response:
@@ -418,7 +434,13 @@ class StripeFake:
         return web.json_response({"object": "list", "url": request.path,
                                   "has_more": len(found) > limit, "data": found[:limit]})
 
+    _KEPT = ("objects", "line_items", "refunds", "events", "intents", "created", "_session_data")
+
     async def start(self) -> None:
+        if self.state_file is not None and self.state_file.exists():
+            kept = json.loads(self.state_file.read_text(encoding="utf-8"))
+            for name in self._KEPT:
+                setattr(self, name, kept.get(name, getattr(self, name)))
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
@@ -428,6 +450,9 @@ class StripeFake:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.state_file is not None:
+            kept = {name: getattr(self, name) for name in self._KEPT}
+            self.state_file.write_text(json.dumps(kept), encoding="utf-8")
 
 
 def _no_such(kind: str, what: str) -> Obj:

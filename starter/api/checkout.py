@@ -101,7 +101,7 @@ async def checkout(org: str, body: CheckoutBody, state: StateDep,
     request = CheckoutRequest(org_id=org, pack_id=body.pack_id, plan_id=body.plan_id,
                               quantity=body.quantity, success_url=body.success_url,
                               cancel_url=body.cancel_url)
-    started = await start_checkout(runtime, state.stripe, request, idempotency_key)
+    started = await start_checkout(runtime, lambda: state.stripe, request, idempotency_key)
     extra: dict[str, Any] = {"plan_id": body.plan_id}
     if body.pack_id is not None:
         pack = runtime.config.packs_by_id[body.pack_id]
@@ -119,6 +119,6 @@ async def checkout(org: str, body: CheckoutBody, state: StateDep,
                               "customer yet"}})
 async def portal(org: str, state: StateDep, body: PortalBody | None = None) -> PortalAnswer:
     """Payment methods, invoices and plan changes, on Stripe's page."""
-    url = await billing_portal(state.runtime, state.stripe, org,
+    url = await billing_portal(state.runtime, lambda: state.stripe, org,
                                body.return_url if body else None)
     return PortalAnswer(url=url)

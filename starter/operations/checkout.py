@@ -9,7 +9,7 @@ Stripe answers a retry with the session it already made.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -68,14 +68,19 @@ async def stripe_calls(what: str) -> AsyncIterator[None]:
         raise StripeRefused(f"Stripe refused {what}: {exc.user_message or exc}") from exc
 
 
-async def ensure_customer(runtime: Runtime, client: stripe.StripeClient, org_id: str) -> str:
+#: The Stripe client, made on first use: a request refused before it reaches Stripe (an unknown
+#: organization or pack) is refused for that reason, even where Stripe is not configured.
+StripeSource = Callable[[], stripe.StripeClient]
+
+
+async def ensure_customer(runtime: Runtime, client: StripeSource, org_id: str) -> str:
     """The organization's linked customer; one is created (`metadata.org_id`, idempotency key
     `customer-<org>`) and linked when there is none."""
     customer = await linked_customer(runtime.db, org_id)
     if customer is not None:
         return customer
     async with stripe_calls(f"a customer for {org_id}"):
-        created = await client.v1.customers.create_async(
+        created = await client().v1.customers.create_async(
             {"metadata": {"org_id": org_id}}, {"idempotency_key": f"customer-{org_id}"})
     return await runtime.subscriptions.link_customer(org_id, created.id, utcnow())
 
@@ -98,7 +103,7 @@ def _started(record: Doc, request: CheckoutRequest) -> CheckoutStarted:
                            expires_at=expires_at.astimezone(UTC), request=request)
 
 
-async def start_checkout(runtime: Runtime, client: stripe.StripeClient,
+async def start_checkout(runtime: Runtime, client: StripeSource,
                          request: CheckoutRequest, idempotency_key: str | None) -> CheckoutStarted:
     """A Checkout Session for the request. A request repeating an `Idempotency-Key` answers
     the first one's session (completing it when the first attempt died before Stripe answered);
@@ -119,7 +124,7 @@ async def start_checkout(runtime: Runtime, client: stripe.StripeClient,
         same_request(record["request"], request)
     params = session_params(runtime.config, request, record_id, record["customer"])
     async with stripe_calls(f"a Checkout Session for {record_id}"):
-        made = await client.v1.checkout.sessions.create_async(
+        made = await client().v1.checkout.sessions.create_async(
             params,  # type: ignore[arg-type]
             {"idempotency_key": f"checkout-{record_id}"})
     session: dict[str, Any] = made.to_dict()
@@ -130,7 +135,7 @@ async def start_checkout(runtime: Runtime, client: stripe.StripeClient,
                            request=request)
 
 
-async def billing_portal(runtime: Runtime, client: stripe.StripeClient, org_id: str,
+async def billing_portal(runtime: Runtime, client: StripeSource, org_id: str,
                          return_url: str | None) -> str:
     """A billing portal session's URL for the organization's customer (`NO_CUSTOMER` when none
     is linked: it has bought nothing through Stripe yet)."""
@@ -140,7 +145,7 @@ async def billing_portal(runtime: Runtime, client: stripe.StripeClient, org_id: 
         raise NoCustomer(f"organization {org_id!r} has no Stripe customer yet: it buys through "
                          "POST /v1/orgs/{org}/checkout first")
     async with stripe_calls(f"a billing portal session for {org_id}"):
-        made = await client.v1.billing_portal.sessions.create_async(
+        made = await client().v1.billing_portal.sessions.create_async(
             {"customer": customer,
              "return_url": return_url or runtime.config.checkout.cancel_url})
     return str(made.url)
