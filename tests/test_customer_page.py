@@ -209,6 +209,7 @@ async def test_the_page_shows_what_the_api_says(
 
         # Nothing left the engine's origin, and the token was never in a requested URL.
         assert requested and all(u.startswith(f"{server}/") for u in requested), requested
+        assert not [u for u in requested if u.endswith("/favicon.ico")]
         assert not [u for u in requested if token["token"] in u]
 
 
