@@ -127,7 +127,9 @@ def verify(keys: tuple[str, ...], token: str) -> CustomerToken:
     try:
         payload: dict[str, Any] = jwt.decode(
             token, key, algorithms=[ALGORITHM],
-            options={"require": ["sub", "scope", "jti", "exp"]})
+            # `iat` is informational: a process whose clock is a second behind the one that
+            # issued the token must not refuse it as "not yet valid".
+            options={"require": ["sub", "scope", "jti", "exp"], "verify_iat": False})
     except jwt.ExpiredSignatureError as exc:
         raise TokenInvalid("customer token has expired") from exc
     except jwt.InvalidTokenError as exc:

@@ -72,6 +72,11 @@ def test_a_token_names_its_key_and_verifies_after_a_rotation() -> None:
     assert claims["exp"] == int(now.timestamp()) + 600
     assert verify(KEYS, issued.token) == issued.claims
 
+    # Another process whose clock is behind the issuer's accepts it too.
+    ahead = issue(KEYS, "acme", frozenset({"read"}), ttl_seconds=600,
+                  now=now + timedelta(seconds=30))
+    assert verify(KEYS, ahead.token).org_id == "acme"
+
     # After a rotation the old key is second in the list: its tokens still verify.
     rotated = ("portal-key-newest-0a1b2c3d4e5f60718293", *KEYS)
     assert verify(rotated, issued.token).org_id == "acme"
