@@ -33,6 +33,7 @@ from starter.embedded import find_binary, free_port
 
 TOKEN = "live-token-3f9c2a"
 WEBHOOK_SECRET = "whsec_live_8d41e7"
+PORTAL_SECRET = "portal-live-key-6a1f0c9e2b7d4a3f8e5c"
 START_TIMEOUT_S = 30.0
 EXAMPLES_PER_OPERATION = 30
 
@@ -63,6 +64,7 @@ def live_server(
         "TEMPORAL_TASK_QUEUE": f"billing-live-{uuid.uuid4().hex[:8]}",
         "BILLING_API_TOKEN": TOKEN,
         "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "BILLING_PORTAL_SECRET": PORTAL_SECRET,
         # Checkouts reach the session's Stripe fake.
         "STRIPE_API_KEY": settings.stripe_api_key,
         "STRIPE_API_BASE": settings.stripe_api_base or "",
@@ -153,8 +155,17 @@ def test_the_live_server_logs_no_secret_token_or_signature(live_server: LiveServ
                            headers={"Stripe-Signature": real}).status_code == 400
         assert client.get("/v1/orgs/acme/balance",
                           headers={"Authorization": "Bearer wrong-live-token"}).status_code == 401
+        operator = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.put("/v1/orgs/acme-live", headers=operator).status_code in (200, 201)
+        customer = client.post("/v1/orgs/acme-live/tokens", json={"scopes": ["read"]},
+                               headers=operator).json()["token"]
+        assert client.get("/v1/orgs/acme-live/meter",
+                          headers={"Authorization": f"Bearer {customer}"}).status_code == 200
+        assert client.get("/portal").status_code == 200
     output = live_server.output()
     assert "/stripe/webhook" in output and "SIGNATURE_INVALID" in output, output[-2000:]
+    assert "/v1/orgs/acme-live/tokens" in output and "/portal" in output
     for secret in (TOKEN, WEBHOOK_SECRET, "whsec_attacker_5b7e", "wrong-live-token",
-                   forged.split("v1=")[1], real.split("v1=")[1]):
+                   forged.split("v1=")[1], real.split("v1=")[1], PORTAL_SECRET, customer,
+                   customer.split(".")[2]):
         assert secret not in output
