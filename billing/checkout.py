@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from billing.config import BillingConfig, PackConfig, PlanConfig
 from billing.errors import BillingError
 from billing.stripe.subscriptions import is_live
+from billing.tokens import Forbidden
 
 #: A checkout record's id: `co_` and 24 hex digits, as `checkout_id` makes them.
 CHECKOUT_ID = re.compile(r"^co_[0-9a-f]{24}$")
@@ -118,6 +121,34 @@ def plan_for_sale(config: BillingConfig, plan_id: str, *, current_plan: str | No
             f"organization already has a live subscription ({subscription_status}) on plan "
             f"{current_plan!r}: change plans through the billing portal")
     return plan
+
+
+def origin(url: str) -> str:
+    """`scheme://host[:port]` of an absolute URL, lower-cased.
+
+    >>> origin("HTTPS://App.example.com/billing?done=1")
+    'https://app.example.com'
+    """
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def check_return_urls(urls: Iterable[str | None], allowed: Iterable[str]) -> None:
+    """A customer token (SPEC §5.10) sends its customer back only to the app's own pages: the
+    origins of `allowed` (the `[checkout]` URLs, `[portal] frame_ancestors`, the engine's public
+    URL). Anything else would let a leaked link send a paying customer to a page of its choice.
+
+    >>> check_return_urls(["https://app.example.com/x"], ["https://app.example.com/billing"])
+    >>> check_return_urls(["https://evil.example/x"], ["https://app.example.com/billing"])
+    Traceback (most recent call last):
+    ...
+    billing.tokens.Forbidden: a customer token returns to the app's own pages only ...
+    """
+    origins = {origin(url) for url in allowed}
+    for url in urls:
+        if url is not None and origin(url) not in origins:
+            raise Forbidden(f"a customer token returns to the app's own pages only "
+                            f"({', '.join(sorted(origins))}), not to {origin(url)}")
 
 
 def session_params(config: BillingConfig, request: CheckoutRequest, record_id: str,

@@ -248,6 +248,32 @@ async def test_a_purchase_token_starts_checkout_and_the_billing_portal_of_its_or
     assert managed.json()["url"].startswith(stripe_fake.url)
 
 
+async def test_a_purchase_token_sends_its_customer_back_to_the_apps_own_pages_only(
+    portal_api: httpx.AsyncClient, stripe_fake: StripeFake, victim_org: str
+) -> None:
+    """A leaked link must not send a paying customer to a page of the holder's choice."""
+    buyer = (await customer_token(portal_api, victim_org, "read", "purchase"))["token"]
+    elsewhere = "https://phish.example.net/thanks"
+    for path, body in (("checkout", {"pack_id": "pack_500k", "success_url": elsewhere}),
+                       ("checkout", {"pack_id": "pack_500k", "cancel_url": elsewhere}),
+                       ("billing-portal", {"return_url": elsewhere})):
+        refused = await portal_api.post(f"/v1/orgs/{victim_org}/{path}", json=body,
+                                        headers=bearer(buyer))
+        assert (refused.status_code, error_of(refused)["code"]) == (403, "FORBIDDEN"), path
+        assert "phish.example.net" in error_of(refused)["message"]
+    own = "https://app.example.com/billing?bought=1"
+    started = await portal_api.post(f"/v1/orgs/{victim_org}/checkout", headers=bearer(buyer),
+                                    json={"pack_id": "pack_500k", "success_url": own})
+    assert started.status_code == 200, started.text
+    [session] = [s for s in stripe_fake.created["checkout.session"]
+                 if s["url"] == started.json()["url"]]
+    assert session["success_url"] == own
+    # The operator's token may send a customer anywhere.
+    operator = await portal_api.post(f"/v1/orgs/{victim_org}/checkout", headers=OPERATOR,
+                                     json={"pack_id": "pack_500k", "success_url": elsewhere})
+    assert operator.status_code == 200, operator.text
+
+
 async def test_tokens_that_are_refused_with_401(
     portal_api: httpx.AsyncClient, portal_runtime: Runtime, victim_org: str
 ) -> None:

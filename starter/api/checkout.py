@@ -6,12 +6,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Self
 
-from fastapi import Header
+from fastapi import Header, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from billing.checkout import MAX_QUANTITY, CheckoutRequest
+from billing.checkout import MAX_QUANTITY, CheckoutRequest, check_return_urls
 from billing.config import HttpUrl
-from starter.api.deps import StateDep, v1_router
+from starter.api.deps import AppState, StateDep, customer_of, v1_router
 from starter.api.errors import ErrorResponse
 from starter.operations.checkout import billing_portal, start_checkout
 
@@ -87,21 +87,33 @@ IdempotencyKey = Annotated[
 ]
 
 
+def _own_pages(request: Request, state: AppState, *urls: str | None) -> None:
+    """A customer token's return URLs (`billing.checkout.check_return_urls`)."""
+    if customer_of(request) is None:
+        return
+    config = state.runtime.config
+    check_return_urls(urls, [config.checkout.success_url, config.checkout.cancel_url,
+                             *config.portal.frame_ancestors,
+                             state.runtime.settings.billing_public_url])
+
+
 @router.post("/orgs/{org}/checkout", response_model=CheckoutAnswer,
              summary="Start a purchase: a Stripe Checkout URL for a pack or a plan",
              responses={409: {"model": ErrorResponse, "description":
                               "ALREADY_SUBSCRIBED (plan changes go through the billing portal) "
                               "or IDEMPOTENCY_KEY_REUSED (the key named another request)"}})
-async def checkout(org: str, body: CheckoutBody, state: StateDep,
+async def checkout(org: str, body: CheckoutBody, state: StateDep, request: Request,
                    idempotency_key: IdempotencyKey = None) -> CheckoutAnswer:
     """Makes sure the organization has a Stripe customer, writes a checkout record and creates
     the Checkout Session. The record decides what the payment credits, whatever the session's
-    metadata says by the time its events arrive."""
+    metadata says by the time its events arrive. A customer token's return URLs must be on the
+    app's own origins (403 `FORBIDDEN` otherwise)."""
     runtime = state.runtime
-    request = CheckoutRequest(org_id=org, pack_id=body.pack_id, plan_id=body.plan_id,
-                              quantity=body.quantity, success_url=body.success_url,
-                              cancel_url=body.cancel_url)
-    started = await start_checkout(runtime, lambda: state.stripe, request, idempotency_key)
+    _own_pages(request, state, body.success_url, body.cancel_url)
+    asked = CheckoutRequest(org_id=org, pack_id=body.pack_id, plan_id=body.plan_id,
+                            quantity=body.quantity, success_url=body.success_url,
+                            cancel_url=body.cancel_url)
+    started = await start_checkout(runtime, lambda: state.stripe, asked, idempotency_key)
     extra: dict[str, Any] = {"plan_id": body.plan_id}
     if body.pack_id is not None:
         pack = runtime.config.packs_by_id[body.pack_id]
@@ -117,8 +129,10 @@ async def checkout(org: str, body: CheckoutBody, state: StateDep,
              responses={409: {"model": ErrorResponse,
                               "description": "NO_CUSTOMER: the organization has no Stripe "
                               "customer yet"}})
-async def portal(org: str, state: StateDep, body: PortalBody | None = None) -> PortalAnswer:
+async def portal(org: str, state: StateDep, request: Request,
+                 body: PortalBody | None = None) -> PortalAnswer:
     """Payment methods, invoices and plan changes, on Stripe's page."""
+    _own_pages(request, state, body.return_url if body else None)
     url = await billing_portal(state.runtime, lambda: state.stripe, org,
                                body.return_url if body else None)
     return PortalAnswer(url=url)

@@ -17,7 +17,7 @@ from temporalio.client import Client
 from billing.errors import BillingError
 from billing.runtime import Runtime
 from billing.stripe_client import stripe_client
-from billing.tokens import authorize, looks_like_jwt, verify
+from billing.tokens import CustomerToken, authorize, looks_like_jwt, verify
 from starter.api.errors import ErrorResponse
 from starter.temporal_client import TemporalUnavailable, connect
 
@@ -99,6 +99,13 @@ async def customer_access(request: Request, runtime: Runtime, bearer: str) -> No
     await runtime.tokens.check_live(claims)
     route = str(getattr(request.scope.get("route"), "path_format", ""))
     authorize(claims, request.method, route, request.path_params.get("org"))
+    request.state.customer = claims
+
+
+def customer_of(request: Request) -> CustomerToken | None:
+    """The customer token the request was let in with; None for the operator's token."""
+    claims: CustomerToken | None = getattr(request.state, "customer", None)
+    return claims
 
 
 #: Every `/v1` route may answer it: a customer token asked for more than it may do.
