@@ -6,6 +6,7 @@ from __future__ import annotations
 from temporalio import workflow
 
 from billing.models import DunningPage, DunningPageResult
+from workflows import steps
 from workflows.common import FAIL_ON, call
 from workflows.org_sweep import PER_ORG, sweep_orgs
 
@@ -22,7 +23,7 @@ class DunningWorkflow:
         unpaid = 0
         after: str | None = None
         while True:
-            page = await call("dunning_page", DunningPage(now=now, after=after), DunningPageResult)
+            page = await call(steps.dunning_page, DunningPage(now=now, after=after))
             unpaid += page.unpaid
             if page.next_after is None:
                 return DunningPageResult(unpaid=unpaid, next_after=None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from temporalio import workflow
 
 from billing.models import ExpirePage, ExpirePageResult
+from workflows import steps
 from workflows.common import FAIL_ON, call
 from workflows.org_sweep import PER_ORG, sweep_orgs
 
@@ -23,8 +24,7 @@ class ExpireCreditsWorkflow:
         total = ExpirePageResult(expired=0, units=0, next_after=None)
         after: str | None = None
         while True:
-            page = await call("expire_credit_page", ExpirePage(now=now, after=after),
-                              ExpirePageResult)
+            page = await call(steps.expire_credit_page, ExpirePage(now=now, after=after))
             total = ExpirePageResult(expired=total.expired + page.expired,
                                      units=total.units + page.units, next_after=None)
             if page.next_after is None:

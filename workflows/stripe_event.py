@@ -24,7 +24,6 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 from billing.models import (
-    OrgRef,
     PurchaseFacts,
     PurchaseQuery,
     StripeApply,
@@ -32,9 +31,9 @@ from billing.models import (
     StripeEventOutcome,
     StripeReplay,
     StripeStep,
-    SubscriptionState,
 )
-from workflows.common import ACTIVITY_TIMEOUT, FAIL_ON, STRIPE_TIMEOUT, T, call
+from workflows import steps
+from workflows.common import ACTIVITY_TIMEOUT, FAIL_ON, STRIPE_TIMEOUT, A, Step, T, call
 from workflows.search import ORG_ID, STRIPE_EVENT_TYPE
 
 with workflow.unsafe.imports_passed_through():
@@ -47,6 +46,8 @@ with workflow.unsafe.imports_passed_through():
     from billing.stripe.subscriptions import DELINQUENT_STATUSES
 
 Obj = dict[str, Any]
+#: An apply activity's stub: the event in, the step (an outcome, or what it needs first) out.
+Apply = Step[StripeApply, StripeStep]
 
 #: How long a refund or dispute waits for its purchase to be credited, from the event's
 #: `created`: Stripe retries a delivery for up to 3 days.
@@ -118,34 +119,29 @@ class StripeEventWorkflow:
         without recording their markers; an older run finds its own marker (or not)."""
         return self._local or workflow.patched(patch)
 
-    async def _call(self, activity: str, arg: Any, result_type: type[T], *,
+    async def _call(self, activity: Step[A, T], arg: A, *,
                     start_to_close: timedelta = ACTIVITY_TIMEOUT) -> T:
         """One step: a local activity since `LOCAL_STEPS`, a regular one in older runs."""
-        return await call(activity, arg, result_type, start_to_close=start_to_close,
-                          local=self._local)
+        return await call(activity, arg, start_to_close=start_to_close, local=self._local)
 
-    async def _step(self, activity: str, apply: StripeApply, *,
-                    start_to_close: timedelta = ACTIVITY_TIMEOUT) -> StripeStep:
-        return await self._call(activity, apply, StripeStep, start_to_close=start_to_close)
-
-    async def _outcome(self, activity: str, apply: StripeApply, *,
+    async def _outcome(self, activity: Apply, apply: StripeApply, *,
                        start_to_close: timedelta = ACTIVITY_TIMEOUT) -> StripeEventOutcome:
-        step = await self._step(activity, apply, start_to_close=start_to_close)
+        step = await self._call(activity, apply, start_to_close=start_to_close)
         if step.outcome is None:
-            raise ApplicationError(f"{activity} asked for more than this event gives",
+            raise ApplicationError(f"{activity.__name__} asked for more than this event gives",
                                    type="UNEXPECTED_STEP", non_retryable=True)
         return step.outcome
 
     async def _record(self, apply: StripeApply, outcome: str, reason: str) -> StripeEventOutcome:
-        return await self._outcome("record_stripe_outcome",
+        return await self._outcome(steps.record_stripe_outcome,
                                    apply.model_copy(update={"outcome": outcome, "reason": reason}))
 
-    async def _read(self, activity: str, stripe_id: str) -> Obj:
+    async def _read(self, activity: Step[str, Obj], stripe_id: str) -> Obj:
         """One Stripe API read (activities/stripe_api.py)."""
-        found: Obj = await self._call(activity, stripe_id, dict, start_to_close=STRIPE_TIMEOUT)
-        return found
+        return await self._call(activity, stripe_id, start_to_close=STRIPE_TIMEOUT)
 
-    async def _read_unless_missing(self, activity: str, stripe_id: str) -> Obj | None:
+    async def _read_unless_missing(self, activity: Step[str, Obj],
+                                   stripe_id: str) -> Obj | None:
         """One Stripe API read; None when Stripe does not know the object (404)."""
         try:
             return await self._read(activity, stripe_id)
@@ -154,10 +150,8 @@ class StripeEventWorkflow:
                 return None
             raise
 
-    async def _list(self, activity: str, stripe_id: str) -> list[Obj]:
-        found: list[Obj] = await self._call(activity, stripe_id, list,
-                                            start_to_close=STRIPE_TIMEOUT)
-        return found
+    async def _list(self, activity: Step[str, list[Obj]], stripe_id: str) -> list[Obj]:
+        return await self._call(activity, stripe_id, start_to_close=STRIPE_TIMEOUT)
 
     async def _purchase_facts(self, payment_intent: str | None, *, session: Obj | None = None,
                               intent: Obj | None = None, charge: Obj | None = None,
@@ -165,15 +159,15 @@ class StripeEventWorkflow:
         """Runs started before `PURCHASE_READS_IN_ACTIVITY` only: the reads of
         `StripeApiActivities.purchase_facts`, one activity each."""
         if session is None and payment_intent is not None:
-            sessions = await self._list("stripe_find_checkout_sessions", payment_intent)
+            sessions = await self._list(steps.stripe_find_checkout_sessions, payment_intent)
             session = next((s for s in sessions if s.get("mode") == "payment"), None)
         if intent is None and payment_intent is not None and not (
                 session is not None and org_from(session) and pack_from(session)):
             intent = expanded((session or {}).get("payment_intent")) or await self._read(
-                "stripe_retrieve_payment_intent", payment_intent)
+                steps.stripe_retrieve_payment_intent, payment_intent)
         line_items = None
         if session is not None:
-            line_items = await self._list("stripe_list_line_items", str(session["id"]))
+            line_items = await self._list(steps.stripe_list_line_items, str(session["id"]))
         return PurchaseFacts(payment_intent=payment_intent, session=session,
                              line_items=line_items, intent=intent, charge=charge)
 
@@ -186,7 +180,7 @@ class StripeEventWorkflow:
     async def run(self, event: StripeEvent | StripeReplay) -> StripeEventOutcome:
         self._local = workflow.patched(LOCAL_STEPS)
         if isinstance(event, StripeReplay):
-            event = await self._call("stripe_retrieve_event", event.event_id, StripeEvent,
+            event = await self._call(steps.stripe_retrieve_event, event.event_id,
                                      start_to_close=STRIPE_TIMEOUT)
         obj = event.object
         org = org_from(obj, invoice_subscription_metadata(obj))
@@ -197,7 +191,7 @@ class StripeEventWorkflow:
                 # Findable by organization before anything else can fail (SPEC §6). Only a
                 # guess (a customer link may be all it has): the apply activity decides, and
                 # metadata that Stripe's objects hold comes before any link (SPEC §5.5).
-                found = await self._call("stripe_resolve_org", apply, OrgRef)
+                found = await self._call(steps.stripe_resolve_org, apply)
                 if found.org_id is not None:
                     apply = apply.model_copy(update={"org_guess": found.org_id})
                     _mark(event.type, found.org_id)
@@ -225,25 +219,25 @@ class StripeEventWorkflow:
         if mode != "payment":
             return await self._record(apply, "ignored", f"checkout mode {mode} buys nothing")
         if apply.event.type == ev.CHECKOUT_ASYNC_FAILED:
-            return await self._outcome("apply_stripe_purchase_failed", apply)
+            return await self._outcome(steps.apply_stripe_purchase_failed, apply)
         status = session.get("payment_status")
         if status not in PAID_STATUSES:
             return await self._record(apply, "ignored", f"checkout payment status is {status}: "
                                  "a delayed payment method credits when it succeeds")
         if self._since(PURCHASE_READS_IN_ACTIVITY):
-            return await self._outcome("read_and_apply_stripe_purchase", apply,
+            return await self._outcome(steps.read_and_apply_stripe_purchase, apply,
                                   start_to_close=PURCHASE_TIMEOUT)
         facts = await self._purchase_facts(ref_id(session.get("payment_intent")), session=session)
-        return await self._outcome("apply_stripe_purchase", apply.model_copy(update={
+        return await self._outcome(steps.apply_stripe_purchase, apply.model_copy(update={
             "purchase": facts, "org_id": apply.org_id or org_from(facts.intent)}))
 
     async def _payment_intent(self, apply: StripeApply) -> StripeEventOutcome:
         if self._since(PURCHASE_READS_IN_ACTIVITY):
-            return await self._outcome("read_and_apply_stripe_purchase", apply,
+            return await self._outcome(steps.read_and_apply_stripe_purchase, apply,
                                   start_to_close=PURCHASE_TIMEOUT)
         intent = apply.event.object
         facts = await self._purchase_facts(ref_id(intent.get("id")), intent=intent)
-        return await self._outcome("apply_stripe_purchase", apply.model_copy(update={
+        return await self._outcome(steps.apply_stripe_purchase, apply.model_copy(update={
             "purchase": facts, "org_id": apply.org_id or org_from(facts.session)}))
 
     # ---- subscriptions and invoices ----------------------------------------------------------
@@ -254,18 +248,18 @@ class StripeEventWorkflow:
         if subscription_id is None:
             return await self._record(apply, "unresolved",
                                  "subscription checkout names no subscription")
-        sub = await self._read("stripe_retrieve_subscription", subscription_id)
-        return await self._outcome("apply_stripe_subscription", apply.model_copy(
+        sub = await self._read(steps.stripe_retrieve_subscription, subscription_id)
+        return await self._outcome(steps.apply_stripe_subscription, apply.model_copy(
             update={"subscription": sub, "org_id": apply.org_id or org_from(sub)}))
 
     async def _subscription(self, apply: StripeApply) -> StripeEventOutcome:
-        return await self._outcome("apply_stripe_subscription", apply)
+        return await self._outcome(steps.apply_stripe_subscription, apply)
 
     async def _invoice(self, apply: StripeApply) -> StripeEventOutcome:
         """Read the invoice's subscription from Stripe when the engine does not know it yet (its
         own events are late: it may name the organization, and says whether it is live), or when
         a payment recovers it (its plan may have changed meanwhile)."""
-        state = await self._call("stripe_subscription_state", apply, SubscriptionState)
+        state = await self._call(steps.stripe_subscription_state, apply)
         if apply.org_id is None and self._since(ORG_ID_FIRST):
             _mark(apply.event.type, state.org_id)
         subscription_id = invoice_subscription(apply.event.object)
@@ -273,11 +267,12 @@ class StripeEventWorkflow:
                     and state.status in DELINQUENT_STATUSES)
         sub: Obj | None = None
         if subscription_id is not None and (state.status is None or recovers):
-            sub = await self._read_unless_missing("stripe_retrieve_subscription", subscription_id)
+            sub = await self._read_unless_missing(steps.stripe_retrieve_subscription,
+                                                  subscription_id)
         # The subscription's metadata comes before what the engine knows (`state.org_id` may be
         # only a customer link): `apply_stripe_invoice` decides in the order of SPEC §5.5.
         org = apply.org_id or (org_from(sub) if sub else None)
-        return await self._outcome("apply_stripe_invoice", apply.model_copy(
+        return await self._outcome(steps.apply_stripe_invoice, apply.model_copy(
             update={"org_id": org, "subscription": sub}))
 
     # ---- refunds and disputes ----------------------------------------------------------------
@@ -287,10 +282,10 @@ class StripeEventWorkflow:
         if apply.event.type == ev.CHARGE_REFUNDED:
             refunds = charge_refunds(obj)
             if refunds is None:
-                refunds = await self._list("stripe_list_refunds", str(obj["id"]))
+                refunds = await self._list(steps.stripe_list_refunds, str(obj["id"]))
         else:
             refunds = [obj]
-        return await self._clawback("apply_stripe_refunds",
+        return await self._clawback(steps.apply_stripe_refunds,
                                     apply.model_copy(update={"refunds": refunds}))
 
     async def _dispute(self, apply: StripeApply) -> StripeEventOutcome:
@@ -299,22 +294,22 @@ class StripeEventWorkflow:
         dispute = apply.event.object
         charge_id = ref_id(dispute.get("charge"))
         if ref_id(dispute.get("payment_intent")) is None and charge_id is not None:
-            charge = expanded(dispute.get("charge")) or await self._read("stripe_retrieve_charge",
-                                                                     charge_id)
+            charge = expanded(dispute.get("charge")) or await self._read(
+                steps.stripe_retrieve_charge, charge_id)
             apply = apply.model_copy(update={
                 "payment_intent": ref_id(charge.get("payment_intent")),
                 "org_id": apply.org_id or org_from(charge),
             })
-        return await self._clawback("apply_stripe_dispute", apply)
+        return await self._clawback(steps.apply_stripe_dispute, apply)
 
-    async def _clawback(self, activity: str, apply: StripeApply) -> StripeEventOutcome:
+    async def _clawback(self, activity: Apply, apply: StripeApply) -> StripeEventOutcome:
         """Apply a refund or dispute; when its purchase is not credited yet, read what Stripe
         holds about it once, then wait for the credit (polling with backoff) until 72 hours after
         the event, and fail visibly past that."""
         deadline = datetime.fromtimestamp(apply.event.created, UTC) + PURCHASE_WAIT
         poll = FIRST_POLL
         while True:
-            step = await self._step(activity, apply)
+            step = await self._call(activity, apply)
             if step.outcome is not None:
                 return step.outcome
             if step.needs_purchase and apply.purchase is None:
@@ -338,9 +333,9 @@ class StripeEventWorkflow:
         charge = obj if apply.event.type == ev.CHARGE_REFUNDED else None
         payment_intent = apply.payment_intent or ref_id(obj.get("payment_intent"))
         if self._since(PURCHASE_READS_IN_ACTIVITY):
-            return await self._call("stripe_purchase_facts",
+            return await self._call(steps.stripe_purchase_facts,
                                     PurchaseQuery(payment_intent=payment_intent, charge=charge),
-                                    PurchaseFacts, start_to_close=3 * REQUEST_TIMEOUT)
+                                    start_to_close=3 * REQUEST_TIMEOUT)
         try:
             return await self._purchase_facts(payment_intent, charge=charge)
         except ActivityError as exc:  # runs this old are older than `LOCAL_STEPS`
