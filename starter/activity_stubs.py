@@ -103,9 +103,9 @@ def render(implementations: Iterable[Callable[..., Any]]) -> str:
 
 def registered() -> list[Callable[..., Any]]:
     """Every activity the worker registers (built on a runtime that connects to nothing)."""
+    from activities.registry import activities_for
     from billing.config import Settings, load_config
     from billing.runtime import Runtime
-    from worker import activities_for
 
     return activities_for(Runtime.from_settings(Settings(), load_config()))
 

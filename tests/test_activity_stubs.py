@@ -7,9 +7,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from activities.registry import activities_for
 from billing.runtime import Runtime
 from starter.activity_stubs import STUBS, activity_name, render
-from worker import activities_for
 from workflows import steps
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"

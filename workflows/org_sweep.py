@@ -23,8 +23,9 @@ from workflows.search import ORG_ID
 ACTIVITIES = {"expire": (steps.expire_org_lots, steps.expire_org_page),
               "dunning": (steps.dunning_org, steps.dunning_org_page)}
 CONCURRENCY = 10
-#: The release that runs sweeps one organization at a time; earlier runs replay the page
-#: activities (retire with `workflow.deprecate_patch`, README "Versioning workflows").
+#: The release that runs sweeps one organization at a time. Deprecated: a sweep run lives less
+#: than a day, so none of the releases before it can still be open; the call stays while runs
+#: recorded with its marker may be (README, "Versioning workflows").
 PER_ORG = "sweep-per-org"
 
 

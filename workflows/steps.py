@@ -20,11 +20,7 @@ from billing.models import (
     AutoTopUpOrder,
     AutoTopUpResult,
     Divergence,
-    DunningPage,
-    DunningPageResult,
     EventListQuery,
-    ExpirePage,
-    ExpirePageResult,
     MissedEventsPage,
     OrgPage,
     OrgRef,
@@ -70,12 +66,6 @@ async def apply_stripe_dispute(apply: StripeApply) -> StripeStep:
 @activity.defn(name="apply_stripe_invoice")
 async def apply_stripe_invoice(apply: StripeApply) -> StripeStep:
     """`activities.stripe_invoices.InvoiceActivities.apply_invoice`."""
-    raise NotImplementedError
-
-
-@activity.defn(name="apply_stripe_purchase")
-async def apply_stripe_purchase(apply: StripeApply) -> StripeStep:
-    """`activities.stripe_purchases.PurchaseActivities.apply_purchase`."""
     raise NotImplementedError
 
 
@@ -127,18 +117,6 @@ async def dunning_org_page(page: SweepPage) -> OrgPage:
     raise NotImplementedError
 
 
-@activity.defn(name="dunning_page")
-async def dunning_page(page: DunningPage) -> DunningPageResult:
-    """`activities.dunning.DunningActivities.dunning_page`."""
-    raise NotImplementedError
-
-
-@activity.defn(name="expire_credit_page")
-async def expire_credit_page(page: ExpirePage) -> ExpirePageResult:
-    """`activities.ledger.LedgerActivities.expire_credit_page`."""
-    raise NotImplementedError
-
-
 @activity.defn(name="expire_org_lots")
 async def expire_org_lots(job: OrgSweep) -> OrgSweepResult:
     """`activities.ledger.LedgerActivities.expire_org_lots`."""
@@ -187,18 +165,6 @@ async def record_stripe_outcome(apply: StripeApply) -> StripeStep:
     raise NotImplementedError
 
 
-@activity.defn(name="stripe_find_checkout_sessions")
-async def stripe_find_checkout_sessions(payment_intent_id: str) -> list[dict[str, Any]]:
-    """`activities.stripe_api.StripeApiActivities.find_checkout_sessions`."""
-    raise NotImplementedError
-
-
-@activity.defn(name="stripe_list_line_items")
-async def stripe_list_line_items(session_id: str) -> list[dict[str, Any]]:
-    """`activities.stripe_api.StripeApiActivities.list_line_items`."""
-    raise NotImplementedError
-
-
 @activity.defn(name="stripe_list_refunds")
 async def stripe_list_refunds(charge_id: str) -> list[dict[str, Any]]:
     """`activities.stripe_api.StripeApiActivities.list_refunds`."""
@@ -226,12 +192,6 @@ async def stripe_retrieve_charge(charge_id: str) -> dict[str, Any]:
 @activity.defn(name="stripe_retrieve_event")
 async def stripe_retrieve_event(event_id: str) -> StripeEvent:
     """`activities.stripe_api.StripeApiActivities.retrieve_event`."""
-    raise NotImplementedError
-
-
-@activity.defn(name="stripe_retrieve_payment_intent")
-async def stripe_retrieve_payment_intent(payment_intent_id: str) -> dict[str, Any]:
-    """`activities.stripe_api.StripeApiActivities.retrieve_payment_intent`."""
     raise NotImplementedError
 
 

@@ -40,7 +40,7 @@ with workflow.unsafe.imports_passed_through():
     from billing.stripe import REQUEST_TIMEOUT
     from billing.stripe import events as ev
     from billing.stripe.invoices import invoice_subscription, invoice_subscription_metadata
-    from billing.stripe.objects import expanded, org_from, pack_from, ref_id
+    from billing.stripe.objects import expanded, org_from, ref_id
     from billing.stripe.purchases import PAID_STATUSES
     from billing.stripe.refunds import charge_refunds
     from billing.stripe.subscriptions import DELINQUENT_STATUSES
@@ -56,26 +56,14 @@ FIRST_POLL = timedelta(seconds=2)
 LONGEST_POLL = timedelta(minutes=15)
 
 
-#: The release that sets `OrgId` as soon as the organization is known (at start by the webhook,
-#: else right after the activity that resolves it). Runs started before it replay the old
-#: commands; retire with `workflow.deprecate_patch` once none of them can be open (README,
-#: "Versioning workflows").
-ORG_ID_FIRST = "org-id-first"
-
-
-#: The release whose purchase activity reads the purchase from Stripe itself (one activity per
-#: purchase instead of one per read), and whose refunds and disputes read the purchase behind
-#: their charge in one activity. Runs started before it replay the reads one activity each.
-PURCHASE_READS_IN_ACTIVITY = "purchase-reads-in-activity"
-
-
 #: The release whose steps (Stripe reads and apply transactions) are local activities: a
-#: purchase is then one workflow task instead of two plus an activity task, about 9 ms less of
-#: the Temporal server's CPU and half the latency per event (BENCHMARKS.md, webhook). Each step
-#: takes milliseconds, each attempt is bounded by its timeout, and a step is idempotent on the
-#: event id, which a local activity needs (a worker lost mid-task runs the step again). Runs
-#: started before it replay regular ones. Its marker is the only one its runs record: it
-#: implies every release above (`_since`).
+#: purchase is one workflow task instead of two plus an activity task, about 9 ms less of the
+#: Temporal server's CPU and half the latency per event (BENCHMARKS.md, webhook). Each step takes
+#: milliseconds, each attempt is bounded by its timeout, and a step is idempotent on the event id,
+#: which a local activity needs (a worker lost mid-task runs the step again). Deprecated: no run
+#: of the releases before it can still be open (a run lives at most `PURCHASE_WAIT`), so every
+#: run takes its branch; the call stays until no run recorded with its marker can be open either
+#: (README, "Versioning workflows").
 LOCAL_STEPS = "local-steps"
 
 
@@ -110,19 +98,13 @@ def _missing(exc: ActivityError | ApplicationError) -> bool:
 class StripeEventWorkflow:
     def __init__(self) -> None:
         self._waiting_for: str | None = None
-        self._local = False
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def _since(self, patch: str) -> bool:
-        """Whether the run has the release `patch`: a run of `LOCAL_STEPS` has every earlier one
-        without recording their markers; an older run finds its own marker (or not)."""
-        return self._local or workflow.patched(patch)
-
     async def _call(self, activity: Step[A, T], arg: A, *,
                     start_to_close: timedelta = ACTIVITY_TIMEOUT) -> T:
-        """One step: a local activity since `LOCAL_STEPS`, a regular one in older runs."""
-        return await call(activity, arg, start_to_close=start_to_close, local=self._local)
+        """One step, a local activity (`LOCAL_STEPS`)."""
+        return await call(activity, arg, start_to_close=start_to_close, local=True)
 
     async def _outcome(self, activity: Apply, apply: StripeApply, *,
                        start_to_close: timedelta = ACTIVITY_TIMEOUT) -> StripeEventOutcome:
@@ -153,24 +135,6 @@ class StripeEventWorkflow:
     async def _list(self, activity: Step[str, list[Obj]], stripe_id: str) -> list[Obj]:
         return await self._call(activity, stripe_id, start_to_close=STRIPE_TIMEOUT)
 
-    async def _purchase_facts(self, payment_intent: str | None, *, session: Obj | None = None,
-                              intent: Obj | None = None, charge: Obj | None = None,
-                              ) -> PurchaseFacts:
-        """Runs started before `PURCHASE_READS_IN_ACTIVITY` only: the reads of
-        `StripeApiActivities.purchase_facts`, one activity each."""
-        if session is None and payment_intent is not None:
-            sessions = await self._list(steps.stripe_find_checkout_sessions, payment_intent)
-            session = next((s for s in sessions if s.get("mode") == "payment"), None)
-        if intent is None and payment_intent is not None and not (
-                session is not None and org_from(session) and pack_from(session)):
-            intent = expanded((session or {}).get("payment_intent")) or await self._read(
-                steps.stripe_retrieve_payment_intent, payment_intent)
-        line_items = None
-        if session is not None:
-            line_items = await self._list(steps.stripe_list_line_items, str(session["id"]))
-        return PurchaseFacts(payment_intent=payment_intent, session=session,
-                             line_items=line_items, intent=intent, charge=charge)
-
     @workflow.query
     def waiting_for(self) -> str | None:
         """What the run is waiting for (a purchase to be credited), None when it is not."""
@@ -178,28 +142,22 @@ class StripeEventWorkflow:
 
     @workflow.run
     async def run(self, event: StripeEvent | StripeReplay) -> StripeEventOutcome:
-        self._local = workflow.patched(LOCAL_STEPS)
+        workflow.deprecate_patch(LOCAL_STEPS)
         if isinstance(event, StripeReplay):
             event = await self._call(steps.stripe_retrieve_event, event.event_id,
                                      start_to_close=STRIPE_TIMEOUT)
         obj = event.object
         org = org_from(obj, invoice_subscription_metadata(obj))
         apply = StripeApply(event=event, now=workflow.now(), org_id=org)
-        if self._since(ORG_ID_FIRST):
-            _mark(event.type, org)
-            if org is None and event.type not in ev.INVOICE_TYPES:
-                # Findable by organization before anything else can fail (SPEC §6). Only a
-                # guess (a customer link may be all it has): the apply activity decides, and
-                # metadata that Stripe's objects hold comes before any link (SPEC §5.5).
-                found = await self._call(steps.stripe_resolve_org, apply)
-                if found.org_id is not None:
-                    apply = apply.model_copy(update={"org_guess": found.org_id})
-                    _mark(event.type, found.org_id)
-        else:  # runs started before organizations were resolved first
-            attributes = [STRIPE_EVENT_TYPE.value_set(event.type)]
-            if org is not None:
-                attributes.append(ORG_ID.value_set(org))
-            workflow.upsert_search_attributes(attributes)
+        _mark(event.type, org)
+        if org is None and event.type not in ev.INVOICE_TYPES:
+            # Findable by organization before anything else can fail (SPEC §6). Only a guess (a
+            # customer link may be all it has): the apply activity decides, and metadata that
+            # Stripe's objects hold comes before any link (SPEC §5.5).
+            found = await self._call(steps.stripe_resolve_org, apply)
+            if found.org_id is not None:
+                apply = apply.model_copy(update={"org_guess": found.org_id})
+                _mark(event.type, found.org_id)
         handler = ROUTES.get(event.type)
         if handler is None:
             result = await self._record(apply, "ignored", f"event type {event.type} is not handled")
@@ -224,21 +182,12 @@ class StripeEventWorkflow:
         if status not in PAID_STATUSES:
             return await self._record(apply, "ignored", f"checkout payment status is {status}: "
                                  "a delayed payment method credits when it succeeds")
-        if self._since(PURCHASE_READS_IN_ACTIVITY):
-            return await self._outcome(steps.read_and_apply_stripe_purchase, apply,
-                                  start_to_close=PURCHASE_TIMEOUT)
-        facts = await self._purchase_facts(ref_id(session.get("payment_intent")), session=session)
-        return await self._outcome(steps.apply_stripe_purchase, apply.model_copy(update={
-            "purchase": facts, "org_id": apply.org_id or org_from(facts.intent)}))
+        return await self._purchase(apply)
 
-    async def _payment_intent(self, apply: StripeApply) -> StripeEventOutcome:
-        if self._since(PURCHASE_READS_IN_ACTIVITY):
-            return await self._outcome(steps.read_and_apply_stripe_purchase, apply,
-                                  start_to_close=PURCHASE_TIMEOUT)
-        intent = apply.event.object
-        facts = await self._purchase_facts(ref_id(intent.get("id")), intent=intent)
-        return await self._outcome(steps.apply_stripe_purchase, apply.model_copy(update={
-            "purchase": facts, "org_id": apply.org_id or org_from(facts.session)}))
+    async def _purchase(self, apply: StripeApply) -> StripeEventOutcome:
+        """One activity reads the purchase from Stripe and credits it."""
+        return await self._outcome(steps.read_and_apply_stripe_purchase, apply,
+                                   start_to_close=PURCHASE_TIMEOUT)
 
     # ---- subscriptions and invoices ----------------------------------------------------------
 
@@ -260,7 +209,7 @@ class StripeEventWorkflow:
         own events are late: it may name the organization, and says whether it is live), or when
         a payment recovers it (its plan may have changed meanwhile)."""
         state = await self._call(steps.stripe_subscription_state, apply)
-        if apply.org_id is None and self._since(ORG_ID_FIRST):
+        if apply.org_id is None:
             _mark(apply.event.type, state.org_id)
         subscription_id = invoice_subscription(apply.event.object)
         recovers = (apply.event.type in ev.INVOICE_PAID_TYPES
@@ -332,16 +281,9 @@ class StripeEventWorkflow:
         obj = apply.event.object
         charge = obj if apply.event.type == ev.CHARGE_REFUNDED else None
         payment_intent = apply.payment_intent or ref_id(obj.get("payment_intent"))
-        if self._since(PURCHASE_READS_IN_ACTIVITY):
-            return await self._call(steps.stripe_purchase_facts,
-                                    PurchaseQuery(payment_intent=payment_intent, charge=charge),
-                                    start_to_close=3 * REQUEST_TIMEOUT)
-        try:
-            return await self._purchase_facts(payment_intent, charge=charge)
-        except ActivityError as exc:  # runs this old are older than `LOCAL_STEPS`
-            if _missing(exc):
-                return PurchaseFacts(charge=charge)
-            raise
+        return await self._call(steps.stripe_purchase_facts,
+                                PurchaseQuery(payment_intent=payment_intent, charge=charge),
+                                start_to_close=3 * REQUEST_TIMEOUT)
 
 
 Handler = Callable[[StripeEventWorkflow, StripeApply], Awaitable[StripeEventOutcome]]
@@ -349,7 +291,7 @@ Handler = Callable[[StripeEventWorkflow, StripeApply], Awaitable[StripeEventOutc
 #: Every handled event type and its handler (SPEC §5.5); any other type is recorded `ignored`.
 ROUTES: dict[str, Handler] = {
     **dict.fromkeys(ev.CHECKOUT_TYPES, StripeEventWorkflow._checkout),
-    ev.PAYMENT_INTENT_SUCCEEDED: StripeEventWorkflow._payment_intent,
+    ev.PAYMENT_INTENT_SUCCEEDED: StripeEventWorkflow._purchase,
     **dict.fromkeys(ev.SUBSCRIPTION_TYPES | {ev.CUSTOMER_DELETED},
                     StripeEventWorkflow._subscription),
     **dict.fromkeys(ev.INVOICE_TYPES, StripeEventWorkflow._invoice),
