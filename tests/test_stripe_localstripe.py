@@ -4,16 +4,15 @@ delivers its own signed webhook to the receiver, served over real HTTP."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
 import stripe
 import uvicorn
+from localstripe_server import LocalStripe
 from stripe_payloads import PRIMARY_SECRET
 from temporalio.client import Client
 from typer.testing import CliRunner
@@ -22,39 +21,10 @@ from billing.runtime import Runtime
 from starter.api.app import create_app
 from starter.cli import app as cli_app
 from starter.embedded import (
-    ensure_port_free,
     free_port,
-    terminate,
     wait_for_port,
 )
 from worker import build_worker
-
-
-@dataclass
-class LocalStripe:
-    """`localstripe` (a Stripe API stand-in from the `dev` extra) on 127.0.0.1."""
-
-    port: int
-    process: asyncio.subprocess.Process | None = field(default=None, init=False)
-
-    API_KEY = "sk_test_localstripe"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        ensure_port_free(self.port, "localstripe")
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "localstripe", "--port", str(self.port), "--from-scratch",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True)
-        await wait_for_port(self.port, "localstripe", process=self.process)
-
-    async def stop(self) -> None:
-        await terminate(self.process, grace_s=10)
-        self.process = None
-
 
 API_KEY = LocalStripe.API_KEY
 
