@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import compileall
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,18 +26,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 import billing
 import workflows
-from activities.admin import AdminActivities
-from activities.auto_topup import AutoTopUpActivities
-from activities.dunning import DunningActivities
-from activities.ledger import LedgerActivities
-from activities.reconcile import ReconcileActivities
-from activities.reset import ResetActivities
-from activities.stripe_api import StripeApiActivities
-from activities.stripe_disputes import DisputeActivities
-from activities.stripe_invoices import InvoiceActivities
-from activities.stripe_purchases import PurchaseActivities
-from activities.stripe_refunds import RefundActivities
-from activities.webhooks import WebhookActivities
+from activities.registry import activities_for
 from billing.runtime import Runtime
 from workflows.admin_adjustment import AdminAdjustmentWorkflow
 from workflows.auto_topup import AutoTopUpWorkflow
@@ -64,58 +53,6 @@ WORKFLOWS: Sequence[type] = (
     AutoTopUpWorkflow,
     WebhookDeliveryWorkflow,
 )
-
-
-def activities_for(runtime: Runtime) -> list[Callable[..., Any]]:
-    ledger = LedgerActivities(runtime)
-    admin = AdminActivities(runtime)
-    reset = ResetActivities(runtime)
-    stripe_api = StripeApiActivities(runtime.settings)
-    purchases = PurchaseActivities(runtime, stripe_api)
-    refunds = RefundActivities(runtime)
-    disputes = DisputeActivities(runtime)
-    invoices = InvoiceActivities(runtime, stripe_api)
-    dunning = DunningActivities(runtime)
-    reconcile = ReconcileActivities(runtime, stripe_api)
-    auto_topup = AutoTopUpActivities(runtime, stripe_api)
-    webhooks = WebhookActivities(runtime)
-    return [
-        ledger.expire_credit_page,
-        ledger.expire_org_page,
-        ledger.expire_org_lots,
-        admin.admin_requires_approval,
-        admin.admin_post_adjustment,
-        reset.weekly_reset_page,
-        reset.weekly_reset_org,
-        stripe_api.retrieve_subscription,
-        stripe_api.retrieve_payment_intent,
-        stripe_api.retrieve_charge,
-        stripe_api.retrieve_event,
-        stripe_api.list_refunds,
-        stripe_api.list_line_items,
-        stripe_api.find_checkout_sessions,
-        stripe_api.read_purchase_facts,
-        purchases.record_outcome,
-        purchases.resolve_org,
-        purchases.apply_purchase,
-        purchases.read_and_apply_purchase,
-        purchases.apply_purchase_failed,
-        refunds.apply_refunds,
-        disputes.apply_dispute,
-        invoices.subscription_state,
-        invoices.apply_subscription,
-        invoices.apply_invoice,
-        dunning.dunning_page,
-        dunning.dunning_org_page,
-        dunning.dunning_org,
-        reconcile.org_page,
-        reconcile.subscription,
-        reconcile.missed_events,
-        reconcile.write_report,
-        auto_topup.charge,
-        auto_topup.record,
-        webhooks.deliver_webhook,
-    ]
 
 
 #: The sandbox re-imports a workflow's modules for every run: for `billing.models` that means

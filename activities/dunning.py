@@ -9,8 +9,6 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from temporalio import activity
 
 from billing.models import (
-    DunningPage,
-    DunningPageResult,
     OrgPage,
     OrgSweep,
     OrgSweepResult,
@@ -43,16 +41,6 @@ class DunningActivities:
             return True
 
         return await run_in_transaction(self.runtime.db.client, work)
-
-    @activity.defn(name="dunning_page")
-    async def dunning_page(self, page: DunningPage) -> DunningPageResult:
-        cutoff = page.now - timedelta(days=self.runtime.config.subscriptions.unpaid_after_days)
-        orgs = await self.subscriptions.past_due_page(cutoff, page.after, page.limit)
-        unpaid = 0
-        for org_id in orgs:
-            unpaid += await self._mark_unpaid(org_id, cutoff, page.now)
-        next_after = orgs[-1] if len(orgs) == page.limit else None
-        return DunningPageResult(unpaid=unpaid, next_after=next_after)
 
     def _cutoff(self, now: datetime) -> datetime:
         return now - timedelta(days=self.runtime.config.subscriptions.unpaid_after_days)

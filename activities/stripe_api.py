@@ -79,7 +79,6 @@ class StripeApiActivities:
             lambda: self.client.v1.subscriptions.retrieve_async(subscription_id),
         )
 
-    @activity.defn(name="stripe_retrieve_payment_intent")
     async def retrieve_payment_intent(self, payment_intent_id: str) -> Obj:
         return await self._read(
             f"payment intent {payment_intent_id}",
@@ -106,7 +105,6 @@ class StripeApiActivities:
             lambda: self.client.v1.refunds.list_async({"charge": charge_id, "limit": 100}),
         )
 
-    @activity.defn(name="stripe_list_line_items")
     async def list_line_items(self, session_id: str) -> list[Obj]:
         return await self._list(
             f"the line items of {session_id}",
@@ -131,7 +129,6 @@ class StripeApiActivities:
                 {"invoice": invoice_id, "limit": 100}),
         )
 
-    @activity.defn(name="stripe_find_checkout_sessions")
     async def find_checkout_sessions(self, payment_intent_id: str) -> list[Obj]:
         """The Checkout sessions that took a payment intent (at most one in practice).
 

@@ -42,18 +42,15 @@ class PurchaseActivities(StripeFrame):
 
     @activity.defn(name="read_and_apply_stripe_purchase")
     async def read_and_apply_purchase(self, apply: StripeApply) -> StripeStep:
-        """Read the purchase from Stripe, then credit it (`apply_purchase`). A name of its own:
-        a worker of a release before it never runs it without the purchase it needs."""
+        """Read the purchase from Stripe, then credit it (`apply_purchase`)."""
         with malformed_object(apply):
             apply = await self._read_facts(apply)
         return await self.apply_purchase(apply)
 
-    @activity.defn(name="apply_stripe_purchase")
     async def apply_purchase(self, apply: StripeApply) -> StripeStep:
         """Credit every pack line of a payment once: one lot per line, keyed on the payment
         intent (`payment:<pi>`, `payment:<pi>:2`, ...), so every event of one payment credits
-        once whichever arrives first. Called with the purchase the workflow read (runs started
-        before the reads moved into `read_and_apply_purchase`)."""
+        once whichever arrives first."""
         ledger = self.runtime.ledger
         facts = apply.purchase or PurchaseFacts()
         session_id = ref_id((facts.session or {}).get("id"))

@@ -32,14 +32,14 @@ async def noop(n: int) -> int:
 class BenchWorkflow:
     @workflow.run
     async def run(self, n: int) -> int:
-        return await call("bench_noop", n, int)
+        return await call(noop, n)
 
 
 @workflow.defn(failure_exception_types=FAIL_ON)
 class BenchLocalWorkflow:
     @workflow.run
     async def run(self, n: int) -> int:
-        return await call("bench_noop", n, int, local=True)
+        return await call(noop, n, local=True)
 
 
 @workflow.defn(failure_exception_types=FAIL_ON)

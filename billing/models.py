@@ -11,12 +11,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 
-class ExpirePage(BaseModel):
-    now: datetime
-    after: str | None = None
-    limit: int = 200
-
-
 class ExpirePageResult(BaseModel):
     expired: int
     units: int
@@ -247,12 +241,6 @@ class SubscriptionState(BaseModel):
 
     org_id: str | None
     status: str | None
-
-
-class DunningPage(BaseModel):
-    now: datetime
-    after: str | None = None
-    limit: int = 200
 
 
 class DunningPageResult(BaseModel):

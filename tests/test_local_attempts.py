@@ -27,8 +27,8 @@ async def slow_first_attempt(hang_s: float) -> int:
 class OneLocalStep:
     @workflow.run
     async def run(self, hang_s: float) -> int:
-        return await call("slow_first_attempt", hang_s, int,
-                          start_to_close=timedelta(seconds=1), local=True)
+        return await call(slow_first_attempt, hang_s, start_to_close=timedelta(seconds=1),
+                          local=True)
 
 
 async def test_a_hung_local_attempt_ends_at_its_start_to_close_and_is_retried(

@@ -15,7 +15,6 @@ from temporalio import workflow
 
 from billing.models import (
     AdjustmentStatus,
-    AdminPosted,
     AdminPosting,
     AdminRequest,
     AdminResult,
@@ -23,6 +22,7 @@ from billing.models import (
     DecisionRequest,
     RefusedDecision,
 )
+from workflows import steps
 from workflows.common import FAIL_ON, call
 from workflows.search import ORG_ID
 
@@ -51,7 +51,7 @@ class AdminAdjustmentWorkflow:
     @workflow.run
     async def run(self, request: AdminRequest) -> AdminResult:
         workflow.upsert_search_attributes([ORG_ID.value_set(request.org_id)])
-        if await call("admin_requires_approval", request, bool):
+        if await call(steps.admin_requires_approval, request):
             self._phase = WAITING
             await workflow.wait_condition(
                 lambda: self._approved is not None or self._rejected is not None
@@ -63,9 +63,8 @@ class AdminAdjustmentWorkflow:
                                  note=self._rejected.note)
         else:
             approved_by = self._approved.by if self._approved else None
-            posted = await call("admin_post_adjustment",
-                                AdminPosting(request=request, approved_by=approved_by),
-                                AdminPosted)
+            posted = await call(steps.admin_post_adjustment,
+                                AdminPosting(request=request, approved_by=approved_by))
             result = AdminResult(request_id=request.request_id,
                                  status="applied" if posted.applied else "duplicate",
                                  units=request.units, balance=posted.balance,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from temporalio import workflow
 
-from billing.models import AutoTopUpCharge, AutoTopUpOrder, AutoTopUpResult
+from billing.models import AutoTopUpOrder, AutoTopUpResult
+from workflows import steps
 from workflows.common import FAIL_ON, STRIPE_TIMEOUT, call
 
 
@@ -18,6 +19,5 @@ from workflows.common import FAIL_ON, STRIPE_TIMEOUT, call
 class AutoTopUpWorkflow:
     @workflow.run
     async def run(self, order: AutoTopUpOrder) -> AutoTopUpResult:
-        charge = await call("auto_topup_charge", order, AutoTopUpCharge,
-                            start_to_close=STRIPE_TIMEOUT)
-        return await call("auto_topup_record", charge, AutoTopUpResult)
+        charge = await call(steps.auto_topup_charge, order, start_to_close=STRIPE_TIMEOUT)
+        return await call(steps.auto_topup_record, charge)

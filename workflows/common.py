@@ -1,17 +1,23 @@
 """What every billing workflow shares: the activity retry policy and a typed activity call.
 
-Workflows call activities by name so that workflow modules never import an I/O library.
+Workflows never import an I/O library, so they call the activities' typed stubs
+(`workflows.steps`) rather than the implementations.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 
+A = TypeVar("A")
 T = TypeVar("T")
+
+#: An activity's stub (`workflows.steps`): one argument, a typed result.
+Step = Callable[[A], Awaitable[T]]
 
 #: SPEC §6: at most five attempts with exponential backoff, then the workflow fails and stays
 #: in Temporal as the dead letter. Invalid input is raised as a non-retryable ApplicationError.
@@ -73,12 +79,13 @@ def attempt_limit(budget: timedelta, policy: RetryPolicy = ACTIVITY_RETRY) -> ti
 
 
 async def call(
-    name: str, arg: Any, result_type: type[T], *, start_to_close: timedelta = ACTIVITY_TIMEOUT,
+    activity: Step[A, T], arg: A, *, start_to_close: timedelta = ACTIVITY_TIMEOUT,
     heartbeat: timedelta | None = None, retry_policy: RetryPolicy = ACTIVITY_RETRY,
     schedule_to_close: timedelta | None = None, local: bool = False,
 ) -> T:
-    """Run the activity `name` with the shared retry policy (unless another is given) and return
-    its typed result; a long activity that heartbeats passes its `heartbeat` timeout.
+    """Run `activity` (a stub of `workflows.steps`) with the shared retry policy (unless another
+    is given) and return its result, typed as the stub says; a long activity that heartbeats
+    passes its `heartbeat` timeout.
 
     `local` runs it as a local activity: in the worker running the workflow task, recorded as a
     marker in that task's completion. That spares the server an activity task and the workflow
@@ -89,23 +96,20 @@ async def call(
     """
     if local:
         if heartbeat is not None or retry_policy is not ACTIVITY_RETRY:
-            raise ValueError(f"{name}: a local step has the shared retry policy, no heartbeat")
-        local_result: T = await workflow.execute_local_activity(
-            name,
+            raise ValueError(f"{activity.__name__}: a local step has the shared retry policy, "
+                             "no heartbeat")
+        return await workflow.execute_local_activity(
+            activity,
             arg,
-            result_type=result_type,
             start_to_close_timeout=retry_budget(start_to_close, retry_policy),
             schedule_to_close_timeout=schedule_to_close,
             retry_policy=retry_policy,
         )
-        return local_result
-    result: T = await workflow.execute_activity(
-        name,
+    return await workflow.execute_activity(
+        activity,
         arg,
-        result_type=result_type,
         start_to_close_timeout=start_to_close,
         heartbeat_timeout=heartbeat,
         schedule_to_close_timeout=schedule_to_close,
         retry_policy=retry_policy,
     )
-    return result

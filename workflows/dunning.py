@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from temporalio import workflow
 
-from billing.models import DunningPage, DunningPageResult
-from workflows.common import FAIL_ON, call
+from billing.models import DunningPageResult
+from workflows.common import FAIL_ON
 from workflows.org_sweep import PER_ORG, sweep_orgs
 
 
@@ -15,15 +15,7 @@ class DunningWorkflow:
     @workflow.run
     async def run(self) -> DunningPageResult:
         now = workflow.now()
-        if workflow.patched(PER_ORG):
-            done, failed = await sweep_orgs("dunning", now)
-            return DunningPageResult(unpaid=sum(d.changed for d in done), next_after=None,
-                                     failed=failed)
-        unpaid = 0
-        after: str | None = None
-        while True:
-            page = await call("dunning_page", DunningPage(now=now, after=after), DunningPageResult)
-            unpaid += page.unpaid
-            if page.next_after is None:
-                return DunningPageResult(unpaid=unpaid, next_after=None)
-            after = page.next_after
+        workflow.deprecate_patch(PER_ORG)
+        done, failed = await sweep_orgs("dunning", now)
+        return DunningPageResult(unpaid=sum(d.changed for d in done), next_after=None,
+                                 failed=failed)

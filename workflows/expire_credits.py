@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from temporalio import workflow
 
-from billing.models import ExpirePage, ExpirePageResult
-from workflows.common import FAIL_ON, call
+from billing.models import ExpirePageResult
+from workflows.common import FAIL_ON
 from workflows.org_sweep import PER_ORG, sweep_orgs
 
 
@@ -15,18 +15,8 @@ class ExpireCreditsWorkflow:
     @workflow.run
     async def run(self) -> ExpirePageResult:
         now = workflow.now()
-        if workflow.patched(PER_ORG):
-            done, failed = await sweep_orgs("expire", now)
-            return ExpirePageResult(expired=sum(d.changed for d in done),
-                                    units=sum(d.units for d in done), next_after=None,
-                                    failed=failed)
-        total = ExpirePageResult(expired=0, units=0, next_after=None)
-        after: str | None = None
-        while True:
-            page = await call("expire_credit_page", ExpirePage(now=now, after=after),
-                              ExpirePageResult)
-            total = ExpirePageResult(expired=total.expired + page.expired,
-                                     units=total.units + page.units, next_after=None)
-            if page.next_after is None:
-                return total
-            after = page.next_after
+        workflow.deprecate_patch(PER_ORG)
+        done, failed = await sweep_orgs("expire", now)
+        return ExpirePageResult(expired=sum(d.changed for d in done),
+                                units=sum(d.units for d in done), next_after=None,
+                                failed=failed)

@@ -36,10 +36,8 @@ from billing.models import (
     REPORT_LIST_CAP,
     Divergence,
     EventListQuery,
-    MissedEventsPage,
     ReconcileInput,
     ReconcilePage,
-    ReconcilePageResult,
     ReconcileReport,
     RepairedEvent,
     StripeEvent,
@@ -47,6 +45,7 @@ from billing.models import (
     SubscriptionRef,
 )
 from billing.weeks import iso_week
+from workflows import steps
 from workflows.common import FAIL_ON, PAGE_TIMEOUT, STRIPE_TIMEOUT, call
 from workflows.stripe_event import StripeEventWorkflow, stripe_workflow_id
 
@@ -89,7 +88,7 @@ class ReconcileWorkflow:
                 await self._org_page(state, report)
             elif await self._events_page(state, report):
                 report.finished_at = workflow.now()
-                await call("reconcile_write_report", report, type(None))
+                await call(steps.reconcile_write_report, report)
                 return report
         workflow.continue_as_new(state)
 
@@ -97,10 +96,10 @@ class ReconcileWorkflow:
 
     async def _org_page(self, state: ReconcileInput, report: ReconcileReport) -> None:
         page = await call(
-            "reconcile_org_page",
+            steps.reconcile_org_page,
             ReconcilePage(after=state.after, limit=state.page_size, week=report.week,
                           report_id=report.report_id, started_at=report.started_at),
-            ReconcilePageResult, start_to_close=ORG_PAGE_TIMEOUT, heartbeat=ORG_PAGE_HEARTBEAT,
+            start_to_close=ORG_PAGE_TIMEOUT, heartbeat=ORG_PAGE_HEARTBEAT,
         )
         counts = report.counts
         counts.orgs += len(page.org_ids)
@@ -127,10 +126,10 @@ class ReconcileWorkflow:
         """The subscription's divergences, or None when Stripe could not be read."""
         try:
             return await call(
-                "reconcile_subscription",
+                steps.reconcile_subscription,
                 SubscriptionCheck(ref=ref, report_id=report.report_id,
                                   started_at=report.started_at),
-                list[Divergence], start_to_close=STRIPE_TIMEOUT,
+                start_to_close=STRIPE_TIMEOUT,
             )
         except ActivityError:
             workflow.logger.warning("subscription %s of %s could not be read from Stripe",
@@ -144,11 +143,11 @@ class ReconcileWorkflow:
         (the report then says why, and keeps what the other checks found)."""
         try:
             page = await call(
-                "reconcile_missed_events",
+                steps.reconcile_missed_events,
                 EventListQuery(created_gte=int(report.events_since.timestamp()),
                                types=sorted(HANDLED_TYPES), starting_after=state.events_after,
                                limit=state.events_page_size),
-                MissedEventsPage, start_to_close=PAGE_TIMEOUT,
+                start_to_close=PAGE_TIMEOUT,
             )
         except ActivityError as exc:
             report.events_error = str(exc.cause or exc)

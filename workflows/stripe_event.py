@@ -24,7 +24,6 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 from billing.models import (
-    OrgRef,
     PurchaseFacts,
     PurchaseQuery,
     StripeApply,
@@ -32,21 +31,23 @@ from billing.models import (
     StripeEventOutcome,
     StripeReplay,
     StripeStep,
-    SubscriptionState,
 )
-from workflows.common import ACTIVITY_TIMEOUT, FAIL_ON, STRIPE_TIMEOUT, T, call
+from workflows import steps
+from workflows.common import ACTIVITY_TIMEOUT, FAIL_ON, STRIPE_TIMEOUT, A, Step, T, call
 from workflows.search import ORG_ID, STRIPE_EVENT_TYPE
 
 with workflow.unsafe.imports_passed_through():
     from billing.stripe import REQUEST_TIMEOUT
     from billing.stripe import events as ev
     from billing.stripe.invoices import invoice_subscription, invoice_subscription_metadata
-    from billing.stripe.objects import expanded, org_from, pack_from, ref_id
+    from billing.stripe.objects import expanded, org_from, ref_id
     from billing.stripe.purchases import PAID_STATUSES
     from billing.stripe.refunds import charge_refunds
     from billing.stripe.subscriptions import DELINQUENT_STATUSES
 
 Obj = dict[str, Any]
+#: An apply activity's stub: the event in, the step (an outcome, or what it needs first) out.
+Apply = Step[StripeApply, StripeStep]
 
 #: How long a refund or dispute waits for its purchase to be credited, from the event's
 #: `created`: Stripe retries a delivery for up to 3 days.
@@ -55,26 +56,14 @@ FIRST_POLL = timedelta(seconds=2)
 LONGEST_POLL = timedelta(minutes=15)
 
 
-#: The release that sets `OrgId` as soon as the organization is known (at start by the webhook,
-#: else right after the activity that resolves it). Runs started before it replay the old
-#: commands; retire with `workflow.deprecate_patch` once none of them can be open (README,
-#: "Versioning workflows").
-ORG_ID_FIRST = "org-id-first"
-
-
-#: The release whose purchase activity reads the purchase from Stripe itself (one activity per
-#: purchase instead of one per read), and whose refunds and disputes read the purchase behind
-#: their charge in one activity. Runs started before it replay the reads one activity each.
-PURCHASE_READS_IN_ACTIVITY = "purchase-reads-in-activity"
-
-
 #: The release whose steps (Stripe reads and apply transactions) are local activities: a
-#: purchase is then one workflow task instead of two plus an activity task, about 9 ms less of
-#: the Temporal server's CPU and half the latency per event (BENCHMARKS.md, webhook). Each step
-#: takes milliseconds, each attempt is bounded by its timeout, and a step is idempotent on the
-#: event id, which a local activity needs (a worker lost mid-task runs the step again). Runs
-#: started before it replay regular ones. Its marker is the only one its runs record: it
-#: implies every release above (`_since`).
+#: purchase is one workflow task instead of two plus an activity task, about 9 ms less of the
+#: Temporal server's CPU and half the latency per event (BENCHMARKS.md, webhook). Each step takes
+#: milliseconds, each attempt is bounded by its timeout, and a step is idempotent on the event id,
+#: which a local activity needs (a worker lost mid-task runs the step again). Deprecated: no run
+#: of the releases before it can still be open (a run lives at most `PURCHASE_WAIT`), so every
+#: run takes its branch; the call stays until no run recorded with its marker can be open either
+#: (README, "Versioning workflows").
 LOCAL_STEPS = "local-steps"
 
 
@@ -109,43 +98,32 @@ def _missing(exc: ActivityError | ApplicationError) -> bool:
 class StripeEventWorkflow:
     def __init__(self) -> None:
         self._waiting_for: str | None = None
-        self._local = False
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def _since(self, patch: str) -> bool:
-        """Whether the run has the release `patch`: a run of `LOCAL_STEPS` has every earlier one
-        without recording their markers; an older run finds its own marker (or not)."""
-        return self._local or workflow.patched(patch)
-
-    async def _call(self, activity: str, arg: Any, result_type: type[T], *,
+    async def _call(self, activity: Step[A, T], arg: A, *,
                     start_to_close: timedelta = ACTIVITY_TIMEOUT) -> T:
-        """One step: a local activity since `LOCAL_STEPS`, a regular one in older runs."""
-        return await call(activity, arg, result_type, start_to_close=start_to_close,
-                          local=self._local)
+        """One step, a local activity (`LOCAL_STEPS`)."""
+        return await call(activity, arg, start_to_close=start_to_close, local=True)
 
-    async def _step(self, activity: str, apply: StripeApply, *,
-                    start_to_close: timedelta = ACTIVITY_TIMEOUT) -> StripeStep:
-        return await self._call(activity, apply, StripeStep, start_to_close=start_to_close)
-
-    async def _outcome(self, activity: str, apply: StripeApply, *,
+    async def _outcome(self, activity: Apply, apply: StripeApply, *,
                        start_to_close: timedelta = ACTIVITY_TIMEOUT) -> StripeEventOutcome:
-        step = await self._step(activity, apply, start_to_close=start_to_close)
+        step = await self._call(activity, apply, start_to_close=start_to_close)
         if step.outcome is None:
-            raise ApplicationError(f"{activity} asked for more than this event gives",
+            raise ApplicationError(f"{activity.__name__} asked for more than this event gives",
                                    type="UNEXPECTED_STEP", non_retryable=True)
         return step.outcome
 
     async def _record(self, apply: StripeApply, outcome: str, reason: str) -> StripeEventOutcome:
-        return await self._outcome("record_stripe_outcome",
+        return await self._outcome(steps.record_stripe_outcome,
                                    apply.model_copy(update={"outcome": outcome, "reason": reason}))
 
-    async def _read(self, activity: str, stripe_id: str) -> Obj:
+    async def _read(self, activity: Step[str, Obj], stripe_id: str) -> Obj:
         """One Stripe API read (activities/stripe_api.py)."""
-        found: Obj = await self._call(activity, stripe_id, dict, start_to_close=STRIPE_TIMEOUT)
-        return found
+        return await self._call(activity, stripe_id, start_to_close=STRIPE_TIMEOUT)
 
-    async def _read_unless_missing(self, activity: str, stripe_id: str) -> Obj | None:
+    async def _read_unless_missing(self, activity: Step[str, Obj],
+                                   stripe_id: str) -> Obj | None:
         """One Stripe API read; None when Stripe does not know the object (404)."""
         try:
             return await self._read(activity, stripe_id)
@@ -154,28 +132,8 @@ class StripeEventWorkflow:
                 return None
             raise
 
-    async def _list(self, activity: str, stripe_id: str) -> list[Obj]:
-        found: list[Obj] = await self._call(activity, stripe_id, list,
-                                            start_to_close=STRIPE_TIMEOUT)
-        return found
-
-    async def _purchase_facts(self, payment_intent: str | None, *, session: Obj | None = None,
-                              intent: Obj | None = None, charge: Obj | None = None,
-                              ) -> PurchaseFacts:
-        """Runs started before `PURCHASE_READS_IN_ACTIVITY` only: the reads of
-        `StripeApiActivities.purchase_facts`, one activity each."""
-        if session is None and payment_intent is not None:
-            sessions = await self._list("stripe_find_checkout_sessions", payment_intent)
-            session = next((s for s in sessions if s.get("mode") == "payment"), None)
-        if intent is None and payment_intent is not None and not (
-                session is not None and org_from(session) and pack_from(session)):
-            intent = expanded((session or {}).get("payment_intent")) or await self._read(
-                "stripe_retrieve_payment_intent", payment_intent)
-        line_items = None
-        if session is not None:
-            line_items = await self._list("stripe_list_line_items", str(session["id"]))
-        return PurchaseFacts(payment_intent=payment_intent, session=session,
-                             line_items=line_items, intent=intent, charge=charge)
+    async def _list(self, activity: Step[str, list[Obj]], stripe_id: str) -> list[Obj]:
+        return await self._call(activity, stripe_id, start_to_close=STRIPE_TIMEOUT)
 
     @workflow.query
     def waiting_for(self) -> str | None:
@@ -184,28 +142,22 @@ class StripeEventWorkflow:
 
     @workflow.run
     async def run(self, event: StripeEvent | StripeReplay) -> StripeEventOutcome:
-        self._local = workflow.patched(LOCAL_STEPS)
+        workflow.deprecate_patch(LOCAL_STEPS)
         if isinstance(event, StripeReplay):
-            event = await self._call("stripe_retrieve_event", event.event_id, StripeEvent,
+            event = await self._call(steps.stripe_retrieve_event, event.event_id,
                                      start_to_close=STRIPE_TIMEOUT)
         obj = event.object
         org = org_from(obj, invoice_subscription_metadata(obj))
         apply = StripeApply(event=event, now=workflow.now(), org_id=org)
-        if self._since(ORG_ID_FIRST):
-            _mark(event.type, org)
-            if org is None and event.type not in ev.INVOICE_TYPES:
-                # Findable by organization before anything else can fail (SPEC §6). Only a
-                # guess (a customer link may be all it has): the apply activity decides, and
-                # metadata that Stripe's objects hold comes before any link (SPEC §5.5).
-                found = await self._call("stripe_resolve_org", apply, OrgRef)
-                if found.org_id is not None:
-                    apply = apply.model_copy(update={"org_guess": found.org_id})
-                    _mark(event.type, found.org_id)
-        else:  # runs started before organizations were resolved first
-            attributes = [STRIPE_EVENT_TYPE.value_set(event.type)]
-            if org is not None:
-                attributes.append(ORG_ID.value_set(org))
-            workflow.upsert_search_attributes(attributes)
+        _mark(event.type, org)
+        if org is None and event.type not in ev.INVOICE_TYPES:
+            # Findable by organization before anything else can fail (SPEC §6). Only a guess (a
+            # customer link may be all it has): the apply activity decides, and metadata that
+            # Stripe's objects hold comes before any link (SPEC §5.5).
+            found = await self._call(steps.stripe_resolve_org, apply)
+            if found.org_id is not None:
+                apply = apply.model_copy(update={"org_guess": found.org_id})
+                _mark(event.type, found.org_id)
         handler = ROUTES.get(event.type)
         if handler is None:
             result = await self._record(apply, "ignored", f"event type {event.type} is not handled")
@@ -225,26 +177,17 @@ class StripeEventWorkflow:
         if mode != "payment":
             return await self._record(apply, "ignored", f"checkout mode {mode} buys nothing")
         if apply.event.type == ev.CHECKOUT_ASYNC_FAILED:
-            return await self._outcome("apply_stripe_purchase_failed", apply)
+            return await self._outcome(steps.apply_stripe_purchase_failed, apply)
         status = session.get("payment_status")
         if status not in PAID_STATUSES:
             return await self._record(apply, "ignored", f"checkout payment status is {status}: "
                                  "a delayed payment method credits when it succeeds")
-        if self._since(PURCHASE_READS_IN_ACTIVITY):
-            return await self._outcome("read_and_apply_stripe_purchase", apply,
-                                  start_to_close=PURCHASE_TIMEOUT)
-        facts = await self._purchase_facts(ref_id(session.get("payment_intent")), session=session)
-        return await self._outcome("apply_stripe_purchase", apply.model_copy(update={
-            "purchase": facts, "org_id": apply.org_id or org_from(facts.intent)}))
+        return await self._purchase(apply)
 
-    async def _payment_intent(self, apply: StripeApply) -> StripeEventOutcome:
-        if self._since(PURCHASE_READS_IN_ACTIVITY):
-            return await self._outcome("read_and_apply_stripe_purchase", apply,
-                                  start_to_close=PURCHASE_TIMEOUT)
-        intent = apply.event.object
-        facts = await self._purchase_facts(ref_id(intent.get("id")), intent=intent)
-        return await self._outcome("apply_stripe_purchase", apply.model_copy(update={
-            "purchase": facts, "org_id": apply.org_id or org_from(facts.session)}))
+    async def _purchase(self, apply: StripeApply) -> StripeEventOutcome:
+        """One activity reads the purchase from Stripe and credits it."""
+        return await self._outcome(steps.read_and_apply_stripe_purchase, apply,
+                                   start_to_close=PURCHASE_TIMEOUT)
 
     # ---- subscriptions and invoices ----------------------------------------------------------
 
@@ -254,30 +197,31 @@ class StripeEventWorkflow:
         if subscription_id is None:
             return await self._record(apply, "unresolved",
                                  "subscription checkout names no subscription")
-        sub = await self._read("stripe_retrieve_subscription", subscription_id)
-        return await self._outcome("apply_stripe_subscription", apply.model_copy(
+        sub = await self._read(steps.stripe_retrieve_subscription, subscription_id)
+        return await self._outcome(steps.apply_stripe_subscription, apply.model_copy(
             update={"subscription": sub, "org_id": apply.org_id or org_from(sub)}))
 
     async def _subscription(self, apply: StripeApply) -> StripeEventOutcome:
-        return await self._outcome("apply_stripe_subscription", apply)
+        return await self._outcome(steps.apply_stripe_subscription, apply)
 
     async def _invoice(self, apply: StripeApply) -> StripeEventOutcome:
         """Read the invoice's subscription from Stripe when the engine does not know it yet (its
         own events are late: it may name the organization, and says whether it is live), or when
         a payment recovers it (its plan may have changed meanwhile)."""
-        state = await self._call("stripe_subscription_state", apply, SubscriptionState)
-        if apply.org_id is None and self._since(ORG_ID_FIRST):
+        state = await self._call(steps.stripe_subscription_state, apply)
+        if apply.org_id is None:
             _mark(apply.event.type, state.org_id)
         subscription_id = invoice_subscription(apply.event.object)
         recovers = (apply.event.type in ev.INVOICE_PAID_TYPES
                     and state.status in DELINQUENT_STATUSES)
         sub: Obj | None = None
         if subscription_id is not None and (state.status is None or recovers):
-            sub = await self._read_unless_missing("stripe_retrieve_subscription", subscription_id)
+            sub = await self._read_unless_missing(steps.stripe_retrieve_subscription,
+                                                  subscription_id)
         # The subscription's metadata comes before what the engine knows (`state.org_id` may be
         # only a customer link): `apply_stripe_invoice` decides in the order of SPEC §5.5.
         org = apply.org_id or (org_from(sub) if sub else None)
-        return await self._outcome("apply_stripe_invoice", apply.model_copy(
+        return await self._outcome(steps.apply_stripe_invoice, apply.model_copy(
             update={"org_id": org, "subscription": sub}))
 
     # ---- refunds and disputes ----------------------------------------------------------------
@@ -287,10 +231,10 @@ class StripeEventWorkflow:
         if apply.event.type == ev.CHARGE_REFUNDED:
             refunds = charge_refunds(obj)
             if refunds is None:
-                refunds = await self._list("stripe_list_refunds", str(obj["id"]))
+                refunds = await self._list(steps.stripe_list_refunds, str(obj["id"]))
         else:
             refunds = [obj]
-        return await self._clawback("apply_stripe_refunds",
+        return await self._clawback(steps.apply_stripe_refunds,
                                     apply.model_copy(update={"refunds": refunds}))
 
     async def _dispute(self, apply: StripeApply) -> StripeEventOutcome:
@@ -299,22 +243,22 @@ class StripeEventWorkflow:
         dispute = apply.event.object
         charge_id = ref_id(dispute.get("charge"))
         if ref_id(dispute.get("payment_intent")) is None and charge_id is not None:
-            charge = expanded(dispute.get("charge")) or await self._read("stripe_retrieve_charge",
-                                                                     charge_id)
+            charge = expanded(dispute.get("charge")) or await self._read(
+                steps.stripe_retrieve_charge, charge_id)
             apply = apply.model_copy(update={
                 "payment_intent": ref_id(charge.get("payment_intent")),
                 "org_id": apply.org_id or org_from(charge),
             })
-        return await self._clawback("apply_stripe_dispute", apply)
+        return await self._clawback(steps.apply_stripe_dispute, apply)
 
-    async def _clawback(self, activity: str, apply: StripeApply) -> StripeEventOutcome:
+    async def _clawback(self, activity: Apply, apply: StripeApply) -> StripeEventOutcome:
         """Apply a refund or dispute; when its purchase is not credited yet, read what Stripe
         holds about it once, then wait for the credit (polling with backoff) until 72 hours after
         the event, and fail visibly past that."""
         deadline = datetime.fromtimestamp(apply.event.created, UTC) + PURCHASE_WAIT
         poll = FIRST_POLL
         while True:
-            step = await self._step(activity, apply)
+            step = await self._call(activity, apply)
             if step.outcome is not None:
                 return step.outcome
             if step.needs_purchase and apply.purchase is None:
@@ -337,16 +281,9 @@ class StripeEventWorkflow:
         obj = apply.event.object
         charge = obj if apply.event.type == ev.CHARGE_REFUNDED else None
         payment_intent = apply.payment_intent or ref_id(obj.get("payment_intent"))
-        if self._since(PURCHASE_READS_IN_ACTIVITY):
-            return await self._call("stripe_purchase_facts",
-                                    PurchaseQuery(payment_intent=payment_intent, charge=charge),
-                                    PurchaseFacts, start_to_close=3 * REQUEST_TIMEOUT)
-        try:
-            return await self._purchase_facts(payment_intent, charge=charge)
-        except ActivityError as exc:  # runs this old are older than `LOCAL_STEPS`
-            if _missing(exc):
-                return PurchaseFacts(charge=charge)
-            raise
+        return await self._call(steps.stripe_purchase_facts,
+                                PurchaseQuery(payment_intent=payment_intent, charge=charge),
+                                start_to_close=3 * REQUEST_TIMEOUT)
 
 
 Handler = Callable[[StripeEventWorkflow, StripeApply], Awaitable[StripeEventOutcome]]
@@ -354,7 +291,7 @@ Handler = Callable[[StripeEventWorkflow, StripeApply], Awaitable[StripeEventOutc
 #: Every handled event type and its handler (SPEC §5.5); any other type is recorded `ignored`.
 ROUTES: dict[str, Handler] = {
     **dict.fromkeys(ev.CHECKOUT_TYPES, StripeEventWorkflow._checkout),
-    ev.PAYMENT_INTENT_SUCCEEDED: StripeEventWorkflow._payment_intent,
+    ev.PAYMENT_INTENT_SUCCEEDED: StripeEventWorkflow._purchase,
     **dict.fromkeys(ev.SUBSCRIPTION_TYPES | {ev.CUSTOMER_DELETED},
                     StripeEventWorkflow._subscription),
     **dict.fromkeys(ev.INVOICE_TYPES, StripeEventWorkflow._invoice),

@@ -14,6 +14,7 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 
+from workflows import steps
 from workflows.common import FAIL_ON, call
 
 with workflow.unsafe.imports_passed_through():
@@ -33,6 +34,6 @@ ATTEMPT_TIMEOUT = timedelta(seconds=30)
 class WebhookDeliveryWorkflow:
     @workflow.run
     async def run(self, delivery: WebhookDelivery) -> DeliveryResult:
-        return await call("deliver_webhook", delivery, DeliveryResult,
+        return await call(steps.deliver_webhook, delivery,
                           start_to_close=ATTEMPT_TIMEOUT, retry_policy=DELIVERY_RETRY,
                           schedule_to_close=timedelta(seconds=delivery.budget_seconds))

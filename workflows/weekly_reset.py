@@ -25,11 +25,11 @@ from billing.models import (
     ResetOrg,
     ResetOrgResult,
     ResetPage,
-    ResetPageResult,
     WeeklyResetInput,
     WeeklyResetResult,
 )
 from billing.weeks import iso_week
+from workflows import steps
 from workflows.common import FAIL_ON, call
 from workflows.search import ORG_ID
 
@@ -42,7 +42,7 @@ def reset_workflow_id(org_id: str, week: str) -> str:
 class WeeklyResetOrgWorkflow:
     @workflow.run
     async def run(self, job: ResetOrg) -> ResetOrgResult:
-        return await call("weekly_reset_org", job, ResetOrgResult)
+        return await call(steps.weekly_reset_org, job)
 
 
 @workflow.defn(failure_exception_types=FAIL_ON)
@@ -60,8 +60,8 @@ class WeeklyResetWorkflow:
                 return await self._reset(org, week, now)
 
         for _ in range(state.pages_per_run):
-            page = await call("weekly_reset_page",
-                              ResetPage(after=state.after, limit=state.page_size), ResetPageResult)
+            page = await call(steps.weekly_reset_page,
+                              ResetPage(after=state.after, limit=state.page_size))
             ids = page.org_ids
             results = await asyncio.gather(*(bounded(org) for org in ids))
             for org, result in zip(ids, results, strict=True):

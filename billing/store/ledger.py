@@ -501,14 +501,6 @@ class Ledger:
 
     # ---- reads ----------------------------------------------------------------------------------
 
-    async def expired_lots(self, now: datetime, after: str | None, limit: int) -> list[Doc]:
-        """Expired lots with units left, paged by `_id` (the daily expiry sweep)."""
-        query: Doc = {"expires_at": {"$lte": now}, "remaining": {"$gt": 0}}
-        if after is not None:
-            query["_id"] = {"$gt": after}
-        cursor = self.db.lots.find(query, {"org_id": 1}).sort("_id", 1).limit(limit)
-        return [doc async for doc in cursor]
-
     async def orgs_with_expired_lots(self, now: datetime, after: str | None,
                                      limit: int) -> list[str]:
         """Organizations with an expired lot that still holds units, in id order (the daily
