@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 from pymongo.asynchronous.client_session import AsyncClientSession
 from temporalio import activity
 
@@ -22,6 +25,36 @@ from billing.stripe.purchases import (
     purchase_key,
     resolve_purchase,
 )
+
+
+@dataclass(frozen=True)
+class _Payment:
+    """One payment being credited: the event and what Stripe holds about it."""
+
+    apply: StripeApply
+    facts: PurchaseFacts
+
+    @property
+    def session_id(self) -> str | None:
+        return ref_id((self.facts.session or {}).get("id"))
+
+    @property
+    def payment_intent(self) -> str | None:
+        return self.facts.payment_intent
+
+    @property
+    def charge(self) -> str | None:
+        return ref_id((self.facts.intent or {}).get("latest_charge"))
+
+    @property
+    def paid(self) -> int:
+        return amount((self.facts.session or {}).get("amount_total")) or amount(
+            (self.facts.intent or {}).get("amount_received"))
+
+    @property
+    def customer(self) -> str | None:
+        return ref_id((self.facts.session or {}).get("customer")) or ref_id(
+            (self.facts.intent or {}).get("customer"))
 
 
 class PurchaseActivities(StripeFrame):
@@ -51,69 +84,77 @@ class PurchaseActivities(StripeFrame):
         """Credit every pack line of a payment once: one lot per line, keyed on the payment
         intent (`payment:<pi>`, `payment:<pi>:2`, ...), so every event of one payment credits
         once whichever arrives first."""
-        ledger = self.runtime.ledger
-        facts = apply.purchase or PurchaseFacts()
-        session_id = ref_id((facts.session or {}).get("id"))
-        payment_intent = facts.payment_intent
-        charge = ref_id((facts.intent or {}).get("latest_charge"))
-        paid = amount((facts.session or {}).get("amount_total")) or amount(
-            (facts.intent or {}).get("amount_received"))
-        customer = ref_id((facts.session or {}).get("customer")) or ref_id(
-            (facts.intent or {}).get("customer"))
+        payment = _Payment(apply, apply.purchase or PurchaseFacts())
+        return await self._run(apply, partial(self._apply_purchase_in, payment))
 
-        async def work(session: AsyncClientSession, outcome: Outcome) -> None:
-            record = await self._checkout(session, outcome, (facts.session, facts.intent))
-            purchase = self._purchase(facts, record, paid)
-            if purchase.verdict is Verdict.IGNORED:
-                return outcome.set("ignored", purchase.reason)
-            if payment_intent is None and session_id is None:
-                return outcome.set("unresolved", "the purchase names no payment intent or session")
-            if purchase.verdict is Verdict.UNRESOLVED:
-                outcome.set("unresolved", purchase.reason)
-                org_id = await self._find_org(session, outcome, (customer,),
-                                              objects=(facts.session,), intent=facts.intent)
-                if org_id is not None:
-                    await self.runtime.accounts.ensure_in(session, org_id, apply.now)
-                    await self._notify(
-                        session, outcome, "purchase.unresolved",
-                        f"purchase.unresolved:{payment_intent or session_id}",
-                        {"payment_intent": payment_intent, "checkout_session": session_id,
-                         "reason": purchase.reason, "event": apply.event.id},
-                    )
-                return None
-            # Metadata of the session, then of the payment intent, before any customer link:
-            # one customer may pay for several organizations (SPEC §5.5).
-            if not await self._resolve_org(session, outcome, customer, objects=(facts.session,),
-                                           intent=facts.intent):
-                return None
-            org_id = outcome.org_id
-            assert org_id is not None
-            if payment_intent and await ledger.paid_for_in(session, payment_intent):
-                return outcome.set("duplicate", f"payment {payment_intent} already credited")
-            opening = self.runtime.accounts.opening(org_id, apply.now)
-            base = purchase_key(payment_intent, session_id)
-            credited = False
-            for index, line in enumerate(purchase.lines):
-                result = await ledger.write_in(
-                    session, org_id, key=line_key(base, index), kind=EntryKind.TOPUP,
-                    amount=line.units, now=apply.now, memo=f"pack {line.pack.id} x{line.quantity}",
-                    terms=LotTerms(
-                        expires_at=line.expires_at(bought_at(apply)),
-                        payment_intent=payment_intent, charge=charge,
-                        checkout_session=session_id, pack_id=line.pack.id,
-                        price_cents=line.price_cents, paid_cents=paid, line=index + 1,
-                    ),
-                    meta={"stripe_event": apply.event.id}, opening=opening,
-                    # `payment:<pi>` keys: `paid_for_in` just found none written.
-                    unused_key=bool(payment_intent),
-                )
-                outcome.ledger(result)
-                credited = credited or result.applied
-            if not credited:
-                outcome.set("duplicate", f"ledger key {base} already written")
+    async def _apply_purchase_in(self, payment: _Payment, session: AsyncClientSession,
+                                 outcome: Outcome) -> None:
+        facts = payment.facts
+        record = await self._checkout(session, outcome, (facts.session, facts.intent))
+        purchase = self._purchase(facts, record, payment.paid)
+        if purchase.verdict is Verdict.IGNORED:
+            return outcome.set("ignored", purchase.reason)
+        if payment.payment_intent is None and payment.session_id is None:
+            return outcome.set("unresolved", "the purchase names no payment intent or session")
+        if purchase.verdict is Verdict.UNRESOLVED:
+            return await self._unresolved_in(session, outcome, payment, purchase)
+        # Metadata of the session, then of the payment intent, before any customer link: one
+        # customer may pay for several organizations (SPEC §5.5).
+        if not await self._resolve_org(session, outcome, payment.customer,
+                                       objects=(facts.session,), intent=facts.intent):
             return None
+        pi = payment.payment_intent
+        if pi and await self.runtime.ledger.paid_for_in(session, pi):
+            return outcome.set("duplicate", f"payment {pi} already credited")
+        if not await self._credit_lines_in(session, outcome, payment, purchase):
+            base = purchase_key(pi, payment.session_id)
+            outcome.set("duplicate", f"ledger key {base} already written")
+        return None
 
-        return await self._run(apply, work)
+    async def _unresolved_in(self, session: AsyncClientSession, outcome: Outcome,
+                             payment: _Payment, purchase: Purchase) -> None:
+        """A pack was bought but which one cannot be told: nothing is credited, and the
+        organization, when known, is told (`purchase.unresolved`)."""
+        outcome.set("unresolved", purchase.reason)
+        facts = payment.facts
+        org_id = await self._find_org(session, outcome, (payment.customer,),
+                                      objects=(facts.session,), intent=facts.intent)
+        if org_id is None:
+            return
+        await self.runtime.accounts.ensure_in(session, org_id, payment.apply.now)
+        await self._notify(
+            session, outcome, "purchase.unresolved",
+            f"purchase.unresolved:{payment.payment_intent or payment.session_id}",
+            {"payment_intent": payment.payment_intent, "checkout_session": payment.session_id,
+             "reason": purchase.reason, "event": payment.apply.event.id},
+        )
+
+    async def _credit_lines_in(self, session: AsyncClientSession, outcome: Outcome,
+                               payment: _Payment, purchase: Purchase) -> bool:
+        """One lot per pack line; whether any was credited (not all keys written before)."""
+        apply = payment.apply
+        org_id = outcome.org_id
+        assert org_id is not None
+        opening = self.runtime.accounts.opening(org_id, apply.now)
+        base = purchase_key(payment.payment_intent, payment.session_id)
+        credited = False
+        for index, line in enumerate(purchase.lines):
+            result = await self.runtime.ledger.write_in(
+                session, org_id, key=line_key(base, index), kind=EntryKind.TOPUP,
+                amount=line.units, now=apply.now, memo=f"pack {line.pack.id} x{line.quantity}",
+                terms=LotTerms(
+                    expires_at=line.expires_at(bought_at(apply)),
+                    payment_intent=payment.payment_intent, charge=payment.charge,
+                    checkout_session=payment.session_id, pack_id=line.pack.id,
+                    price_cents=line.price_cents, paid_cents=payment.paid, line=index + 1,
+                ),
+                meta={"stripe_event": apply.event.id}, opening=opening,
+                # `payment:<pi>` keys: `paid_for_in` just found none written.
+                unused_key=bool(payment.payment_intent),
+            )
+            outcome.ledger(result)
+            credited = credited or result.applied
+        return credited
 
     def _purchase(self, facts: PurchaseFacts, record: Doc | None, paid: int) -> Purchase:
         """What the payment bought (`resolve_purchase`): the engine's checkout record names the

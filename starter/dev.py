@@ -322,6 +322,24 @@ def _print_ready(
     console.print("Press Ctrl-C to stop.")
 
 
+async def _start_temporal(stack: contextlib.AsyncExitStack, options: DevOptions, data_dir: Path,
+                          settings: Settings) -> None:
+    """The Temporal dev server on its database file in the data directory, stopped with the
+    stack."""
+    database = _temporal_database(data_dir)
+    try:
+        temporal = await start_temporal(
+            port=options.temporal_port,
+            ui_port=options.ui_port,
+            database_file=database,
+            namespace=settings.temporal_namespace,
+        )
+    except RuntimeError as exc:
+        raise EmbeddedError(f"Temporal did not start (its output is above): {exc}") from exc
+    stack.push_async_callback(temporal.shutdown)
+    _temporal_marker(database).touch()
+
+
 async def run_dev(options: DevOptions, console: Console) -> None:
     """Start every part, wait until each is ready, print where they are, then run until
     cancelled (the CLI cancels on SIGINT / SIGTERM); on the way out every part is stopped, last
@@ -343,19 +361,7 @@ async def run_dev(options: DevOptions, console: Console) -> None:
         stack.push_async_callback(mongo.stop)
         await mongo.start()
         console.print(f"starting Temporal on port {options.temporal_port} ...")
-        database = _temporal_database(data_dir)
-        try:
-            temporal = await start_temporal(
-                port=options.temporal_port,
-                ui_port=options.ui_port,
-                database_file=database,
-                namespace=settings.temporal_namespace,
-            )
-        except RuntimeError as exc:
-            raise EmbeddedError(f"Temporal did not start (its output is above): {exc}") from exc
-        stack.push_async_callback(temporal.shutdown)
-        _temporal_marker(database).touch()
-
+        await _start_temporal(stack, options, data_dir, settings)
         if not settings.stripe_api_key and not settings.stripe_api_base:
             fake = stripe_stand_in(config, data_dir, settings, options)
             console.print(f"starting the Stripe stand-in (no STRIPE_API_KEY) on port {fake.port}"

@@ -73,6 +73,22 @@ def _line(pack: PackConfig, quantity: object, cost: object) -> PurchaseLine | No
     return PurchaseLine(pack, quantity, paid if paid > 0 else pack.price_cents * quantity)
 
 
+def _pack_lines(config: BillingConfig, line_items: list[Obj]) -> list[PurchaseLine] | Purchase:
+    """The lines whose price is a pack's, or `unresolved` for a pack line without a positive
+    quantity."""
+    lines: list[PurchaseLine] = []
+    for item in line_items:
+        price = ref_id(item.get("price"))
+        pack = config.pack_for_price(price) if price else None
+        if pack is None:
+            continue
+        line = _line(pack, item.get("quantity"), item.get("amount_total"))
+        if line is None:
+            return _unresolved(f"line item {item.get('id')} has no positive quantity")
+        lines.append(line)
+    return lines
+
+
 def resolve_purchase(
     config: BillingConfig,
     *,
@@ -107,16 +123,9 @@ def resolve_purchase(
         line = _line(named_pack, 1, paid_cents)
         assert line is not None
         return Purchase(Verdict.CREDIT, (line,))
-    lines: list[PurchaseLine] = []
-    for item in line_items:
-        price = ref_id(item.get("price"))
-        pack = config.pack_for_price(price) if price else None
-        if pack is None:
-            continue
-        line = _line(pack, item.get("quantity"), item.get("amount_total"))
-        if line is None:
-            return _unresolved(f"line item {item.get('id')} has no positive quantity")
-        lines.append(line)
+    lines = _pack_lines(config, line_items)
+    if isinstance(lines, Purchase):
+        return lines
     if lines:
         return Purchase(Verdict.CREDIT, tuple(lines))
     if line_items:
