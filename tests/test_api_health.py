@@ -111,7 +111,9 @@ async def test_metrics_count_requests_by_route_template(runtime: Runtime, org: s
         await client.get("/healthz")
         await client.get(f"/v1/orgs/{org}/balance", headers=AUTH)
         await client.get(f"/no/such/{org}")
+        too_big = await client.post("/stripe/webhook", content=b"x" * (1024 * 1024 + 1))
         response = await client.get("/metrics")
+    assert too_big.status_code == 413
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
@@ -120,6 +122,7 @@ async def test_metrics_count_requests_by_route_template(runtime: Runtime, org: s
     assert 'route="/healthz",status="200"' in text
     assert 'route="/v1/orgs/{org}/balance",status="404"' in text
     assert 'route="<unmatched>",status="404"' in text
+    assert 'route="/stripe/webhook",status="413"' in text  # refused before the app
     assert org not in text
 
 

@@ -46,7 +46,7 @@ def create_app(runtime: Runtime, temporal: Client | None = None) -> FastAPI:
     app.state.billing = AppState(runtime=runtime, temporal=temporal)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware)
-    app.add_middleware(metrics.MetricsMiddleware)
+    metrics.instrument(app)
 
     # One line per router; `/v1` routers come from `deps.v1_router` (prefix and bearer token).
     app.include_router(health.router)
