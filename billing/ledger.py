@@ -62,6 +62,9 @@ class Debt:
     def total(self) -> int:
         return self.usage + self.other
 
+    def __add__(self, added: Debt) -> Debt:
+        return Debt(usage=self.usage + added.usage, other=self.other + added.other)
+
 
 @dataclass(frozen=True)
 class OpenLot:

@@ -179,70 +179,11 @@ class Ledger:
         `lot_id` (an expiry), or in debit order (a debit or an admin debit)."""
         check_sign(kind, amount)
         org_id = account["_id"]
-        debt = _debt(account)
         entry = _entry(org_id, int(account["seq"]), key, kind, amount, memo, now)
-        entry_id = entry["_id"]
         if amount > 0:
-            repay = plan_credit(debt, amount, usage_debt_only=kind is EntryKind.SETTLEMENT)
-            lot_id = f"lot_{entry_id}"
-            lot_terms = terms or LotTerms()
-            await self.db.lots.insert_one(
-                {
-                    "_id": lot_id,
-                    "org_id": org_id,
-                    "kind": kind.value,
-                    "key": key,
-                    "seq": entry["seq"],
-                    "units": amount,
-                    "remaining": repay.lot_remaining,
-                    "repaid_debt": repay.other + repay.usage,
-                    "repaid_usage": repay.usage,
-                    "line": lot_terms.line,
-                    "expires_at": lot_terms.expires_at,
-                    "payment_intent": lot_terms.payment_intent,
-                    "charge": lot_terms.charge,
-                    "checkout_session": lot_terms.checkout_session,
-                    "pack_id": lot_terms.pack_id,
-                    "price_cents": lot_terms.price_cents,
-                    "paid_cents": lot_terms.paid_cents,
-                    "source_lot": lot_terms.source_lot,
-                    "clawbacks": [],
-                    "clawback_cents": 0,
-                    "clawed_units": 0,
-                    "usage_returned": 0,
-                    "created_at": now,
-                },
-                session=session,
-            )
-            entry["lot_id"] = lot_id
-            entry["repaid"] = {"other": repay.other, "usage": repay.usage}
-            debt = Debt(usage=debt.usage - repay.usage, other=debt.other - repay.other)
+            debt = await self._credit_in(session, account, entry, terms or LotTerms())
         else:
-            if claw is not None:
-                draws, usage_added, other_added = claw.draws, claw.usage_debt, claw.other_debt
-            else:
-                if lot_id is not None:
-                    own = await self.db.lots.find_one({"_id": lot_id}, session=session)
-                    if own is None:
-                        raise NotFound(f"no lot {lot_id!r}")
-                    planned = plan_expiry(_open_lot(own), -amount)
-                elif kind in (EntryKind.DEBIT, EntryKind.ADJUSTMENT):
-                    planned = plan_draw(await self._open_lots(session, org_id), -amount, now)
-                else:
-                    raise ValueError(f"a {kind} entry names the lots it takes from")
-                draws = planned.draws
-                usage_added = planned.shortfall if kind is EntryKind.DEBIT else 0
-                other_added = planned.shortfall - usage_added
-            for drawn_lot, units in draws:
-                updated = await self.db.lots.update_one(
-                    {"_id": drawn_lot, "remaining": {"$gte": units}},
-                    {"$inc": {"remaining": -units}},
-                    session=session,
-                )
-                if updated.matched_count != 1:
-                    raise RuntimeError(f"lot {drawn_lot} changed under a locked account")
-            _drawn(entry, draws, lot_id, usage_added + other_added)
-            debt = Debt(usage=debt.usage + usage_added, other=debt.other + other_added)
+            debt = _debt(account) + await self._draw_in(session, account, entry, claw, lot_id)
         balance = int(account["balance"]) + amount
         _sealed(entry, balance, meta)
         await self.db.ledger.insert_one(entry, session=session)
@@ -260,6 +201,62 @@ class Ledger:
             # place an automatic top-up is triggered (SPEC §5.8).
             await trigger_in(self.db, session, account, balance_after=balance, now=now)
         return LedgerResult(True, entry, balance)
+
+    async def _credit_in(self, session: AsyncClientSession, account: Doc, entry: Doc,
+                         terms: LotTerms) -> Debt:
+        """A positive entry repays debt first (`billing.ledger.plan_credit`) and opens a lot of
+        what is left; the debt after it."""
+        debt = _debt(account)
+        kind = EntryKind(entry["kind"])
+        repay = plan_credit(debt, entry["amount"], usage_debt_only=kind is EntryKind.SETTLEMENT)
+        lot_id = f"lot_{entry['_id']}"
+        await self.db.lots.insert_one({
+            "_id": lot_id, "org_id": entry["org_id"], "kind": kind.value, "key": entry["key"],
+            "seq": entry["seq"], "units": entry["amount"], "remaining": repay.lot_remaining,
+            "repaid_debt": repay.other + repay.usage, "repaid_usage": repay.usage,
+            "line": terms.line, "expires_at": terms.expires_at,
+            "payment_intent": terms.payment_intent, "charge": terms.charge,
+            "checkout_session": terms.checkout_session, "pack_id": terms.pack_id,
+            "price_cents": terms.price_cents, "paid_cents": terms.paid_cents,
+            "source_lot": terms.source_lot, "clawbacks": [], "clawback_cents": 0,
+            "clawed_units": 0, "usage_returned": 0, "created_at": entry["created_at"],
+        }, session=session)
+        entry["lot_id"] = lot_id
+        entry["repaid"] = {"other": repay.other, "usage": repay.usage}
+        return Debt(usage=debt.usage - repay.usage, other=debt.other - repay.other)
+
+    async def _draw_in(self, session: AsyncClientSession, account: Doc, entry: Doc,
+                       claw: Clawback | None, lot_id: str | None) -> Debt:
+        """A negative entry takes from the lots as planned by `claw` (a refund or dispute), from
+        its own lot `lot_id` (an expiry), or in debit order (a debit or an admin debit); the debt
+        it adds (what no lot covered)."""
+        kind, units_wanted = EntryKind(entry["kind"]), -int(entry["amount"])
+        if claw is not None:
+            draws, added = claw.draws, Debt(usage=claw.usage_debt, other=claw.other_debt)
+        else:
+            if lot_id is not None:
+                own = await self.db.lots.find_one({"_id": lot_id}, session=session)
+                if own is None:
+                    raise NotFound(f"no lot {lot_id!r}")
+                planned = plan_expiry(_open_lot(own), units_wanted)
+            elif kind in (EntryKind.DEBIT, EntryKind.ADJUSTMENT):
+                planned = plan_draw(await self._open_lots(session, account["_id"]),
+                                    units_wanted, entry["created_at"])
+            else:
+                raise ValueError(f"a {kind} entry names the lots it takes from")
+            draws = planned.draws
+            usage = planned.shortfall if kind is EntryKind.DEBIT else 0
+            added = Debt(usage=usage, other=planned.shortfall - usage)
+        for drawn_lot, units in draws:
+            updated = await self.db.lots.update_one(
+                {"_id": drawn_lot, "remaining": {"$gte": units}},
+                {"$inc": {"remaining": -units}},
+                session=session,
+            )
+            if updated.matched_count != 1:
+                raise RuntimeError(f"lot {drawn_lot} changed under a locked account")
+        _drawn(entry, draws, lot_id, added.usage + added.other)
+        return added
 
     async def write_in(
         self,
@@ -352,45 +349,37 @@ class Ledger:
         lots = await self._purchase_lots_in(session, org_id, lot_ids)
         if _recorded(lots, key):
             return LedgerResult(False, None, int(account["balance"]))
-        price = sum(int(lot["price_cents"]) for lot in lots)
-        paid = lots[0].get("paid_cents")
         counter = _SCOPE_FIELDS.get(scope or "")
-        shares = [
-            ClawShare(
-                lot=_open_lot(lot),
-                units=clawback_units(
-                    lot_units=lot["units"], lot_price_cents=price, paid_cents=paid,
-                    clawed_cents_total=int(lot["clawback_cents"]) + (
-                        cents if counter == "clawback_cents" else 0),
-                    pack_cents_total=int(lot.get("clawback_pack_cents", 0)) + (
-                        cents if counter == "clawback_pack_cents" else 0),
-                    already_clawed=lot["clawed_units"]),
-                usage_repaid=int(lot.get("repaid_usage", 0)) - int(lot.get("usage_returned", 0)),
-            )
-            for lot in lots
-        ]
+        shares = _claw_shares(lots, cents, counter)
         total = sum(share.units for share in shares)
         plan = (plan_purchase_clawback(shares, await self._open_lots(session, org_id), now)
                 if total else None)
-        returned = dict(plan.usage_returned) if plan else {}
-        for share in shares:
-            usage = returned.get(share.lot.id, 0)
-            counted = {counter: cents} if counter else {}
-            await self.db.lots.update_one(
-                {"_id": share.lot.id},
-                {
-                    "$push": {"clawbacks": {"key": key, "cents": cents, "scope": scope,
-                                            "units": share.units, "usage": usage}},
-                    "$inc": {**counted, "clawed_units": share.units, "usage_returned": usage},
-                },
-                session=session,
-            )
+        await self._record_clawback_in(session, shares, dict(plan.usage_returned) if plan else {},
+                                       {"key": key, "cents": cents, "scope": scope}, counter)
         if plan is None:
             return LedgerResult(False, None, int(account["balance"]), {"clawed_units": 0})
         return await self.post_in(
             session, account, key=key, kind=kind, amount=-total, now=now, memo=memo,
             claw=plan, lot_id=lots[0]["_id"], meta={**(meta or {}), "cents": cents},
         )
+
+    async def _record_clawback_in(self, session: AsyncClientSession, shares: list[ClawShare],
+                                  returned: dict[str, int], clawback: Doc,
+                                  counter: str | None) -> None:
+        """Each lot keeps the clawback (`{key, cents, scope, units, usage}`) and counts its
+        cents in the scope's `counter`."""
+        cents = int(clawback["cents"])
+        for share in shares:
+            usage = returned.get(share.lot.id, 0)
+            counted = {counter: cents} if counter else {}
+            await self.db.lots.update_one(
+                {"_id": share.lot.id},
+                {
+                    "$push": {"clawbacks": {**clawback, "units": share.units, "usage": usage}},
+                    "$inc": {**counted, "clawed_units": share.units, "usage_returned": usage},
+                },
+                session=session,
+            )
 
     async def _purchase_lots_in(
         self, session: AsyncClientSession, org_id: str, lot_ids: list[str]
@@ -439,6 +428,22 @@ class Ledger:
                               {"key": key, "cents": 0, "units": 0, "usage": 0}]}}},
                     session=session)
             return LedgerResult(False, None, balance, {"voided": True})
+        total = await self._give_back_in(session, lots, key, withdrawn_key)
+        if total == 0:
+            return LedgerResult(False, None, balance, {"reinstated_units": 0})
+        first = lots[0]
+        return await self.post_in(
+            session, account, key=key, kind=EntryKind.REINSTATEMENT, amount=total,
+            now=now, memo=memo,
+            terms=LotTerms(expires_at=first.get("expires_at"), source_lot=first["_id"],
+                           charge=first.get("charge"), payment_intent=first.get("payment_intent")),
+            meta={"withdrawn_key": withdrawn_key},
+        )
+
+    async def _give_back_in(self, session: AsyncClientSession, lots: list[Doc], key: str,
+                            withdrawn_key: str) -> int:
+        """Each lot forgets the withdrawn clawback's cents and gets back what it lost beyond
+        what the clawbacks still standing say; the units given back in all."""
         total = 0
         price = sum(int(lot["price_cents"]) for lot in lots)
         for lot in lots:
@@ -464,16 +469,7 @@ class Ledger:
                 },
                 session=session,
             )
-        if total == 0:
-            return LedgerResult(False, None, balance, {"reinstated_units": 0})
-        first = lots[0]
-        return await self.post_in(
-            session, account, key=key, kind=EntryKind.REINSTATEMENT, amount=total,
-            now=now, memo=memo,
-            terms=LotTerms(expires_at=first.get("expires_at"), source_lot=first["_id"],
-                           charge=first.get("charge"), payment_intent=first.get("payment_intent")),
-            meta={"withdrawn_key": withdrawn_key},
-        )
+        return total
 
     async def expire(self, org_id: str, lot_id: str, now: datetime) -> LedgerResult:
         """Remove what is left of an expired lot (`expire:<lot id>`).
@@ -559,6 +555,27 @@ class Ledger:
             if found:
                 return found
         return []
+
+
+def _claw_shares(lots: list[Doc], cents: int, counter: str | None) -> list[ClawShare]:
+    """What a clawback of `cents` takes from each purchased lot (`clawback_units`: cumulative,
+    pro rata over what the charge paid), counted in the lots' `counter` of its scope."""
+    price = sum(int(lot["price_cents"]) for lot in lots)
+    paid = lots[0].get("paid_cents")
+    return [
+        ClawShare(
+            lot=_open_lot(lot),
+            units=clawback_units(
+                lot_units=lot["units"], lot_price_cents=price, paid_cents=paid,
+                clawed_cents_total=int(lot["clawback_cents"]) + (
+                    cents if counter == "clawback_cents" else 0),
+                pack_cents_total=int(lot.get("clawback_pack_cents", 0)) + (
+                    cents if counter == "clawback_pack_cents" else 0),
+                already_clawed=lot["clawed_units"]),
+            usage_repaid=int(lot.get("repaid_usage", 0)) - int(lot.get("usage_returned", 0)),
+        )
+        for lot in lots
+    ]
 
 
 def _recorded(lots: list[Doc], key: str) -> bool:
