@@ -23,6 +23,15 @@ async def started(api: Any, evt: dict[str, Any], client: Client) -> WorkflowHand
     return client.get_workflow_handle(f"stripe-{evt['id']}", result_type=StripeEventOutcome)
 
 
+async def outcome_of(api: Any, client: Client, evt: dict[str, Any]) -> StripeEventOutcome:
+    """Deliver a signed event (a redelivery too) and wait for its run's outcome."""
+    response = await deliver(api, evt)
+    assert response.status_code == 200, response.text
+    handle = client.get_workflow_handle(f"stripe-{evt['id']}", result_type=StripeEventOutcome)
+    result: StripeEventOutcome = await handle.result()
+    return result
+
+
 #: The marker a local activity's result is recorded as (its details hold the attempt).
 LOCAL_ACTIVITY_MARKER = "core_local_activity"
 

@@ -24,13 +24,14 @@ from faults import (
 from http_helpers import balance, notification_types
 from ledger_checks import assert_consistent
 from stripe_fake import StripeFake
-from stripe_payloads import deliver, dispute, event, metadata, new_id, subscription
+from stripe_payloads import dispute, event, metadata, new_id, subscription
+from temporal_helpers import outcome_of
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from billing.clock import utcnow
 from billing.ledger import EntryKind
-from billing.models import AutoTopUpResult, StripeEventOutcome
+from billing.models import AutoTopUpResult
 from billing.runtime import Runtime
 from billing.store.database import Doc
 from starter.embedded import find_binary
@@ -54,14 +55,6 @@ async def dispatcher(stripe_worker: Worker, stripe_runtime: Runtime,
         await task
 
 
-async def stripe_event(api: httpx.AsyncClient, client: Client,
-                       evt: dict[str, Any]) -> StripeEventOutcome:
-    response = await deliver(api, evt)
-    assert response.status_code == 200, response.text
-    handle = client.get_workflow_handle(f"stripe-{evt['id']}", result_type=StripeEventOutcome)
-    return await handle.result()
-
-
 async def linked_org(api: httpx.AsyncClient, client: Client, fake: StripeFake, org: str, *,
                      outcome: str = "succeeded", default_method: bool = True) -> str:
     """A registered organization (free plan: its grant of 500 units) whose Stripe customer is
@@ -71,7 +64,7 @@ async def linked_org(api: httpx.AsyncClient, client: Client, fake: StripeFake, o
     fake.customer(customer, outcome=outcome, default_method=default_method)
     sub = subscription(sub=new_id("sub"), customer=customer, price="price_starter_monthly",
                        meta=metadata(org))
-    linked = await stripe_event(api, client, event("customer.subscription.created", sub))
+    linked = await outcome_of(api, client, event("customer.subscription.created", sub))
     assert linked.outcome == "applied", linked
     return customer
 
@@ -158,7 +151,7 @@ async def test_sixteen_concurrent_usage_records_crossing_the_threshold_buy_once(
     assert [e["key"] for e in entries if e["kind"] == "topup"] == [f"payment:{intent['id']}"]
 
     # The webhook of that payment comes after: it finds the purchase credited.
-    late = await stripe_event(api, temporal_client, event("payment_intent.succeeded", intent))
+    late = await outcome_of(api, temporal_client, event("payment_intent.succeeded", intent))
     assert late.outcome == "duplicate", late
     assert await balance(api, org) == GRANT - 160 + PACK_UNITS
     assert await settings_of(api, org) == {
@@ -239,7 +232,7 @@ async def test_a_dispute_on_a_top_up_payment_disables_auto_top_up(
 
     withdrawn = dispute(dp=new_id("dp"), ch=intent["latest_charge"], pi=intent["id"],
                         amount=4900, status="needs_response")
-    result = await stripe_event(api, temporal_client,
+    result = await outcome_of(api, temporal_client,
                                 event("charge.dispute.funds_withdrawn", withdrawn))
     assert result.outcome == "applied" and "auto top-up disabled" in result.written, result
     # The clawback takes the balance below the threshold again: nothing is bought.
@@ -263,10 +256,10 @@ async def test_a_dispute_on_another_purchase_leaves_auto_top_up_on(
                               "amount_received": 4900, "status": "succeeded",
                               "metadata": metadata(org, PACK), "latest_charge": ch,
                               "customer": None, "invoice": None})
-    assert (await stripe_event(api, temporal_client,
+    assert (await outcome_of(api, temporal_client,
                                event("payment_intent.succeeded", bought))).outcome == "applied"
     withdrawn = dispute(dp=new_id("dp"), ch=ch, pi=pi, amount=4900, status="needs_response")
-    result = await stripe_event(api, temporal_client,
+    result = await outcome_of(api, temporal_client,
                                 event("charge.dispute.funds_withdrawn", withdrawn))
     assert result.outcome == "applied" and "auto top-up disabled" not in result.written
     assert (await settings_of(api, org))["enabled"] is True

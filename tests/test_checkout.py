@@ -14,10 +14,10 @@ import httpx
 import pytest
 from http_helpers import balance, error_of
 from stripe_fake import StripeFake
-from stripe_payloads import deliver, event
+from stripe_payloads import event
+from temporal_helpers import outcome_of
 from temporalio.client import Client
 
-from billing.models import StripeEventOutcome
 from billing.runtime import Runtime
 
 PACK = "pack_500k"
@@ -51,14 +51,6 @@ def sessions_of(fake: StripeFake, org: str) -> list[dict[str, Any]]:
 
 def customers_of(fake: StripeFake, org: str) -> list[dict[str, Any]]:
     return [c for c in fake.created.get("customer", []) if c["metadata"].get("org_id") == org]
-
-
-async def outcome_of(api: httpx.AsyncClient, client: Client,
-                     evt: dict[str, Any]) -> StripeEventOutcome:
-    response = await deliver(api, evt)
-    assert response.status_code == 200, response.text
-    handle = client.get_workflow_handle(f"stripe-{evt['id']}", result_type=StripeEventOutcome)
-    return await handle.result()
 
 
 def stripped(obj: dict[str, Any], **metadata: str) -> dict[str, Any]:
