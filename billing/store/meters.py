@@ -5,7 +5,8 @@ plan it is metered on (`quota`, `plan_id`, `ratio_version`), kept live by plan c
 
 Recording usage is the hot path and takes no workflow. A record reads the account, increments
 the meter, debits the overflow (ledger key `usage:<run_id>:<step>`), writes the notifications it
-triggers and inserts the usage record, which carries the response, all in one transaction. The
+triggers, inserts the usage record, which carries the response, and settles the balance hold it
+names (SPEC §5.11), all in one transaction. The
 record's `_id` is its key `(org_id, run_id, step)` (`usage_id`), so a replay aborts that
 transaction on a duplicate key (as the ledger key does); the stored first result is then returned
 with `applied: false`. The key is the `_id` rather than a unique secondary index because on the
@@ -32,6 +33,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from billing.config import BillingConfig, PlanConfig
 from billing.errors import BillingError, InvalidInput, OrgNotFound
+from billing.holds import Hold, HoldRequest, Refusal, decide_hold, held
 from billing.ledger import EntryKind
 from billing.metering import (
     Gate,
@@ -46,8 +48,10 @@ from billing.metering import (
     quota_gate,
     settlement_units,
     thresholds_crossed,
+    units_from_costs,
 )
 from billing.models import ResetOrgResult
+from billing.store import holds
 from billing.store.accounts import Accounts, check_org_id
 from billing.store.auto_topups import would_trigger
 from billing.store.database import DUPLICATE_KEY, LEGACY_USAGE_KEY, Database, Doc
@@ -97,6 +101,12 @@ def usage_id(request: UsageRequest) -> str:
     return f"{request.org_id}/{request.run_id}/{request.step}"
 
 
+def _settle(request: UsageRequest, now: datetime) -> UpdateOne:
+    """The write by which a record settles the hold it names."""
+    assert request.hold_id is not None
+    return holds.settle(request.org_id, request.hold_id, usage_id(request), now)
+
+
 @dataclass
 class _Pending:
     """A usage record waiting for its group's commit, and where its caller waits."""
@@ -121,10 +131,12 @@ class MeterView:
     used: int
     quota: int
     plan_id: str
+    held: int = 0  # units active holds reserve (SPEC §5.11)
 
     @property
     def remaining(self) -> int:
-        return max(0, self.quota - self.used)
+        """The week's quota left once every active hold is used."""
+        return max(0, self.quota - self.used - self.held)
 
 
 def _stored_result(record: Doc) -> UsageResult:
@@ -358,6 +370,8 @@ class Meters:
         await self.db.usage.insert_one(
             self._usage_doc(request, metered, meter, over, balance, now), session=session
         )
+        if request.hold_id is not None:
+            await self.db.holds.bulk_write([_settle(request, now)], session=session)
         return UsageResult(applied=True, units=metered.units, overflow=over, week=week,
                            used=used, quota=quota, balance=balance)
 
@@ -438,6 +452,7 @@ class Meters:
             "balance": balance,
             "plan_id": meter["plan_id"],
             "ratio_version": self.config.meter.ratio_version,
+            "hold_id": request.hold_id,
             "created_at": now,
         }
 
@@ -445,33 +460,74 @@ class Meters:
 
     async def current(self, org_id: str, now: datetime) -> MeterView:
         """This week's meter; a week without usage yet shows the plan it would open with."""
+        account = await self._account_in(None, org_id)
+        return await self._view_in(None, account, now)
+
+    async def _account_in(self, session: AsyncClientSession | None, org_id: str) -> Doc:
         check_org_id(org_id)
-        account = await self.db.accounts.find_one({"_id": org_id})
+        account = await self.db.accounts.find_one({"_id": org_id}, session=session)
         if account is None:
             raise OrgNotFound(org_id)
-        return await self._view(account, iso_week(now))
+        return account
 
-    async def _view(self, account: Doc, week: str) -> MeterView:
-        meter = await self.db.meters.find_one({"org_id": account["_id"], "week": week})
+    async def _view_in(self, session: AsyncClientSession | None, account: Doc,
+                       now: datetime) -> MeterView:
+        org_id, week = account["_id"], iso_week(now)
+        reserved = held(await holds.active_in(self.db, session, org_id, now), now)
+        meter = await self.db.meters.find_one({"org_id": org_id, "week": week}, session=session)
         if meter is not None:
-            return MeterView(account["_id"], week, meter["used"], meter["quota"], meter["plan_id"])
-        plan = await self._plan_in(None, account)
-        return MeterView(account["_id"], week, 0, plan_quota(plan, int(account.get("seats") or 1)),
-                         plan.id)
+            return MeterView(org_id, week, meter["used"], meter["quota"], meter["plan_id"],
+                             reserved)
+        plan = await self._plan_in(session, account)
+        return MeterView(org_id, week, 0, plan_quota(plan, int(account.get("seats") or 1)),
+                         plan.id, reserved)
 
     async def gate(self, org_id: str, now: datetime) -> Gate:
         """The quota gate of SPEC §5.2: may this organization start more work now?"""
-        check_org_id(org_id)
-        account = await self.db.accounts.find_one({"_id": org_id})
-        if account is None:
-            raise OrgNotFound(org_id)
-        view = await self._view(account, iso_week(now))
-        subscription = await self._status_in(None, org_id)
-        return quota_gate(
+        account = await self._account_in(None, org_id)
+        return (await self._gate_in(None, account, now))[0]
+
+    async def _gate_in(self, session: AsyncClientSession | None, account: Doc,
+                       now: datetime) -> tuple[Gate, MeterView]:
+        """The gate, net of every active hold, and the meter it was read from."""
+        view = await self._view_in(session, account, now)
+        subscription = await self._status_in(session, account["_id"])
+        gate = quota_gate(
             quota=view.quota, used=view.used, balance=int(account["balance"]),
             status=subscription.get("status"), past_due_since=subscription.get("past_due_since"),
-            grace_days=self.config.subscriptions.grace_days, now=now,
+            grace_days=self.config.subscriptions.grace_days, now=now, held=view.held,
         )
+        return gate, view
+
+    # ---- balance holds (SPEC §5.11) -------------------------------------------------------------
+
+    async def hold(self, org_id: str, request: HoldRequest, now: datetime) -> Hold | Refusal:
+        """Reserve units when the gate's remaining, net of every active hold, covers them.
+
+        One transaction: read the gate, decide (`billing.holds.decide_hold`), insert the hold.
+        It first bumps the organization's hold lock (`billing.store.holds.lock_in`), so grants
+        that run at once in any processes write-conflict and MongoDB orders them; the loser
+        starts again and sees the winner's hold. A granted `hold_id` answers its first hold,
+        whatever the request says now; a refusal writes nothing."""
+
+        async def work(session: AsyncClientSession) -> Hold | Refusal:
+            stored = await holds.stored_in(self.db, session, org_id, request.hold_id)
+            if stored is not None:
+                return stored
+            account = await self._account_in(session, org_id)
+            await holds.lock_in(self.db, session, org_id)
+            gate, view = await self._gate_in(session, account, now)
+            units = request.units
+            if units is None:
+                plan = self.config.plan(view.plan_id)
+                units = units_from_costs(request.costs, plan, self.config.meter).units
+            decided = decide_hold(gate, hold_id=request.hold_id, units=units,
+                                  ttl_seconds=request.ttl_seconds, now=now)
+            if isinstance(decided, Hold):
+                await holds.insert_in(self.db, session, org_id, decided, now)
+            return decided
+
+        return await run_in_transaction(self.db.client, work)
 
     # ---- plan changes (called inside the Stripe event's transaction) ----------------------------
 
@@ -639,6 +695,7 @@ class _Group:
         #: per meter: units and overflow to add, and when
         self.increments: dict[tuple[str, str], tuple[int, int, datetime]] = {}
         self.records: list[tuple[int, Doc]] = []
+        self.settles: list[UpdateOne] = []  # holds the records decided so far settle
         self.debits = Debits(meters.ledger, session)
         self.debited: list[int] = []  # the record behind each debit not written yet
         self.metered: dict[int, tuple[str, Metered]] = {}  # by record: (plan id, its units)
@@ -758,6 +815,8 @@ class _Group:
         balance = int(account["balance"])
         self.records.append((index, self.meters._usage_doc(request, metered, meter, over,
                                                            balance, now)))
+        if request.hold_id is not None:
+            self.settles.append(_settle(request, now))
         return UsageResult(applied=True, units=metered.units, overflow=over, week=week,
                            used=used, quota=quota, balance=balance)
 
@@ -777,6 +836,9 @@ class _Group:
                 for (org, week), (units, overflowed, now) in self.increments.items()
             ], ordered=True, session=self.session)
             self.increments = {}
+        if self.settles:
+            settles, self.settles = self.settles, []
+            await self.db.holds.bulk_write(settles, ordered=True, session=self.session)
         if self.debited:
             debited, self.debited = self.debited, []
             first = min(debited)

@@ -10,7 +10,7 @@ from temporalio.client import Client
 
 from billing.runtime import Runtime
 from starter import tracing
-from starter.api import auto_topup, events, health, metering, metrics, orgs, webhook
+from starter.api import auto_topup, events, health, holds, metering, metrics, orgs, webhook
 from starter.api.deps import AppState
 from starter.api.errors import install_error_handlers
 from starter.api.limits import BodyLimitMiddleware
@@ -42,6 +42,7 @@ def create_app(runtime: Runtime, temporal: Client | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(orgs.router)
     app.include_router(metering.router)
+    app.include_router(holds.router)
     app.include_router(webhook.router)
     app.include_router(events.router)
     app.include_router(auto_topup.router)
