@@ -16,7 +16,8 @@ Every record of an organization increments the same meter document, so concurren
 on one organization conflict and start again. A `Meters` instance therefore commits the records
 of its process in groups, one transaction at a time (`record`): within a process records never
 conflict, and a commit carries every record that arrived while the previous one committed
-(transactions stay the guarantee across processes). Share one instance per process.
+(transactions stay the guarantee across processes). Balance holds (`hold`) join the same groups.
+Share one instance per process.
 """
 
 from __future__ import annotations
@@ -107,15 +108,27 @@ def _settle(request: UsageRequest, now: datetime) -> UpdateOne:
     return holds.settle(request.org_id, request.hold_id, usage_id(request), now)
 
 
+@dataclass(frozen=True)
+class HoldOrder:
+    """A balance hold asked of `Meters.hold`: it waits in the group commit like a record."""
+
+    org_id: str
+    request: HoldRequest
+
+
+#: What a member of a group commit answers.
+Outcome = UsageResult | Hold | Refusal
+
+
 @dataclass
 class _Pending:
-    """A usage record waiting for its group's commit, and where its caller waits."""
+    """A usage record or a hold waiting for its group's commit, and where its caller waits."""
 
-    request: UsageRequest
+    request: UsageRequest | HoldOrder
     now: datetime
-    result: asyncio.Future[UsageResult]
+    result: asyncio.Future[Outcome]
 
-    def succeed(self, result: UsageResult) -> None:
+    def succeed(self, result: Outcome) -> None:
         if not self.result.done():  # the caller may have gone (a cancelled request)
             self.result.set_result(result)
 
@@ -228,7 +241,13 @@ class Meters:
 
     async def record(self, request: UsageRequest, now: datetime) -> UsageResult:
         """Record one usage record; a replay of `(org_id, run_id, step)` returns the first result
-        with `applied: false` and writes nothing.
+        with `applied: false` and writes nothing."""
+        result = await self._enqueue(request, now)
+        assert isinstance(result, UsageResult)
+        return result
+
+    async def _enqueue(self, request: UsageRequest | HoldOrder, now: datetime) -> Outcome:
+        """Apply a usage record or a hold in the next group commit.
 
         Group commit: the records that arrive while a group is committing wait for the next one,
         and each group is ONE transaction (records of any organization, applied in arrival
@@ -291,7 +310,7 @@ class Meters:
 
             async def apply(session: AsyncClientSession, members: list[_Pending] = group,
                             failed: list[int] = failing,
-                            read_stored: bool = replays) -> list[UsageResult]:
+                            read_stored: bool = replays) -> list[Outcome]:
                 return await _Group(self, session, members, failed, read_stored).apply()
 
             try:
@@ -304,7 +323,7 @@ class Meters:
                 before, alone, group = group[:at], group[at], group[at + 1:]
                 await self._commit(before)  # arrival order holds: a repeat replays the first
                 try:
-                    alone.succeed(await self._record_alone(alone.request, alone.now))
+                    alone.succeed(await self._apply_alone(alone.request, alone.now))
                 except Exception as exc:
                     alone.fail(exc)
                 continue
@@ -315,6 +334,15 @@ class Meters:
             for pending, result in zip(group, results, strict=True):
                 pending.succeed(result)
             return
+
+    async def _apply_alone(self, request: UsageRequest | HoldOrder, now: datetime) -> Outcome:
+        """A record or a hold in a transaction of its own."""
+        if isinstance(request, HoldOrder):
+            order = request
+            return await run_in_transaction(
+                self.db.client,
+                lambda session: self._hold_in(session, order, now, replays=True, locked=set()))
+        return await self._record_alone(request, now)
 
     async def _record_alone(self, request: UsageRequest, now: datetime) -> UsageResult:
         """One record in a transaction of its own: a replay answers the stored first result."""
@@ -502,32 +530,45 @@ class Meters:
     # ---- balance holds (SPEC §5.11) -------------------------------------------------------------
 
     async def hold(self, org_id: str, request: HoldRequest, now: datetime) -> Hold | Refusal:
-        """Reserve units when the gate's remaining, net of every active hold, covers them.
+        """Reserve units when the gate's remaining, net of every active hold, covers them. A
+        granted `hold_id` answers its first hold, whatever the request says now; a refusal
+        writes nothing.
 
-        One transaction: read the gate, decide (`billing.holds.decide_hold`), insert the hold.
-        It first bumps the organization's hold lock (`billing.store.holds.lock_in`), so grants
-        that run at once in any processes write-conflict and MongoDB orders them; the loser
-        starts again and sees the winner's hold. A granted `hold_id` answers its first hold,
-        whatever the request says now; a refusal writes nothing."""
+        The hold joins the group commit (`_enqueue`): the holds of a process are decided one
+        after the other inside shared transactions, so they never conflict with each other.
+        Across processes, every grant bumps its organization's hold lock
+        (`billing.store.holds.lock_in`) in its transaction: grants that run at once write-
+        conflict, MongoDB orders them, and the loser starts again and sees the winner's hold."""
+        check_org_id(org_id)
+        result = await self._enqueue(HoldOrder(org_id, request), now)
+        assert not isinstance(result, UsageResult)
+        return result
 
-        async def work(session: AsyncClientSession) -> Hold | Refusal:
-            stored = await holds.stored_in(self.db, session, org_id, request.hold_id)
-            if stored is not None:
-                return stored
-            account = await self._account_in(session, org_id)
+    async def _hold_in(self, session: AsyncClientSession, order: HoldOrder, now: datetime, *,
+                       replays: bool, locked: set[str]) -> Hold | Refusal:
+        """Decide and write one hold in `session`: read the gate, decide
+        (`billing.holds.decide_hold`), insert. A repeated `hold_id` is found by the insert's
+        duplicate key (then `replays` reads the stored hold first) or, when refused, by a read.
+        `locked`: the organizations whose hold lock this transaction bumped already."""
+        org_id, request = order.org_id, order.request
+        if replays and (stored := await holds.stored_in(self.db, session, org_id,
+                                                        request.hold_id)) is not None:
+            return stored
+        account = await self._account_in(session, org_id)
+        if org_id not in locked:
             await holds.lock_in(self.db, session, org_id)
-            gate, view = await self._gate_in(session, account, now)
-            units = request.units
-            if units is None:
-                plan = self.config.plan(view.plan_id)
-                units = units_from_costs(request.costs, plan, self.config.meter).units
-            decided = decide_hold(gate, hold_id=request.hold_id, units=units,
-                                  ttl_seconds=request.ttl_seconds, now=now)
-            if isinstance(decided, Hold):
-                await holds.insert_in(self.db, session, org_id, decided, now)
-            return decided
-
-        return await run_in_transaction(self.db.client, work)
+            locked.add(org_id)
+        gate, view = await self._gate_in(session, account, now)
+        units = request.units
+        if units is None:
+            plan = self.config.plan(view.plan_id)
+            units = units_from_costs(request.costs, plan, self.config.meter).units
+        decided = decide_hold(gate, hold_id=request.hold_id, units=units,
+                              ttl_seconds=request.ttl_seconds, now=now)
+        if isinstance(decided, Refusal):
+            return await holds.stored_in(self.db, session, org_id, request.hold_id) or decided
+        await holds.insert_in(self.db, session, org_id, decided, now)
+        return decided
 
     # ---- plan changes (called inside the Stripe event's transaction) ----------------------------
 
@@ -675,7 +716,8 @@ class _Group:
     a copy of their ledger (`billing.store.ledger.Debits`), then written in bulk too. A record
     that needs more (a meter to open, a plan that prices differently, an alert, an automatic
     top-up) is applied by `Meters._record_in` after the writes decided before it, so every
-    record sees exactly the state the records before it left.
+    record sees exactly the state the records before it left. A balance hold is applied the
+    same way (`Meters._hold_in`), and bumps its organization's hold lock once per group.
 
     A record repeating the key of an earlier one in the group answers that one's result; with
     `replays`, records already stored are read first and answer their stored result.
@@ -699,47 +741,54 @@ class _Group:
         self.debits = Debits(meters.ledger, session)
         self.debited: list[int] = []  # the record behind each debit not written yet
         self.metered: dict[int, tuple[str, Metered]] = {}  # by record: (plan id, its units)
+        self.hold_locked: set[str] = set()  # organizations whose hold lock this group bumped
 
-    async def apply(self) -> list[UsageResult]:
-        await self._read({p.request.org_id for p in self.members},
-                         {(p.request.org_id, iso_week(p.now)) for p in self.members})
-        await self.debits.lock(self._overflowing())
-        keys = [usage_id(p.request) for p in self.members]
+    async def apply(self) -> list[Outcome]:
+        records = {i: p.request for i, p in enumerate(self.members)
+                   if isinstance(p.request, UsageRequest)}
+        await self._read({r.org_id for r in records.values()},
+                         {(r.org_id, iso_week(self.members[i].now)) for i, r in records.items()})
+        await self.debits.lock(self._overflowing(records))
+        keys = {i: usage_id(request) for i, request in records.items()}
         stored: dict[str, Doc] = {}
         if self.replays:
-            cursor = self.db.usage.find({"_id": {"$in": keys}}, session=self.session)
+            cursor = self.db.usage.find({"_id": {"$in": list(keys.values())}},
+                                        session=self.session)
             stored = {doc["_id"]: doc async for doc in cursor}
         first: dict[str, UsageResult] = {}
-        results: list[UsageResult] = []
+        results: list[Outcome] = []
         for index, pending in enumerate(self.members):
             self.failing[0] = index
-            key = keys[index]
+            if isinstance(pending.request, HoldOrder):
+                await self._flush()  # the hold sees every record before it
+                results.append(await self.meters._hold_in(
+                    self.session, pending.request, pending.now, replays=self.replays,
+                    locked=self.hold_locked))
+                continue
+            request, key = pending.request, keys[index]
             if key in stored:
                 results.append(_stored_result(stored[key]))
                 continue
             if key in first:
                 results.append(replace(first[key], applied=False))
                 continue
-            fast = await self._decide(index, pending)
+            fast = await self._decide(index, request, pending.now)
             if fast is None:
                 await self._flush()
-                self.debits.forget(pending.request.org_id)
-                results.append(await self.meters._record_in(self.session, pending.request,
-                                                             pending.now))
-                await self._read({pending.request.org_id},
-                                 {(pending.request.org_id, iso_week(pending.now))})
-            else:
-                results.append(fast)
-            first[key] = results[-1]
+                self.debits.forget(request.org_id)
+                fast = await self.meters._record_in(self.session, request, pending.now)
+                await self._read({request.org_id}, {(request.org_id, iso_week(pending.now))})
+            results.append(fast)
+            first[key] = fast
         await self._flush()
         return results
 
-    def _overflowing(self) -> set[str]:
+    def _overflowing(self, records: dict[int, UsageRequest]) -> set[str]:
         """The organizations some record takes past its quota, as far as the meters read say."""
         used = {key: int(meter["used"]) for key, meter in self.open.items()}
         found: set[str] = set()
-        for index, pending in enumerate(self.members):
-            key = (pending.request.org_id, iso_week(pending.now))
+        for index, request in records.items():
+            key = (request.org_id, iso_week(self.members[index].now))
             meter = self.open.get(key)
             if meter is None or key[0] not in self.accounts:
                 continue
@@ -757,8 +806,9 @@ class _Group:
         known = self.metered.get(index)
         if known is None or known[0] != plan_id:
             config = self.meters.config
-            known = (plan_id, meter_usage(self.members[index].request, config.plan(plan_id),
-                                          config.meter))
+            request = self.members[index].request
+            assert isinstance(request, UsageRequest)
+            known = (plan_id, meter_usage(request, config.plan(plan_id), config.meter))
             self.metered[index] = known
         return known[1]
 
@@ -777,9 +827,9 @@ class _Group:
             else:
                 self.open.pop(key, None)
 
-    async def _decide(self, index: int, pending: _Pending) -> UsageResult | None:
+    async def _decide(self, index: int, request: UsageRequest,
+                      now: datetime) -> UsageResult | None:
         """The record's result when the bulk path can apply it, else None."""
-        request, now = pending.request, pending.now
         account = self.accounts.get(request.org_id)
         if account is None:
             raise OrgNotFound(request.org_id)
