@@ -13,6 +13,7 @@ sees the winner's hold. The grant itself is `Meters.hold` (it reads the quota ga
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from pymongo import UpdateOne
@@ -35,33 +36,38 @@ def _hold(doc: Doc) -> Hold:
                 remaining=int(doc["remaining"]))
 
 
-async def active_in(db: Database, session: AsyncClientSession | None, org_id: str,
-                    now: datetime) -> list[Hold]:
-    """The organization's holds that count at `now`, soonest expiry first."""
-    cursor = db.holds.find({"org_id": org_id, "until": {"$gt": now}},
-                           session=session).sort("until", 1)
-    return [_hold(doc) async for doc in cursor]
+async def active_in(db: Database, session: AsyncClientSession | None, org_ids: Iterable[str],
+                    now: datetime) -> dict[str, list[Hold]]:
+    """The holds of each organization that count at `now`, soonest expiry first."""
+    found: dict[str, list[Hold]] = {org_id: [] for org_id in org_ids}
+    cursor = db.holds.find({"org_id": {"$in": sorted(found)}, "until": {"$gt": now}},
+                           session=session)
+    async for doc in cursor:
+        found[doc["org_id"]].append(_hold(doc))
+    for active in found.values():
+        active.sort(key=lambda hold: (hold.expires_at, hold.hold_id))
+    return found
 
 
-async def stored_in(db: Database, session: AsyncClientSession, org_id: str,
-                    hold_id: str) -> Hold | None:
-    doc = await db.holds.find_one({"_id": hold_key(org_id, hold_id)}, session=session)
-    return None if doc is None else _hold(doc)
+async def stored_in(db: Database, session: AsyncClientSession,
+                    keys: Iterable[str]) -> dict[str, Hold]:
+    """The holds stored under `keys` (`hold_key`), by key."""
+    cursor = db.holds.find({"_id": {"$in": sorted(set(keys))}}, session=session)
+    return {doc["_id"]: _hold(doc) async for doc in cursor}
 
 
-async def lock_in(db: Database, session: AsyncClientSession, org_id: str) -> None:
-    """The write every grant of `org_id` makes: concurrent grants conflict on it."""
-    await db.hold_locks.update_one({"_id": org_id}, {"$inc": {"grants": 1}}, upsert=True,
-                                   session=session)
+async def lock_in(db: Database, session: AsyncClientSession, org_ids: Iterable[str]) -> None:
+    """The write every grant makes to its organization's lock: concurrent grants conflict on
+    it."""
+    await db.hold_locks.bulk_write(
+        [UpdateOne({"_id": org_id}, {"$inc": {"grants": 1}}, upsert=True)
+         for org_id in sorted(set(org_ids))], ordered=False, session=session)
 
 
-async def insert_in(db: Database, session: AsyncClientSession, org_id: str, hold: Hold,
-                    now: datetime) -> None:
-    await db.holds.insert_one({
-        "_id": hold_key(org_id, hold.hold_id), "org_id": org_id, "hold_id": hold.hold_id,
-        "units": hold.units, "expires_at": hold.expires_at, "until": hold.expires_at,
-        "remaining": hold.remaining, "created_at": now,
-    }, session=session)
+def hold_doc(org_id: str, hold: Hold, now: datetime) -> Doc:
+    return {"_id": hold_key(org_id, hold.hold_id), "org_id": org_id, "hold_id": hold.hold_id,
+            "units": hold.units, "expires_at": hold.expires_at, "until": hold.expires_at,
+            "remaining": hold.remaining, "created_at": now}
 
 
 def settle(org_id: str, hold_id: str, by: str, now: datetime) -> UpdateOne:

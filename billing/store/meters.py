@@ -56,6 +56,7 @@ from billing.store import holds
 from billing.store.accounts import Accounts, check_org_id
 from billing.store.auto_topups import would_trigger
 from billing.store.database import DUPLICATE_KEY, LEGACY_USAGE_KEY, Database, Doc
+from billing.store.holds import hold_key
 from billing.store.ledger import Debits, Ledger
 from billing.store.notifications import notify
 from billing.store.transactions import run_in_transaction
@@ -338,10 +339,12 @@ class Meters:
     async def _apply_alone(self, request: UsageRequest | HoldOrder, now: datetime) -> Outcome:
         """A record or a hold in a transaction of its own."""
         if isinstance(request, HoldOrder):
-            order = request
-            return await run_in_transaction(
-                self.db.client,
-                lambda session: self._hold_in(session, order, now, replays=True, locked=set()))
+            alone = _Pending(request, now, asyncio.get_running_loop().create_future())
+
+            async def apply(session: AsyncClientSession) -> list[Outcome]:
+                return await _Group(self, session, [alone], [0], replays=True).apply()
+
+            return (await run_in_transaction(self.db.client, apply))[0]
         return await self._record_alone(request, now)
 
     async def _record_alone(self, request: UsageRequest, now: datetime) -> UsageResult:
@@ -488,42 +491,42 @@ class Meters:
 
     async def current(self, org_id: str, now: datetime) -> MeterView:
         """This week's meter; a week without usage yet shows the plan it would open with."""
-        account = await self._account_in(None, org_id)
-        return await self._view_in(None, account, now)
-
-    async def _account_in(self, session: AsyncClientSession | None, org_id: str) -> Doc:
-        check_org_id(org_id)
-        account = await self.db.accounts.find_one({"_id": org_id}, session=session)
-        if account is None:
-            raise OrgNotFound(org_id)
-        return account
-
-    async def _view_in(self, session: AsyncClientSession | None, account: Doc,
-                       now: datetime) -> MeterView:
-        org_id, week = account["_id"], iso_week(now)
-        reserved = held(await holds.active_in(self.db, session, org_id, now), now)
-        meter = await self.db.meters.find_one({"org_id": org_id, "week": week}, session=session)
-        if meter is not None:
-            return MeterView(org_id, week, meter["used"], meter["quota"], meter["plan_id"],
-                             reserved)
-        plan = await self._plan_in(session, account)
-        return MeterView(org_id, week, 0, plan_quota(plan, int(account.get("seats") or 1)),
-                         plan.id, reserved)
+        return (await self._read_gate(org_id, now))[1]
 
     async def gate(self, org_id: str, now: datetime) -> Gate:
-        """The quota gate of SPEC §5.2: may this organization start more work now?"""
-        account = await self._account_in(None, org_id)
-        return (await self._gate_in(None, account, now))[0]
+        """The quota gate of SPEC §5.2, net of every active hold (§5.11): may this organization
+        start more work now?"""
+        return (await self._read_gate(org_id, now))[0]
 
-    async def _gate_in(self, session: AsyncClientSession | None, account: Doc,
-                       now: datetime) -> tuple[Gate, MeterView]:
-        """The gate, net of every active hold, and the meter it was read from."""
-        view = await self._view_in(session, account, now)
-        subscription = await self._status_in(session, account["_id"])
+    async def _read_gate(self, org_id: str, now: datetime) -> tuple[Gate, MeterView]:
+        check_org_id(org_id)
+        account = await self.db.accounts.find_one({"_id": org_id})
+        if account is None:
+            raise OrgNotFound(org_id)
+        week = iso_week(now)
+        meter = await self.db.meters.find_one({"org_id": org_id, "week": week})
+        subscription = await self._status_in(None, org_id)
+        active = (await holds.active_in(self.db, None, [org_id], now))[org_id]
+        return self._gate(account, meter, subscription, active, now)
+
+    def _gate(self, account: Doc, meter: Doc | None, subscription: Doc, active: list[Hold],
+              now: datetime) -> tuple[Gate, MeterView]:
+        """The gate and the meter view of an organization from what was read of it: its account,
+        this week's meter (None: not opened yet, shown with the plan it would open with), its
+        subscription and its active holds."""
+        org_id, week = account["_id"], iso_week(now)
+        reserved = held(active, now)
+        if meter is not None:
+            view = MeterView(org_id, week, int(meter["used"]), int(meter["quota"]),
+                             meter["plan_id"], reserved)
+        else:
+            plan = effective_plan(self.config, account.get("plan_id"), subscription.get("status"))
+            view = MeterView(org_id, week, 0, plan_quota(plan, int(account.get("seats") or 1)),
+                             plan.id, reserved)
         gate = quota_gate(
             quota=view.quota, used=view.used, balance=int(account["balance"]),
             status=subscription.get("status"), past_due_since=subscription.get("past_due_since"),
-            grace_days=self.config.subscriptions.grace_days, now=now, held=view.held,
+            grace_days=self.config.subscriptions.grace_days, now=now, held=reserved,
         )
         return gate, view
 
@@ -534,41 +537,16 @@ class Meters:
         granted `hold_id` answers its first hold, whatever the request says now; a refusal
         writes nothing.
 
-        The hold joins the group commit (`_enqueue`): the holds of a process are decided one
-        after the other inside shared transactions, so they never conflict with each other.
-        Across processes, every grant bumps its organization's hold lock
-        (`billing.store.holds.lock_in`) in its transaction: grants that run at once write-
-        conflict, MongoDB orders them, and the loser starts again and sees the winner's hold."""
+        The hold joins the group commit (`_enqueue`): the holds of a process are decided in
+        memory one after the other, with the records around them, inside shared transactions,
+        so they never conflict with each other. Across processes, every transaction that grants
+        a hold bumps its organization's hold lock (`billing.store.holds.lock_in`): grants that
+        run at once write-conflict, MongoDB orders them, and the loser starts again and sees
+        the winner's hold."""
         check_org_id(org_id)
         result = await self._enqueue(HoldOrder(org_id, request), now)
         assert not isinstance(result, UsageResult)
         return result
-
-    async def _hold_in(self, session: AsyncClientSession, order: HoldOrder, now: datetime, *,
-                       replays: bool, locked: set[str]) -> Hold | Refusal:
-        """Decide and write one hold in `session`: read the gate, decide
-        (`billing.holds.decide_hold`), insert. A repeated `hold_id` is found by the insert's
-        duplicate key (then `replays` reads the stored hold first) or, when refused, by a read.
-        `locked`: the organizations whose hold lock this transaction bumped already."""
-        org_id, request = order.org_id, order.request
-        if replays and (stored := await holds.stored_in(self.db, session, org_id,
-                                                        request.hold_id)) is not None:
-            return stored
-        account = await self._account_in(session, org_id)
-        if org_id not in locked:
-            await holds.lock_in(self.db, session, org_id)
-            locked.add(org_id)
-        gate, view = await self._gate_in(session, account, now)
-        units = request.units
-        if units is None:
-            plan = self.config.plan(view.plan_id)
-            units = units_from_costs(request.costs, plan, self.config.meter).units
-        decided = decide_hold(gate, hold_id=request.hold_id, units=units,
-                              ttl_seconds=request.ttl_seconds, now=now)
-        if isinstance(decided, Refusal):
-            return await holds.stored_in(self.db, session, org_id, request.hold_id) or decided
-        await holds.insert_in(self.db, session, org_id, decided, now)
-        return decided
 
     # ---- plan changes (called inside the Stripe event's transaction) ----------------------------
 
@@ -716,8 +694,11 @@ class _Group:
     a copy of their ledger (`billing.store.ledger.Debits`), then written in bulk too. A record
     that needs more (a meter to open, a plan that prices differently, an alert, an automatic
     top-up) is applied by `Meters._record_in` after the writes decided before it, so every
-    record sees exactly the state the records before it left. A balance hold is applied the
-    same way (`Meters._hold_in`), and bumps its organization's hold lock once per group.
+    record sees exactly the state the records before it left. Balance holds are decided in
+    memory too, on the same accounts and meters plus their organizations' subscriptions and
+    active holds (read once), in arrival order with the records (a record that settles a hold
+    frees it for the holds after it); the holds granted are inserted in bulk, and each of their
+    organizations' hold locks bumped once per flush.
 
     A record repeating the key of an earlier one in the group answers that one's result; with
     `replays`, records already stored are read first and answer their stored result.
@@ -741,14 +722,25 @@ class _Group:
         self.debits = Debits(meters.ledger, session)
         self.debited: list[int] = []  # the record behind each debit not written yet
         self.metered: dict[int, tuple[str, Metered]] = {}  # by record: (plan id, its units)
-        self.hold_locked: set[str] = set()  # organizations whose hold lock this group bumped
+        # balance holds: each organization's subscription and active holds, as read and then
+        # as the group changes them; the holds granted and the organizations to lock
+        self.subscriptions: dict[str, Doc] = {}
+        self.active: dict[str, list[Hold]] = {}
+        self.granted: dict[str, Hold] = {}  # by key: a key repeated in the group answers it
+        self.hold_docs: list[tuple[int, Doc]] = []
+        self.to_lock: set[str] = set()
 
     async def apply(self) -> list[Outcome]:
         records = {i: p.request for i, p in enumerate(self.members)
                    if isinstance(p.request, UsageRequest)}
-        await self._read({r.org_id for r in records.values()},
-                         {(r.org_id, iso_week(self.members[i].now)) for i, r in records.items()})
+        orders = {i: p.request for i, p in enumerate(self.members)
+                  if isinstance(p.request, HoldOrder)}
+        await self._read({p.request.org_id for p in self.members},
+                         {(p.request.org_id, iso_week(p.now)) for p in self.members})
         await self.debits.lock(self._overflowing(records))
+        stored_holds: dict[str, Hold] = {}
+        if orders:
+            stored_holds = await self._read_holds(orders)
         keys = {i: usage_id(request) for i, request in records.items()}
         stored: dict[str, Doc] = {}
         if self.replays:
@@ -757,13 +749,15 @@ class _Group:
             stored = {doc["_id"]: doc async for doc in cursor}
         first: dict[str, UsageResult] = {}
         results: list[Outcome] = []
+        refused: dict[int, str] = {}  # refused holds, by index: their key
         for index, pending in enumerate(self.members):
             self.failing[0] = index
             if isinstance(pending.request, HoldOrder):
-                await self._flush()  # the hold sees every record before it
-                results.append(await self.meters._hold_in(
-                    self.session, pending.request, pending.now, replays=self.replays,
-                    locked=self.hold_locked))
+                decided = self._decide_hold(index, pending.request, pending.now, stored_holds)
+                if isinstance(decided, Refusal):
+                    refused[index] = hold_key(pending.request.org_id,
+                                              pending.request.request.hold_id)
+                results.append(decided)
                 continue
             request, key = pending.request, keys[index]
             if key in stored:
@@ -780,8 +774,63 @@ class _Group:
                 await self._read({request.org_id}, {(request.org_id, iso_week(pending.now))})
             results.append(fast)
             first[key] = fast
+            if request.hold_id is not None:
+                self._settled(request.org_id, request.hold_id, pending.now)
         await self._flush()
+        if refused:  # a repeated hold id answers its first hold, even when it would not fit now
+            found = await holds.stored_in(self.db, self.session, refused.values())
+            for index, key in refused.items():
+                results[index] = found.get(key, results[index])
         return results
+
+    async def _read_holds(self, orders: dict[int, HoldOrder]) -> dict[str, Hold]:
+        """Read what the group's holds are decided on: their organizations' subscriptions and
+        active holds, and (with `replays`) the holds stored under their keys."""
+        orgs = sorted({order.org_id for order in orders.values()})
+        cursor = self.db.subscriptions.find({"_id": {"$in": orgs}},
+                                            {"status": 1, "past_due_since": 1},
+                                            session=self.session)
+        self.subscriptions = {doc["_id"]: doc async for doc in cursor}
+        since = min(self.members[i].now for i in orders)
+        self.active = await holds.active_in(self.db, self.session, orgs, since)
+        if not self.replays:
+            return {}
+        return await holds.stored_in(self.db, self.session, (
+            hold_key(order.org_id, order.request.hold_id) for order in orders.values()))
+
+    def _decide_hold(self, index: int, order: HoldOrder, now: datetime,
+                     stored: dict[str, Hold]) -> Hold | Refusal:
+        """Decide one hold on the group's state (`billing.holds.decide_hold`); a granted one
+        counts for the ones after it and is written by the next flush."""
+        org_id, request = order.org_id, order.request
+        key = hold_key(org_id, request.hold_id)
+        if key in stored or key in self.granted:
+            return stored.get(key) or self.granted[key]
+        account = self.accounts.get(org_id)
+        if account is None:
+            raise OrgNotFound(org_id)
+        gate, view = self.meters._gate(account, self.open.get((org_id, iso_week(now))),
+                                       self.subscriptions.get(org_id, {}),
+                                       self.active[org_id], now)
+        units = request.units
+        if units is None:
+            config = self.meters.config
+            units = units_from_costs(request.costs, config.plan(view.plan_id),
+                                     config.meter).units
+        decided = decide_hold(gate, hold_id=request.hold_id, units=units,
+                              ttl_seconds=request.ttl_seconds, now=now)
+        if isinstance(decided, Hold):
+            self.active[org_id].append(decided)
+            self.granted[key] = decided
+            self.hold_docs.append((index, holds.hold_doc(org_id, decided, now)))
+            self.to_lock.add(org_id)
+        return decided
+
+    def _settled(self, org_id: str, hold_id: str, now: datetime) -> None:
+        """A record settled `hold_id`: it no longer counts for the group's next holds."""
+        if org_id in self.active:
+            self.active[org_id] = [hold for hold in self.active[org_id]
+                                   if hold.hold_id != hold_id or not hold.active(now)]
 
     def _overflowing(self, records: dict[int, UsageRequest]) -> set[str]:
         """The organizations some record takes past its quota, as far as the meters read say."""
@@ -886,6 +935,13 @@ class _Group:
                 for (org, week), (units, overflowed, now) in self.increments.items()
             ], ordered=True, session=self.session)
             self.increments = {}
+        if self.to_lock:
+            to_lock, self.to_lock = self.to_lock, set()
+            await holds.lock_in(self.db, self.session, to_lock)
+        if self.hold_docs:  # before the settlements: a record may settle a hold of the group
+            hold_docs, self.hold_docs = self.hold_docs, []
+            await self._bulk(hold_docs, self.db.holds.insert_many(
+                [doc for _, doc in hold_docs], ordered=True, session=self.session))
         if self.settles:
             settles, self.settles = self.settles, []
             await self.db.holds.bulk_write(settles, ordered=True, session=self.session)
