@@ -145,7 +145,7 @@ class MeterView:
     used: int
     quota: int
     plan_id: str
-    held: int = 0  # units active holds reserve (SPEC §5.11)
+    held: int  # units active holds reserve (SPEC §5.11)
 
     @property
     def remaining(self) -> int:
