@@ -53,8 +53,8 @@ class HoldResponse(BaseModel):
 
 class ActiveHold(BaseModel):
     hold_id: str
-    units: int
-    expires_at: datetime
+    units: int = Field(description="units reserved")
+    expires_at: datetime = Field(description="when the hold stops counting by itself")
 
 
 class HoldsResponse(BaseModel):
