@@ -25,8 +25,8 @@ from billing.models import (
     StripeEvent,
     StripeEventPage,
 )
-from billing.stripe import REQUEST_TIMEOUT
 from billing.stripe.objects import expanded, org_from, pack_from
+from billing.stripe_client import StripeNotConfigured, stripe_client
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -57,16 +57,10 @@ class StripeApiActivities:
 
     @cached_property
     def client(self) -> stripe.StripeClient:
-        if not self.settings.stripe_api_key:
-            raise ApplicationError("STRIPE_API_KEY is not set", type="STRIPE_NOT_CONFIGURED",
-                                   non_retryable=True)
-        base = self.settings.stripe_api_base
-        return stripe.StripeClient(
-            self.settings.stripe_api_key,
-            base_addresses={"api": base} if base else None,
-            max_network_retries=0,
-            http_client=stripe.HTTPXClient(timeout=REQUEST_TIMEOUT.total_seconds()),
-        )
+        try:
+            return stripe_client(self.settings)
+        except StripeNotConfigured as exc:
+            raise ApplicationError(exc.message, type=exc.code, non_retryable=True) from exc
 
     async def _read(self, what: str, call: Callable[[], Awaitable[stripe.StripeObject]]) -> Obj:
         async with _stripe_errors(what):

@@ -22,6 +22,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.errors import final_on_bad_input
+from billing.checkout import checkout_named
 from billing.clock import utcnow
 from billing.metrics import STRIPE_EVENTS
 from billing.models import OrgRef, StripeApply, StripeEventOutcome, StripeOutcomeKind, StripeStep
@@ -38,6 +39,7 @@ from billing.stripe.events import (
     PAYMENT_INTENT_SUCCEEDED,
     SUBSCRIPTION_TYPES,
 )
+from billing.stripe.invoices import invoice_subscription_metadata
 from billing.stripe.objects import ref_id
 from billing.stripe.purchases import Verdict, purchase_behind_charge
 
@@ -53,6 +55,11 @@ class NotYet(Exception):
         self.step = step
 
 
+class UnknownCheckout(Exception):
+    """The event names a checkout record the engine does not have: nothing is written and the
+    event is recorded `unresolved` (SPEC §5.9)."""
+
+
 class Outcome:
     """The outcome being built inside a transaction: what was decided and what was written."""
 
@@ -62,6 +69,8 @@ class Outcome:
         self.org_id: str | None = apply.org_id
         self.reason: str | None = None
         self.written: list[str] = []
+        #: The engine's checkout record the event names, once read (`StripeFrame._checkout`).
+        self.checkout: Doc | None = None
 
     def set(self, kind: StripeOutcomeKind, reason: str | None = None) -> None:
         self.kind = kind
@@ -130,6 +139,9 @@ class StripeFrame:
                         result = await run_in_transaction(db.client, partial(txn, first=False))
             except NotYet as wait:
                 return wait.step
+            except UnknownCheckout as exc:
+                return await self._run(apply.model_copy(update={
+                    "outcome": "unresolved", "reason": str(exc)}), _record_decided)
         STRIPE_EVENTS.labels(result.type, result.outcome).inc()
         activity.logger.info(
             "stripe event %s: %s", result.outcome, result.reason or ", ".join(result.written),
@@ -145,23 +157,43 @@ class StripeFrame:
                         payload=payload, now=outcome.apply.now):
             outcome.written.append(f"notification {type}")
 
+    async def _checkout(self, session: AsyncClientSession, outcome: Outcome,
+                        objects: Sequence[Obj | None] = ()) -> Doc | None:
+        """The engine's checkout record that the event's object or `objects` name (SPEC §5.9),
+        kept on the outcome; `UnknownCheckout` when they name one the engine does not have."""
+        if outcome.checkout is not None:
+            return outcome.checkout
+        event_object = outcome.apply.event.object
+        named = checkout_named(*objects, event_object,
+                               invoice_subscription_metadata(event_object))
+        if named is None:
+            return None
+        outcome.checkout = await self.runtime.checkouts.get(named, session)
+        if outcome.checkout is None:
+            raise UnknownCheckout(f"the payment names checkout {named!r}, which is not a "
+                                  "checkout the engine made")
+        return outcome.checkout
+
     async def _find_org(self, session: AsyncClientSession, outcome: Outcome,
                         customers: Sequence[str | None] = (), *,
                         objects: Sequence[Obj | None] = (), intent: Obj | None = None,
                         subscription_org: str | None = None) -> str | None:
         """Set `outcome.org_id` in the order of SPEC §5.5 (`billing.stripe.orgs.resolve_org`):
-        what the payload named (already in `org_id`), the metadata of `objects`, of the payment
-        intent, the known subscription's organization, and last the organization linked to the
-        first of `customers` that has one (read only when nothing before names one)."""
+        the engine's checkout record, what the payload named (already in `org_id`), the metadata
+        of `objects`, of the payment intent, the known subscription's organization, and last the
+        organization linked to the first of `customers` that has one (read only when nothing
+        before names one)."""
+        record = await self._checkout(session, outcome, (*objects, intent))
+        recorded = record["org_id"] if record else None
         linked = None
-        if orgs.needs_customer_link(named=outcome.org_id, objects=objects,
+        if orgs.needs_customer_link(recorded=recorded, named=outcome.org_id, objects=objects,
                                     payment_intent=intent, subscription_org=subscription_org):
             for customer in dict.fromkeys(c for c in customers if c):
                 linked = await self.subscriptions.org_for_customer(customer, session)
                 if linked is not None:
                     break
         outcome.org_id = orgs.resolve_org(
-            named=outcome.org_id, objects=objects, payment_intent=intent,
+            recorded=recorded, named=outcome.org_id, objects=objects, payment_intent=intent,
             subscription_org=subscription_org, customer_org=linked)
         return outcome.org_id
 
@@ -250,7 +282,8 @@ class StripeFrame:
         """The organization of an event whose payload names none, read before anything else can
         fail (so a failure is findable by organization), from what the engine already holds, in
         the order of `billing.stripe.orgs.resolve_org`: the lots bought with the payment intent
-        or charge, the subscription's state, then the customer link. Only a first guess for the
+        or charge, the checkout record the object names, the subscription's state, then the
+        customer link. Only a first guess for the
         run's `OrgId`: the apply activity decides, with what Stripe holds about the payment
         (whose metadata a customer link never overrides)."""
         event = apply.event
@@ -261,6 +294,10 @@ class StripeFrame:
         charge = own_id if event.type == CHARGE_REFUNDED else ref_id(obj.get("charge"))
         lots = await self.runtime.ledger.find_purchase_lots(payment_intent=intent, charge=charge)
         recorded = lots[0]["org_id"] if lots else None
+        named = checkout_named(obj, invoice_subscription_metadata(obj))
+        if recorded is None and named is not None:
+            record = await self.runtime.checkouts.get(named)
+            recorded = record["org_id"] if record else None
         sub_id = own_id if event.type in SUBSCRIPTION_TYPES else ref_id(obj.get("subscription"))
         doc = await self.subscriptions.subscription(sub_id) if sub_id and not recorded else None
         subscription_org = (doc or {}).get("org_id")
@@ -273,13 +310,15 @@ class StripeFrame:
     @activity.defn(name="record_stripe_outcome")
     async def record_outcome(self, apply: StripeApply) -> StripeStep:
         """Record an outcome the workflow decided without a change (ignored, unresolved)."""
+        return await self._run(apply, _record_decided)
 
-        async def work(session: AsyncClientSession, outcome: Outcome) -> None:
-            outcome.set(apply.outcome or "ignored", apply.reason)
-            # Nothing decided it: the run's first guess (`stripe_resolve_org`) is all there is.
-            outcome.org_id = outcome.org_id or apply.org_guess
 
-        return await self._run(apply, work)
+async def _record_decided(session: AsyncClientSession, outcome: Outcome) -> None:
+    """An outcome decided before the transaction (`apply.outcome`), with no change."""
+    apply = outcome.apply
+    outcome.set(apply.outcome or "ignored", apply.reason)
+    # Nothing decided it: the run's first guess (`stripe_resolve_org`) is all there is.
+    outcome.org_id = outcome.org_id or apply.org_guess
 
 
 def purchase_of(lots: list[Doc]) -> Obj:

@@ -11,10 +11,17 @@ from activities.stripe_frame import Outcome, StripeFrame, bought_at, malformed_o
 from billing.ledger import EntryKind
 from billing.models import PurchaseFacts, StripeApply, StripeStep
 from billing.runtime import Runtime
+from billing.store.database import Doc
 from billing.store.ledger import LotTerms
 from billing.stripe.events import PAYMENT_INTENT_SUCCEEDED
 from billing.stripe.objects import amount, org_from, ref_id
-from billing.stripe.purchases import Verdict, line_key, purchase_key, resolve_purchase
+from billing.stripe.purchases import (
+    Purchase,
+    Verdict,
+    line_key,
+    purchase_key,
+    resolve_purchase,
+)
 
 
 class PurchaseActivities(StripeFrame):
@@ -47,7 +54,6 @@ class PurchaseActivities(StripeFrame):
         intent (`payment:<pi>`, `payment:<pi>:2`, ...), so every event of one payment credits
         once whichever arrives first. Called with the purchase the workflow read (runs started
         before the reads moved into `read_and_apply_purchase`)."""
-        config = self.runtime.config
         ledger = self.runtime.ledger
         facts = apply.purchase or PurchaseFacts()
         session_id = ref_id((facts.session or {}).get("id"))
@@ -55,15 +61,12 @@ class PurchaseActivities(StripeFrame):
         charge = ref_id((facts.intent or {}).get("latest_charge"))
         paid = amount((facts.session or {}).get("amount_total")) or amount(
             (facts.intent or {}).get("amount_received"))
-        purchase = resolve_purchase(
-            config, metadata=(facts.session, facts.intent),
-            line_items=facts.line_items if facts.session is not None else None,
-            paid_cents=paid, invoice=ref_id((facts.intent or {}).get("invoice")),
-            names_org=org_from(facts.session, facts.intent) is not None)
         customer = ref_id((facts.session or {}).get("customer")) or ref_id(
             (facts.intent or {}).get("customer"))
 
         async def work(session: AsyncClientSession, outcome: Outcome) -> None:
+            record = await self._checkout(session, outcome, (facts.session, facts.intent))
+            purchase = self._purchase(facts, record, paid)
             if purchase.verdict is Verdict.IGNORED:
                 return outcome.set("ignored", purchase.reason)
             if payment_intent is None and session_id is None:
@@ -114,6 +117,16 @@ class PurchaseActivities(StripeFrame):
             return None
 
         return await self._run(apply, work)
+
+    def _purchase(self, facts: PurchaseFacts, record: Doc | None, paid: int) -> Purchase:
+        """What the payment bought (`resolve_purchase`): the engine's checkout record names the
+        pack before any metadata does (SPEC §5.9); the lines still say how many were paid."""
+        recorded = {"metadata": {"pack_id": record["request"]["pack_id"]}} if record else None
+        return resolve_purchase(
+            self.runtime.config, metadata=(recorded, facts.session, facts.intent),
+            line_items=facts.line_items if facts.session is not None else None,
+            paid_cents=paid, invoice=ref_id((facts.intent or {}).get("invoice")),
+            names_org=record is not None or org_from(facts.session, facts.intent) is not None)
 
     @activity.defn(name="apply_stripe_purchase_failed")
     async def apply_purchase_failed(self, apply: StripeApply) -> StripeStep:

@@ -39,12 +39,12 @@ from pymongo import monitoring
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from localstripe_server import LocalStripe
 from temporalio.client import Client
 
 from billing.config import Settings
 from starter import event_loop
 from starter.embedded import (
-    LocalStripe,
     MongoServer,
     find_binary,
     free_port,
@@ -226,7 +226,7 @@ async def stack(*, temporal: bool) -> AsyncIterator[Stack]:
                 yield Stack(uri, None, None, pids, Path(logs))
                 return
             # A purchase reads its Checkout session from Stripe (SPEC §5.5): localstripe serves
-            # those reads on 127.0.0.1, as it does for `billing dev`.
+            # those reads on 127.0.0.1, in a process of its own (its CPU is counted apart).
             local_stripe = LocalStripe(port=free_port())
             await local_stripe.start()
             assert local_stripe.process is not None

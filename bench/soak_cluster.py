@@ -24,12 +24,12 @@ from pathlib import Path
 
 import httpx
 from common import ROOT
-from stripe_fake import StripeFake
+from stripe_fake import StripeFake, new_fake
 from stripe_payloads import PRIMARY_SECRET
 from webhook_receiver import SECRET as RECEIVER_SECRET
 from webhook_receiver import Receiver
 
-from billing.config import Settings
+from billing.config import Settings, load_config
 from starter.embedded import MongoServer, find_binary, free_port, wait_for_port
 from workflows.search import ORG_ID, STRIPE_EVENT_TYPE
 
@@ -159,7 +159,7 @@ class Cluster:
     data_dir: Path
     database: Database = field(init=False)
     temporal: Temporal = field(init=False)
-    fake: StripeFake = field(default_factory=StripeFake)
+    fake: StripeFake = field(default_factory=lambda: new_fake(load_config()))
     receiver: Receiver = field(default_factory=lambda: Receiver(RECEIVER_SECRET))
     apis: list[Engine] = field(default_factory=list)
     workers: list[Engine] = field(default_factory=list)

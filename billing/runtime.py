@@ -9,6 +9,7 @@ from functools import cached_property
 from billing.config import BillingConfig, Settings, load_config
 from billing.store.accounts import Accounts
 from billing.store.auto_topups import AutoTopUps
+from billing.store.checkouts import Checkouts
 from billing.store.database import Database
 from billing.store.ledger import Ledger
 from billing.store.meters import Meters
@@ -59,3 +60,7 @@ class Runtime:
     @cached_property
     def auto_topups(self) -> AutoTopUps:
         return AutoTopUps(self.db, self.config)
+
+    @cached_property
+    def checkouts(self) -> Checkouts:
+        return Checkouts(self.db)

@@ -30,24 +30,26 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
-from billing.config import Settings, load_config
+from billing.config import BillingConfig, Settings, load_config
 from billing.runtime import Runtime
 from starter import tracing
 from starter.api.app import create_app
 from starter.embedded import (
     EmbeddedError,
-    LocalStripe,
     MongoServer,
     WorkerProcess,
     ensure_port_free,
     free_port,
     start_temporal,
 )
+from starter.stripe_fake import API_KEY, StripeFake, Webhook
 from starter.worker_process import prepare
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 60.0
 CREDENTIALS_FILE = "dev-credentials.json"
+#: What the Stripe stand-in charges for a plan (the configuration prices packs only).
+DEV_PLAN_PRICE_CENTS = 2900
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,23 @@ def dev_settings(options: DevOptions, credentials: DevCredentials) -> Settings:
         billing_api_token=env.billing_api_token or credentials.api_token,
         stripe_webhook_secret=env.stripe_webhook_secret or credentials.webhook_secret,
     )
+
+
+def stripe_stand_in(config: BillingConfig, data_dir: Path, settings: Settings,
+                    options: DevOptions) -> StripeFake:
+    """The Stripe API stand-in `billing dev` runs without `STRIPE_API_KEY`: it sells the
+    configured packs and plans, keeps its objects in the data directory, and delivers the events
+    of a Checkout paid on its page to this stack's webhook, signed as Stripe signs them."""
+    fake = StripeFake(free_port(), state_file=data_dir / "stripe-stand-in.json")
+    for pack in config.packs:
+        for price in pack.stripe_price_ids:
+            fake.price(price, pack.price_cents, pack.currency)
+    for plan in config.plans:
+        for price in plan.stripe_price_ids:
+            fake.price(price, DEV_PLAN_PRICE_CENTS)
+    fake.webhook = Webhook(url=f"http://{HOST}:{options.http_port}/stripe/webhook",
+                           secret=settings.webhook_secrets[0])
+    return fake
 
 
 def _temporal_database(data_dir: Path) -> Path:
@@ -322,15 +341,14 @@ async def run_dev(options: DevOptions, console: Console) -> None:
         stack.push_async_callback(temporal.shutdown)
         _temporal_marker(database).touch()
 
-        if not settings.stripe_api_key and not settings.stripe_api_base \
-                and LocalStripe.available():
-            local_stripe = LocalStripe(port=free_port())
-            console.print(f"starting localstripe (no STRIPE_API_KEY) on port {local_stripe.port}"
+        if not settings.stripe_api_key and not settings.stripe_api_base:
+            fake = stripe_stand_in(config, data_dir, settings, options)
+            console.print(f"starting the Stripe stand-in (no STRIPE_API_KEY) on port {fake.port}"
                           " ...")
-            stack.push_async_callback(local_stripe.stop)
-            await local_stripe.start()
-            settings = settings.model_copy(update={"stripe_api_key": LocalStripe.API_KEY,
-                                                   "stripe_api_base": local_stripe.url})
+            stack.push_async_callback(fake.stop)
+            await fake.start()
+            settings = settings.model_copy(update={"stripe_api_key": API_KEY,
+                                                   "stripe_api_base": fake.url})
 
         runtime = Runtime.from_settings(settings, config)
         stack.push_async_callback(runtime.db.close)

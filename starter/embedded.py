@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import shutil
 import signal
@@ -156,38 +155,6 @@ class MongoServer:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-
-@dataclass
-class LocalStripe:
-    """`localstripe` (a Stripe API stand-in from the `dev` extra) on 127.0.0.1, so that
-    `billing dev` without `STRIPE_API_KEY` can still read what the Stripe events it is sent name
-    (payment intents, subscriptions). It keeps nothing across restarts."""
-
-    port: int
-    process: asyncio.subprocess.Process | None = field(default=None, init=False)
-
-    API_KEY = "sk_test_localstripe"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @staticmethod
-    def available() -> bool:
-        return importlib.util.find_spec("localstripe") is not None
-
-    async def start(self) -> None:
-        ensure_port_free(self.port, "localstripe")
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "localstripe", "--port", str(self.port), "--from-scratch",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True)
-        await wait_for_port(self.port, "localstripe", process=self.process)
-
-    async def stop(self) -> None:
-        await terminate(self.process, grace_s=10)
-        self.process = None
 
 
 async def start_temporal(

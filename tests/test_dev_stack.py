@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -152,22 +151,29 @@ def test_dev_stack_starts_serves_stops_and_keeps_its_data(
     assert "billing_failed_workflows 0.0" in metrics
     assert "temporal_" in metrics  # the SDK's own metrics, re-exported
 
-    # The README's first event: without STRIPE_API_KEY the stack reads Stripe at localstripe.
-    assert "starting localstripe" in output
-    sent = subprocess.run(
-        [str(Path(sys.executable).parent / "billing"), "send-test-event",
-         "payment_intent.succeeded", "--org", org, "--pack", "pack_500k",
-         "--url", f"{stack.api}/stripe/webhook"],
-        env={**os.environ, "STRIPE_WEBHOOK_SECRET": credentials["webhook_secret"]},
-        capture_output=True, text=True, timeout=60, check=False)
+    # The README's first event: without STRIPE_API_KEY the stack reads Stripe at its stand-in.
+    assert "starting the Stripe stand-in" in output
+    sent = cli(stack, "send-test-event", "payment_intent.succeeded", "--org", org, "--pack",
+               "pack_500k", "--url", f"{stack.api}/stripe/webhook")
     assert sent.returncode == 0, sent.stdout + sent.stderr
     expected = config.default_plan.signup_grant + 500000
-    for _ in range(100):
-        found = httpx.get(f"{stack.api}/v1/orgs/{org}/balance", headers=headers, timeout=5)
-        if found.json()["balance"] == expected:
-            break
-        time.sleep(0.2)
-    assert found.json()["balance"] == expected
+    wait_for_balance(stack, org, headers, expected)
+
+    # The README's purchase: the engine makes the Checkout, the stand-in is paid and sends the
+    # purchase's events, the organization is credited.
+    made = cli(stack, "checkout", org, "--pack", "pack_500k", "--quantity", "2", "--json",
+               "--url", stack.api)
+    assert made.returncode == 0, made.stdout + made.stderr
+    started = json.loads(made.stdout)
+    assert started["units"] == 1_000_000
+    paid = cli(stack, "send-test-event", "checkout.session.completed", "--checkout",
+               started["checkout_id"])
+    assert paid.returncode == 0, paid.stdout + paid.stderr
+    assert "checkout.session.completed" in paid.stdout and "HTTP 200" in paid.stdout
+    expected += 1_000_000
+    wait_for_balance(stack, org, headers, expected)
+    portal = httpx.post(f"{stack.api}/v1/orgs/{org}/billing-portal", headers=headers, timeout=10)
+    assert portal.status_code == 200, portal.text
 
     # Ctrl-C in a terminal signals the whole foreground process group.
     assert stack.stop(signal.SIGINT, whole_group=True) == 0
@@ -180,12 +186,34 @@ def test_dev_stack_starts_serves_stops_and_keeps_its_data(
     kept = httpx.get(f"{again.api}/v1/orgs/{org}/balance", headers=headers, timeout=5)
     assert kept.status_code == 200, kept.text
     assert kept.json()["balance"] == expected
+    # The stand-in kept the organization's customer: the engine still sells to it.
+    sold = cli(again, "checkout", org, "--plan", "pro", "--url", again.api)
+    assert sold.returncode == 0, sold.stdout + sold.stderr
     reregistered = httpx.put(f"{again.api}/v1/orgs/{org}", headers=headers, timeout=10)
     assert reregistered.status_code == 200
 
     # A service manager signals the main process only.
     assert again.stop(signal.SIGTERM) == 0
     assert_all_stopped(again)
+
+
+def cli(stack: DevStack, *args: str) -> subprocess.CompletedProcess[str]:
+    """A `billing` command in another terminal: the dev stack's MongoDB, and its generated
+    secrets read from the data directory."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MONGODB_", "TEMPORAL_", "STRIPE_", "BILLING_"))}
+    env["MONGODB_URI"] = f"mongodb://127.0.0.1:{stack.ports['mongo']}/?directConnection=true"
+    return subprocess.run([BILLING, *args, "--data-dir", str(stack.data_dir)], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def wait_for_balance(stack: DevStack, org: str, headers: dict[str, str], expected: int) -> None:
+    for _ in range(100):
+        found = httpx.get(f"{stack.api}/v1/orgs/{org}/balance", headers=headers, timeout=5)
+        if found.json()["balance"] == expected:
+            return
+        time.sleep(0.2)
+    assert found.json()["balance"] == expected
 
 
 def test_dev_stack_names_a_taken_port(tmp_path: Path, ports: dict[str, int]) -> None:

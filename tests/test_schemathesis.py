@@ -63,6 +63,9 @@ def live_server(
         "TEMPORAL_TASK_QUEUE": f"billing-live-{uuid.uuid4().hex[:8]}",
         "BILLING_API_TOKEN": TOKEN,
         "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        # Checkouts reach the session's Stripe fake.
+        "STRIPE_API_KEY": settings.stripe_api_key,
+        "STRIPE_API_BASE": settings.stripe_api_base or "",
     })
     with log.open("wb") as out:
         process = subprocess.Popen(

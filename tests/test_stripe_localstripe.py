@@ -12,6 +12,7 @@ import httpx
 import pytest
 import stripe
 import uvicorn
+from localstripe_server import LocalStripe
 from stripe_payloads import PRIMARY_SECRET
 from temporalio.client import Client
 from typer.testing import CliRunner
@@ -19,7 +20,10 @@ from typer.testing import CliRunner
 from billing.runtime import Runtime
 from starter.api.app import create_app
 from starter.cli import app as cli_app
-from starter.embedded import LocalStripe, free_port, wait_for_port
+from starter.embedded import (
+    free_port,
+    wait_for_port,
+)
 from worker import build_worker
 
 API_KEY = LocalStripe.API_KEY
@@ -27,7 +31,8 @@ API_KEY = LocalStripe.API_KEY
 
 @pytest.fixture(scope="module")
 async def localstripe() -> AsyncIterator[str]:
-    """The same localstripe process `billing dev` runs without a Stripe key."""
+    """localstripe, a Stripe stand-in written by others: the engine's reads and Stripe's
+    signature against a peer the project did not write."""
     server = LocalStripe(port=free_port())
     await server.start()
     try:

@@ -32,6 +32,7 @@ from billing.errors import InvalidInput, NotFound, OrgNotFound
 from billing.store import outbox
 from billing.store.database import Database, Doc
 from billing.store.notifications import notify
+from billing.store.subscriptions import linked_customer
 from billing.store.transactions import run_in_transaction
 
 COLLECTION = "auto_topups"
@@ -127,10 +128,7 @@ class AutoTopUps:
 
     async def customer_in(self, session: AsyncClientSession | None, org_id: str) -> str | None:
         """The organization's linked Stripe customer (the customer link of SPEC §5.5)."""
-        standing = await self.db.subscriptions.find_one(
-            {"_id": org_id}, {"stripe_customer_id": 1}, session=session)
-        customer = (standing or {}).get("stripe_customer_id")
-        return str(customer) if customer else None
+        return await linked_customer(self.db, org_id, session)
 
     # ---- the workflow's outcome -----------------------------------------------------------------
 

@@ -81,6 +81,8 @@ INDEXES: dict[str, list[IndexModel]] = {
         outbox.INDEX,  # the triggers whose workflow may not be started yet
         IndexModel([("payment_intent", ASCENDING)], name="payment_intent"),
     ],
+    # Checkout records (SPEC §5.9) are read by `_id` only.
+    "checkouts": [],
 }
 
 
@@ -161,6 +163,10 @@ class Database:
     @property
     def reports(self) -> AsyncCollection[Doc]:
         return self.db["reports"]
+
+    @property
+    def checkouts(self) -> AsyncCollection[Doc]:
+        return self.db["checkouts"]
 
     async def ensure_indexes(self) -> None:
         """Create every collection and index; safe to run at every start."""

@@ -14,12 +14,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 from typing import Any
 
 from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from billing.config import BillingConfig
 from billing.store.database import DUPLICATE_KEY, Database, Doc
@@ -40,9 +41,33 @@ def view(doc: Doc) -> SubscriptionView:
     )
 
 
+async def linked_customer(db: Database, org_id: str,
+                          session: AsyncClientSession | None = None) -> str | None:
+    """The organization's Stripe customer (the customer link of SPEC §5.5)."""
+    standing = await db.subscriptions.find_one({"_id": org_id}, {"stripe_customer_id": 1},
+                                               session=session)
+    customer = (standing or {}).get("stripe_customer_id")
+    return str(customer) if customer else None
+
+
 class Subscriptions:
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    async def link_customer(self, org_id: str, customer_id: str, now: datetime) -> str:
+        """Link a customer the engine created for the organization, unless one is linked
+        already (a concurrent request, or a subscription's customer): the linked one wins and is
+        answered."""
+        # Linked meanwhile: the filter does not match and the upsert collides on `_id`.
+        with contextlib.suppress(DuplicateKeyError):
+            await self.db.subscriptions.update_one(
+                {"_id": org_id, "stripe_customer_id": None},
+                {"$set": {"stripe_customer_id": customer_id, "updated_at": now},
+                 "$setOnInsert": {"created_at": now}},
+                upsert=True)
+        linked = await linked_customer(self.db, org_id)
+        assert linked is not None
+        return linked
 
     async def get(self, org_id: str, session: AsyncClientSession | None = None) -> Doc | None:
         """The organization's standing."""

@@ -10,7 +10,17 @@ from temporalio.client import Client
 
 from billing.runtime import Runtime
 from starter import tracing
-from starter.api import auto_topup, events, health, holds, metering, metrics, orgs, webhook
+from starter.api import (
+    auto_topup,
+    checkout,
+    events,
+    health,
+    holds,
+    metering,
+    metrics,
+    orgs,
+    webhook,
+)
 from starter.api.deps import AppState
 from starter.api.errors import install_error_handlers
 from starter.api.limits import BodyLimitMiddleware
@@ -46,5 +56,6 @@ def create_app(runtime: Runtime, temporal: Client | None = None) -> FastAPI:
     app.include_router(webhook.router)
     app.include_router(events.router)
     app.include_router(auto_topup.router)
+    app.include_router(checkout.router)
     tracing.instrument_app(app)
     return app

@@ -6,14 +6,17 @@ import asyncio
 import hmac
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Annotated, Any
 
+import stripe
 from fastapi import APIRouter, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from temporalio.client import Client
 
 from billing.errors import BillingError
 from billing.runtime import Runtime
+from billing.stripe_client import stripe_client
 from starter.temporal_client import TemporalUnavailable, connect
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,12 @@ class AppState:
     runtime: Runtime
     temporal: Client | None = None
     temporal_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    @cached_property
+    def stripe(self) -> stripe.StripeClient:
+        """The client of the purchases the API starts (SPEC §5.9); it retries a network error
+        itself, as every write it makes carries an idempotency key."""
+        return stripe_client(self.runtime.settings, network_retries=2)
 
 
 async def temporal_client(state: AppState) -> Client:

@@ -18,6 +18,7 @@ from starter.cli import (
     events,
     orgs,
     processes,
+    purchases,
     reconcile,
     schedules,
     webhooks,
@@ -31,8 +32,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals hold tokens and secrets
 )
 
-for group in (processes, orgs, adjustments, auto_topup, events, schedules, reconcile,
-              webhooks):
+for group in (processes, orgs, adjustments, auto_topup, purchases, events, schedules,
+              reconcile, webhooks):
     group.register(app)
 
 

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from billing.store.database import Doc
     from starter.operations.failures import FailedWorkflow
     from starter.operations.progress import OnProgress
     from starter.operations.replay import ReplayResult
@@ -20,10 +21,12 @@ if TYPE_CHECKING:
 
 from starter.cli.output import (
     console,
+    dev_value,
     err_console,
     operator_errors,
     print_table,
     progress_bars,
+    reported_errors,
     store_runtime,
     temporal,
 )
@@ -175,18 +178,9 @@ def replay(
 def _webhook_secret(data_dir: Path) -> str:
     """`STRIPE_WEBHOOK_SECRET` (its first value), else the one `billing dev` generated."""
     from billing.config import Settings
-    from starter.dev import CREDENTIALS_FILE
 
-    configured = Settings().webhook_secrets
-    if configured:
-        return configured[0]
-    path = data_dir / CREDENTIALS_FILE
-    try:
-        return str(json.loads(path.read_text(encoding="utf-8"))["webhook_secret"])
-    except (OSError, ValueError, KeyError) as exc:
-        err_console.print(f"no STRIPE_WEBHOOK_SECRET and no readable {path}: set the secret or "
-                          "start [bold]billing dev[/bold] first")
-        raise typer.Exit(2) from exc
+    return dev_value(data_dir, "webhook_secret", Settings().webhook_secrets,
+                     "STRIPE_WEBHOOK_SECRET")
 
 
 def send_test_event(
@@ -202,6 +196,10 @@ def send_test_event(
     data_dir: Annotated[
         Path, typer.Option("--data-dir", help="billing dev's data directory (its secret)")
     ] = Path(".billing-dev"),
+    checkout: Annotated[str | None, typer.Option(
+        "--checkout", metavar="CHECKOUT_ID",
+        help="checkout.session.completed only: pay this checkout (billing checkout) on billing "
+             "dev's Stripe stand-in, which then sends the purchase's events")] = None,
 ) -> None:
     """Post a correctly signed sample Stripe event to the webhook receiver."""
     import httpx
@@ -209,6 +207,13 @@ def send_test_event(
     from billing.config import Settings, load_config
     from starter.sample_events import sample_event, signed_body
 
+    if checkout is not None:
+        if event_type != "checkout.session.completed":
+            err_console.print("--checkout pays a checkout: its event is "
+                              "checkout.session.completed")
+            raise typer.Exit(2)
+        _pay_checkout(checkout)
+        return
     config = load_config(Settings().billing_config)
     try:
         event = sample_event(event_type, config, org=org, pack_id=pack,
@@ -232,6 +237,42 @@ def send_test_event(
     if sent.get("payment_intent"):
         console.print(f"payment intent {sent['payment_intent']} (refund or dispute it with "
                       f"--payment-intent {sent['payment_intent']})")
+
+
+def _pay_checkout(checkout_id: str) -> None:
+    """Pay a checkout on billing dev's Stripe stand-in, as a customer paying on Checkout would;
+    the stand-in then delivers the purchase's events, signed, to the stack's webhook."""
+    import httpx
+
+    async def read() -> Doc | None:
+        runtime = store_runtime()
+        try:
+            return await runtime.checkouts.get(checkout_id)
+        finally:
+            await runtime.db.close()
+
+    with reported_errors():
+        record = asyncio.run(read())
+    if record is None or not record.get("url"):
+        err_console.print(f"no checkout {escape(checkout_id)} with a session: make one with "
+                          "[bold]billing checkout ORG --pack P[/bold]")
+        raise typer.Exit(1)
+    url = str(record["url"])
+    try:
+        response = httpx.post(url, headers={"Accept": "application/json"}, timeout=60.0)
+        paid = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        paid = None
+    if not isinstance(paid, dict) or "events" not in paid:
+        err_console.print(f"{escape(url)} is not billing dev's Stripe stand-in (or it stopped): "
+                          "pay the checkout on that page; Stripe sends the events")
+        raise typer.Exit(1)
+    console.print(f"paid {escape(checkout_id)} (session {escape(paid['session']['id'])})")
+    for sent in paid["events"]:
+        console.print(f"{sent['type']} {sent['id']} -> HTTP {sent['status']} "
+                      f"{escape(sent['answer'])}")
+    if any(sent["status"] != 200 for sent in paid["events"]):
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -139,6 +140,24 @@ def run_until_signal(main: Coroutine[Any, Any, None]) -> None:
             err_console.print("stopped")
 
     event_loop.run(supervise())
+
+
+def dev_value(data_dir: Path, name: str, configured: tuple[str, ...], variable: str) -> str:
+    """A setting's first configured value, else the one `billing dev` generated and keeps in its
+    data directory (exits 2 saying what to set when there is neither)."""
+    import json
+
+    from starter.dev import CREDENTIALS_FILE
+
+    if configured:
+        return configured[0]
+    path = data_dir / CREDENTIALS_FILE
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8"))[name])
+    except (OSError, ValueError, KeyError) as exc:
+        err_console.print(f"no {variable} and no readable {path}: set {variable} or start "
+                          "[bold]billing dev[/bold] first")
+        raise typer.Exit(EXIT_CONFIG) from exc
 
 
 def store_runtime() -> Runtime:
