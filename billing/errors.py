@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class BillingError(Exception):
     """An error the caller can act on: a stable `code`, a message and an HTTP status."""
@@ -14,6 +16,10 @@ class BillingError(Exception):
         self.message = message
         if code is not None:
             self.code = code
+
+    def details(self) -> dict[str, Any]:
+        """Fields the error body carries beside `code` and `message`."""
+        return {}
 
 
 class OrgNotFound(BillingError):
@@ -33,3 +39,19 @@ class InvalidInput(BillingError):
 class NotFound(BillingError):
     status = 404
     code = "NOT_FOUND"
+
+
+class HoldRefused(BillingError):
+    """A balance hold refused (SPEC §5.11): `INSUFFICIENT_UNITS` or `PAYMENT_PAST_DUE`, with
+    what the organization has left."""
+
+    status = 409
+
+    def __init__(self, code: str, remaining: int) -> None:
+        reason = ("the organization's remaining does not cover the hold"
+                  if code == "INSUFFICIENT_UNITS" else "a payment is past due beyond its grace")
+        super().__init__(f"{reason} (remaining {remaining} units)", code=code)
+        self.remaining = remaining
+
+    def details(self) -> dict[str, Any]:
+        return {"remaining": self.remaining}

@@ -41,7 +41,8 @@ PAYMENT_PAST_DUE = "PAYMENT_PAST_DUE"
 
 OrgId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 #: No `:` in a run id, so the ledger key `usage:<run_id>:<step>` names exactly one record.
-RunId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,128}$")]
+RUN_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
+RunId = Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN)]
 Step = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9:_-]{1,64}$")]
 #: Cost keys become field names of the stored breakdown: no `.` or `$`.
 CostKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -64,6 +65,10 @@ class UsageRequest(BaseModel):
     step: Step = "initial"
     costs: dict[CostKey, Cost] | None = Field(default=None, max_length=64)
     units: StrictInt | None = Field(default=None, ge=0, le=MAX_UNITS)
+    hold_id: RunId | None = Field(
+        default=None, description="the hold this run reserved (SPEC §5.11): the record settles "
+                                  "it in the same transaction; an unknown, expired or settled "
+                                  "hold changes nothing and the record is counted all the same")
 
     @model_validator(mode="after")
     def _costs_or_units(self) -> Self:
@@ -179,6 +184,7 @@ class Gate:
     allowed: bool
     remaining: int
     reason: str | None
+    held: int = 0
 
 
 def quota_gate(
@@ -190,19 +196,21 @@ def quota_gate(
     past_due_since: datetime | None,
     grace_days: int,
     now: datetime,
+    held: int = 0,
 ) -> Gate:
-    """SPEC §5.2: `remaining = max(0, quota - used) + balance`; a payment past due for longer
-    than `grace_days` blocks first, then an exhausted meter."""
-    remaining = max(0, quota - used) + balance
+    """SPEC §5.2: `remaining = max(0, quota - used) + balance - held` (§5.11: the units active
+    holds reserve); a payment past due for longer than `grace_days` blocks first, then an
+    exhausted meter."""
+    remaining = max(0, quota - used) + balance - held
     if (
         status == "past_due"
         and past_due_since is not None
         and now - past_due_since > timedelta(days=grace_days)
     ):
-        return Gate(allowed=False, remaining=remaining, reason=PAYMENT_PAST_DUE)
+        return Gate(allowed=False, remaining=remaining, reason=PAYMENT_PAST_DUE, held=held)
     if remaining <= 0:
-        return Gate(allowed=False, remaining=remaining, reason=METER_EXHAUSTED)
-    return Gate(allowed=True, remaining=remaining, reason=None)
+        return Gate(allowed=False, remaining=remaining, reason=METER_EXHAUSTED, held=held)
+    return Gate(allowed=True, remaining=remaining, reason=None, held=held)
 
 
 def settlement_units(*, quota: int, used: int, usage_debt: int) -> int:

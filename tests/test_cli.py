@@ -181,3 +181,30 @@ async def test_meter_json_shows_this_weeks_usage(
     assert body["quota"] == 0 and body["remaining"] == 0
     human = await billing("meter", org, env=store_env)
     assert human.code == 0 and "42" in human.out
+
+
+async def test_holds_lists_the_active_holds_with_whole_ids(
+    org: str, accounts: Accounts, runtime, store_env: dict[str, str],
+) -> None:
+    from billing.clock import utcnow
+    from billing.holds import HoldRequest
+
+    await accounts.register(org, utcnow())
+    empty = await billing("holds", org, env=store_env)
+    assert empty.code == 0 and "no active holds" in empty.out
+    long_id = "run-" + "x" * 100
+    for hold_id, units in ((long_id, 75), ("short", 20)):
+        await runtime.meters.hold(org, HoldRequest(hold_id=hold_id, units=units), utcnow())
+
+    listed = await billing("holds", org, "--json", env=store_env)
+    assert listed.code == 0, listed.err
+    body = json.loads(listed.out)
+    assert [(h["hold_id"], h["units"]) for h in body["holds"]] == [(long_id, 75), ("short", 20)]
+    assert set(body["holds"][0]) == {"hold_id", "units", "expires_at"}
+    human = await billing("holds", org, env={**store_env, "COLUMNS": "40"})
+    assert human.code == 0, human.err
+    assert any(long_id in line for line in human.out.splitlines()), human.out
+    meter = json.loads((await billing("meter", org, "--json", env=store_env)).out)
+    assert meter["held"] == 95
+    unknown = await billing("holds", "nobody-registered-this", env=store_env)
+    assert unknown.code == 1 and "ORG_NOT_FOUND" in unknown.err

@@ -62,12 +62,12 @@ async def test_meter_quota_and_notifications(api: AsyncClient, org: str, db: Dat
     await api.put(f"/v1/orgs/{org}")
     meter = await api.get(f"/v1/orgs/{org}/meter")
     assert meter.json() == {"org_id": org, "week": iso_week(utcnow()), "used": 0, "quota": 0,
-                            "plan_id": "free", "remaining": 0}
+                            "plan_id": "free", "remaining": 0, "held": 0}
     assert (await api.get(f"/v1/orgs/{org}/quota")).json() == {
-        "allowed": True, "remaining": 500, "reason": None}
+        "allowed": True, "remaining": 500, "reason": None, "held": 0}
     await api.post("/v1/usage", json={"org_id": org, "run_id": "big", "units": 520})
     assert (await api.get(f"/v1/orgs/{org}/quota")).json() == {
-        "allowed": False, "remaining": -20, "reason": "METER_EXHAUSTED"}
+        "allowed": False, "remaining": -20, "reason": "METER_EXHAUSTED", "held": 0}
     assert (await api.get(f"/v1/orgs/{org}/meter")).json()["used"] == 520
     notes = (await api.get(f"/v1/orgs/{org}/notifications")).json()["notifications"]
     assert [(n["type"], n["payload"]["threshold"]) for n in notes] == [

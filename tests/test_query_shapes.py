@@ -1,6 +1,7 @@
 """Cost must not grow with data: every query of the hot paths (registration, usage within quota
-and overflowing, a subscription, a purchase and a refund through the signed webhook) is an
-index lookup, and none is a `findAndModify`, which the embedded server runs as a collection scan.
+and overflowing, a subscription, a purchase and a refund through the signed webhook, balance
+holds) is an index lookup, and none is a `findAndModify`, which the embedded server runs as a
+collection scan.
 
 The commands are taken from a PyMongo command listener on the engine's own client, so a new query
 shape on these paths fails here until an index backs it.
@@ -104,10 +105,28 @@ async def test_hot_paths_use_index_lookups_and_no_find_and_modify(
             within = await api.post("/v1/usage", json={"org_id": org, "run_id": "r2",
                                                        "units": 50})
             assert (within.json()["overflow"], within.json()["quota"]) == (0, 500000)
+            # balance holds: grant, replay, refusal, the gate and meter, the list, a settling
+            # record (alone and in a batch), a release
+            for hold_id, units, status in (("h1", 10, 201), ("h1", 10, 201),
+                                           ("h2", 10**9, 409), ("h3", 5, 201), ("h4", 5, 201)):
+                held = await api.post(f"/v1/orgs/{org}/holds",
+                                      json={"hold_id": hold_id, "units": units})
+                assert held.status_code == status, held.text
+            assert (await api.get(f"/v1/orgs/{org}/quota")).json()["held"] == 20
+            assert (await api.get(f"/v1/orgs/{org}/meter")).json()["held"] == 20
+            assert len((await api.get(f"/v1/orgs/{org}/holds")).json()["holds"]) == 3
+            settled = await api.post("/v1/usage", json={"org_id": org, "run_id": "h1",
+                                                        "units": 10, "hold_id": "h1"})
+            assert settled.json()["applied"]
+            batch = await api.post("/v1/usage/batch", json={"records": [
+                {"org_id": org, "run_id": "h3", "units": 5, "hold_id": "h3"}]})
+            assert batch.json()["results"][0]["applied"]
+            assert (await api.delete(f"/v1/orgs/{org}/holds/h4")).json()["released"]
     finally:
         await engine.db.close()
 
     assert commands.seen, "the listener saw no command"
+    assert {"holds", "hold_locks"} <= {collection for _, collection, _ in commands.seen}
     assert not [c for c in commands.seen if c[0] == "findAndModify"]
     unindexed = [(name, collection, query) for name, collection, query in commands.seen
                  if not index_backed(collection, query)]

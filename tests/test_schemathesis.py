@@ -128,7 +128,8 @@ def test_no_operation_answers_a_server_error(live_server: LiveServer) -> None:
         operations.append(result.ok())
     labels = {operation.label for operation in operations}
     assert {"POST /stripe/webhook", "PUT /v1/orgs/{org}", "POST /v1/usage",
-            "GET /v1/orgs/{org}/ledger", "GET /v1/stripe-events/{event_id}"} <= labels
+            "GET /v1/orgs/{org}/ledger", "GET /v1/stripe-events/{event_id}",
+            "POST /v1/orgs/{org}/holds", "DELETE /v1/orgs/{org}/holds/{hold_id}"} <= labels
     failures = [
         failure
         for operation in operations

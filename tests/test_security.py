@@ -320,7 +320,8 @@ def quoted(value: object) -> str:
     return urllib.parse.quote(value if isinstance(value, str) else json.dumps(value), safe="")
 
 
-ORG_PATHS = ["", "/balance", "/ledger", "/meter", "/quota", "/subscription", "/notifications"]
+ORG_PATHS = ["", "/balance", "/ledger", "/meter", "/quota", "/subscription", "/notifications",
+             "/holds"]
 
 
 @pytest.mark.parametrize("hostile", [*OPERATORS, "$where", "a.$ne", "smuggled.$gt"],
@@ -339,8 +340,12 @@ async def test_no_operator_through_the_http_api(
         ("GET", f"/v1/stripe-events/{quoted(hostile)}", None),
     ]
     body: Obj = {"org_id": victim.org, "run_id": "smuggle-run", "units": 1}
-    for field in ("org_id", "run_id", "step", "units", "costs"):
+    for field in ("org_id", "run_id", "step", "units", "costs", "hold_id"):
         requests.append(("POST", "/v1/usage", {**body, field: hostile}))
+    for field in ("hold_id", "units", "costs", "ttl_seconds"):
+        requests.append(("POST", f"/v1/orgs/{victim.org}/holds", {"hold_id": "h", field: hostile}))
+    requests += [("POST", f"/v1/orgs/{quoted(hostile)}/holds", {"hold_id": "h"}),
+                 ("DELETE", f"/v1/orgs/{victim.org}/holds/{quoted(hostile)}", None)]
     requests.append(("POST", "/v1/usage", {**body, "units": None, "costs": {"llm": hostile}}))
     for method, path, payload in requests:
         response = await spied.api.request(method, path, json=payload)

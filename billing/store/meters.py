@@ -5,7 +5,8 @@ plan it is metered on (`quota`, `plan_id`, `ratio_version`), kept live by plan c
 
 Recording usage is the hot path and takes no workflow. A record reads the account, increments
 the meter, debits the overflow (ledger key `usage:<run_id>:<step>`), writes the notifications it
-triggers and inserts the usage record, which carries the response, all in one transaction. The
+triggers, inserts the usage record, which carries the response, and settles the balance hold it
+names (SPEC §5.11), all in one transaction. The
 record's `_id` is its key `(org_id, run_id, step)` (`usage_id`), so a replay aborts that
 transaction on a duplicate key (as the ledger key does); the stored first result is then returned
 with `applied: false`. The key is the `_id` rather than a unique secondary index because on the
@@ -15,7 +16,8 @@ Every record of an organization increments the same meter document, so concurren
 on one organization conflict and start again. A `Meters` instance therefore commits the records
 of its process in groups, one transaction at a time (`record`): within a process records never
 conflict, and a commit carries every record that arrived while the previous one committed
-(transactions stay the guarantee across processes). Share one instance per process.
+(transactions stay the guarantee across processes). Balance holds (`hold`) join the same groups.
+Share one instance per process.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from billing.config import BillingConfig, PlanConfig
 from billing.errors import BillingError, InvalidInput, OrgNotFound
+from billing.holds import Hold, HoldRequest, Refusal, decide_hold, held
 from billing.ledger import EntryKind
 from billing.metering import (
     Gate,
@@ -46,11 +49,14 @@ from billing.metering import (
     quota_gate,
     settlement_units,
     thresholds_crossed,
+    units_from_costs,
 )
 from billing.models import ResetOrgResult
+from billing.store import holds
 from billing.store.accounts import Accounts, check_org_id
 from billing.store.auto_topups import would_trigger
 from billing.store.database import DUPLICATE_KEY, LEGACY_USAGE_KEY, Database, Doc
+from billing.store.holds import hold_key
 from billing.store.ledger import Debits, Ledger
 from billing.store.notifications import notify
 from billing.store.transactions import run_in_transaction
@@ -97,15 +103,33 @@ def usage_id(request: UsageRequest) -> str:
     return f"{request.org_id}/{request.run_id}/{request.step}"
 
 
+def _settle(request: UsageRequest, now: datetime) -> UpdateOne:
+    """The write by which a record settles the hold it names."""
+    assert request.hold_id is not None
+    return holds.settle(request.org_id, request.hold_id, usage_id(request), now)
+
+
+@dataclass(frozen=True)
+class HoldOrder:
+    """A balance hold asked of `Meters.hold`: it waits in the group commit like a record."""
+
+    org_id: str
+    request: HoldRequest
+
+
+#: What a member of a group commit answers.
+Outcome = UsageResult | Hold | Refusal
+
+
 @dataclass
 class _Pending:
-    """A usage record waiting for its group's commit, and where its caller waits."""
+    """A usage record or a hold waiting for its group's commit, and where its caller waits."""
 
-    request: UsageRequest
+    request: UsageRequest | HoldOrder
     now: datetime
-    result: asyncio.Future[UsageResult]
+    result: asyncio.Future[Outcome]
 
-    def succeed(self, result: UsageResult) -> None:
+    def succeed(self, result: Outcome) -> None:
         if not self.result.done():  # the caller may have gone (a cancelled request)
             self.result.set_result(result)
 
@@ -121,10 +145,12 @@ class MeterView:
     used: int
     quota: int
     plan_id: str
+    held: int  # units active holds reserve (SPEC §5.11)
 
     @property
     def remaining(self) -> int:
-        return max(0, self.quota - self.used)
+        """The week's quota left once every active hold is used."""
+        return max(0, self.quota - self.used - self.held)
 
 
 def _stored_result(record: Doc) -> UsageResult:
@@ -216,7 +242,13 @@ class Meters:
 
     async def record(self, request: UsageRequest, now: datetime) -> UsageResult:
         """Record one usage record; a replay of `(org_id, run_id, step)` returns the first result
-        with `applied: false` and writes nothing.
+        with `applied: false` and writes nothing."""
+        result = await self._enqueue(request, now)
+        assert isinstance(result, UsageResult)
+        return result
+
+    async def _enqueue(self, request: UsageRequest | HoldOrder, now: datetime) -> Outcome:
+        """Apply a usage record or a hold in the next group commit.
 
         Group commit: the records that arrive while a group is committing wait for the next one,
         and each group is ONE transaction (records of any organization, applied in arrival
@@ -279,7 +311,7 @@ class Meters:
 
             async def apply(session: AsyncClientSession, members: list[_Pending] = group,
                             failed: list[int] = failing,
-                            read_stored: bool = replays) -> list[UsageResult]:
+                            read_stored: bool = replays) -> list[Outcome]:
                 return await _Group(self, session, members, failed, read_stored).apply()
 
             try:
@@ -292,7 +324,7 @@ class Meters:
                 before, alone, group = group[:at], group[at], group[at + 1:]
                 await self._commit(before)  # arrival order holds: a repeat replays the first
                 try:
-                    alone.succeed(await self._record_alone(alone.request, alone.now))
+                    alone.succeed(await self._apply_alone(alone.request, alone.now))
                 except Exception as exc:
                     alone.fail(exc)
                 continue
@@ -303,6 +335,17 @@ class Meters:
             for pending, result in zip(group, results, strict=True):
                 pending.succeed(result)
             return
+
+    async def _apply_alone(self, request: UsageRequest | HoldOrder, now: datetime) -> Outcome:
+        """A record or a hold in a transaction of its own."""
+        if isinstance(request, HoldOrder):
+            alone = _Pending(request, now, asyncio.get_running_loop().create_future())
+
+            async def apply(session: AsyncClientSession) -> list[Outcome]:
+                return await _Group(self, session, [alone], [0], replays=True).apply()
+
+            return (await run_in_transaction(self.db.client, apply))[0]
+        return await self._record_alone(request, now)
 
     async def _record_alone(self, request: UsageRequest, now: datetime) -> UsageResult:
         """One record in a transaction of its own: a replay answers the stored first result."""
@@ -358,6 +401,8 @@ class Meters:
         await self.db.usage.insert_one(
             self._usage_doc(request, metered, meter, over, balance, now), session=session
         )
+        if request.hold_id is not None:
+            await self.db.holds.bulk_write([_settle(request, now)], session=session)
         return UsageResult(applied=True, units=metered.units, overflow=over, week=week,
                            used=used, quota=quota, balance=balance)
 
@@ -438,6 +483,7 @@ class Meters:
             "balance": balance,
             "plan_id": meter["plan_id"],
             "ratio_version": self.config.meter.ratio_version,
+            "hold_id": request.hold_id,
             "created_at": now,
         }
 
@@ -445,33 +491,62 @@ class Meters:
 
     async def current(self, org_id: str, now: datetime) -> MeterView:
         """This week's meter; a week without usage yet shows the plan it would open with."""
-        check_org_id(org_id)
-        account = await self.db.accounts.find_one({"_id": org_id})
-        if account is None:
-            raise OrgNotFound(org_id)
-        return await self._view(account, iso_week(now))
-
-    async def _view(self, account: Doc, week: str) -> MeterView:
-        meter = await self.db.meters.find_one({"org_id": account["_id"], "week": week})
-        if meter is not None:
-            return MeterView(account["_id"], week, meter["used"], meter["quota"], meter["plan_id"])
-        plan = await self._plan_in(None, account)
-        return MeterView(account["_id"], week, 0, plan_quota(plan, int(account.get("seats") or 1)),
-                         plan.id)
+        return (await self._read_gate(org_id, now))[1]
 
     async def gate(self, org_id: str, now: datetime) -> Gate:
-        """The quota gate of SPEC §5.2: may this organization start more work now?"""
+        """The quota gate of SPEC §5.2, net of every active hold (§5.11): may this organization
+        start more work now?"""
+        return (await self._read_gate(org_id, now))[0]
+
+    async def _read_gate(self, org_id: str, now: datetime) -> tuple[Gate, MeterView]:
         check_org_id(org_id)
         account = await self.db.accounts.find_one({"_id": org_id})
         if account is None:
             raise OrgNotFound(org_id)
-        view = await self._view(account, iso_week(now))
+        week = iso_week(now)
+        meter = await self.db.meters.find_one({"org_id": org_id, "week": week})
         subscription = await self._status_in(None, org_id)
-        return quota_gate(
+        active = (await holds.active_in(self.db, None, [org_id], now))[org_id]
+        return self._gate(account, meter, subscription, active, now)
+
+    def _gate(self, account: Doc, meter: Doc | None, subscription: Doc, active: list[Hold],
+              now: datetime) -> tuple[Gate, MeterView]:
+        """The gate and the meter view of an organization from what was read of it: its account,
+        this week's meter (None: not opened yet, shown with the plan it would open with), its
+        subscription and its active holds."""
+        org_id, week = account["_id"], iso_week(now)
+        reserved = held(active, now)
+        if meter is not None:
+            view = MeterView(org_id, week, int(meter["used"]), int(meter["quota"]),
+                             meter["plan_id"], reserved)
+        else:
+            plan = effective_plan(self.config, account.get("plan_id"), subscription.get("status"))
+            view = MeterView(org_id, week, 0, plan_quota(plan, int(account.get("seats") or 1)),
+                             plan.id, reserved)
+        gate = quota_gate(
             quota=view.quota, used=view.used, balance=int(account["balance"]),
             status=subscription.get("status"), past_due_since=subscription.get("past_due_since"),
-            grace_days=self.config.subscriptions.grace_days, now=now,
+            grace_days=self.config.subscriptions.grace_days, now=now, held=reserved,
         )
+        return gate, view
+
+    # ---- balance holds (SPEC §5.11) -------------------------------------------------------------
+
+    async def hold(self, org_id: str, request: HoldRequest, now: datetime) -> Hold | Refusal:
+        """Reserve units when the gate's remaining, net of every active hold, covers them. A
+        granted `hold_id` answers its first hold, whatever the request says now; a refusal
+        writes nothing.
+
+        The hold joins the group commit (`_enqueue`): the holds of a process are decided in
+        memory one after the other, with the records around them, inside shared transactions,
+        so they never conflict with each other. Across processes, every transaction that grants
+        a hold bumps its organization's hold lock (`billing.store.holds.lock_in`): grants that
+        run at once write-conflict, MongoDB orders them, and the loser starts again and sees
+        the winner's hold."""
+        check_org_id(org_id)
+        result = await self._enqueue(HoldOrder(org_id, request), now)
+        assert not isinstance(result, UsageResult)
+        return result
 
     # ---- plan changes (called inside the Stripe event's transaction) ----------------------------
 
@@ -619,7 +694,11 @@ class _Group:
     a copy of their ledger (`billing.store.ledger.Debits`), then written in bulk too. A record
     that needs more (a meter to open, a plan that prices differently, an alert, an automatic
     top-up) is applied by `Meters._record_in` after the writes decided before it, so every
-    record sees exactly the state the records before it left.
+    record sees exactly the state the records before it left. Balance holds are decided in
+    memory too, on the same accounts and meters plus their organizations' subscriptions and
+    active holds (read once), in arrival order with the records (a record that settles a hold
+    frees it for the holds after it); the holds granted are inserted in bulk, and each of their
+    organizations' hold locks bumped once per flush.
 
     A record repeating the key of an earlier one in the group answers that one's result; with
     `replays`, records already stored are read first and answer their stored result.
@@ -639,50 +718,126 @@ class _Group:
         #: per meter: units and overflow to add, and when
         self.increments: dict[tuple[str, str], tuple[int, int, datetime]] = {}
         self.records: list[tuple[int, Doc]] = []
+        self.settles: list[UpdateOne] = []  # holds the records decided so far settle
         self.debits = Debits(meters.ledger, session)
         self.debited: list[int] = []  # the record behind each debit not written yet
         self.metered: dict[int, tuple[str, Metered]] = {}  # by record: (plan id, its units)
+        # balance holds: each organization's subscription and active holds, as read and then
+        # as the group changes them; the holds granted and the organizations to lock
+        self.subscriptions: dict[str, Doc] = {}
+        self.active: dict[str, list[Hold]] = {}
+        self.granted: dict[str, Hold] = {}  # by key: a key repeated in the group answers it
+        self.hold_docs: list[tuple[int, Doc]] = []
+        self.to_lock: set[str] = set()
 
-    async def apply(self) -> list[UsageResult]:
+    async def apply(self) -> list[Outcome]:
+        records = {i: p.request for i, p in enumerate(self.members)
+                   if isinstance(p.request, UsageRequest)}
+        orders = {i: p.request for i, p in enumerate(self.members)
+                  if isinstance(p.request, HoldOrder)}
         await self._read({p.request.org_id for p in self.members},
                          {(p.request.org_id, iso_week(p.now)) for p in self.members})
-        await self.debits.lock(self._overflowing())
-        keys = [usage_id(p.request) for p in self.members]
+        await self.debits.lock(self._overflowing(records))
+        stored_holds: dict[str, Hold] = {}
+        if orders:
+            stored_holds = await self._read_holds(orders)
+        keys = {i: usage_id(request) for i, request in records.items()}
         stored: dict[str, Doc] = {}
         if self.replays:
-            cursor = self.db.usage.find({"_id": {"$in": keys}}, session=self.session)
+            cursor = self.db.usage.find({"_id": {"$in": list(keys.values())}},
+                                        session=self.session)
             stored = {doc["_id"]: doc async for doc in cursor}
         first: dict[str, UsageResult] = {}
-        results: list[UsageResult] = []
+        results: list[Outcome] = []
+        refused: dict[int, str] = {}  # refused holds, by index: their key
         for index, pending in enumerate(self.members):
             self.failing[0] = index
-            key = keys[index]
+            if isinstance(pending.request, HoldOrder):
+                decided = self._decide_hold(index, pending.request, pending.now, stored_holds)
+                if isinstance(decided, Refusal):
+                    refused[index] = hold_key(pending.request.org_id,
+                                              pending.request.request.hold_id)
+                results.append(decided)
+                continue
+            request, key = pending.request, keys[index]
             if key in stored:
                 results.append(_stored_result(stored[key]))
                 continue
             if key in first:
                 results.append(replace(first[key], applied=False))
                 continue
-            fast = await self._decide(index, pending)
+            fast = await self._decide(index, request, pending.now)
             if fast is None:
                 await self._flush()
-                self.debits.forget(pending.request.org_id)
-                results.append(await self.meters._record_in(self.session, pending.request,
-                                                             pending.now))
-                await self._read({pending.request.org_id},
-                                 {(pending.request.org_id, iso_week(pending.now))})
-            else:
-                results.append(fast)
-            first[key] = results[-1]
+                self.debits.forget(request.org_id)
+                fast = await self.meters._record_in(self.session, request, pending.now)
+                await self._read({request.org_id}, {(request.org_id, iso_week(pending.now))})
+            results.append(fast)
+            first[key] = fast
+            if request.hold_id is not None:
+                self._settled(request.org_id, request.hold_id, pending.now)
         await self._flush()
+        if refused:  # a repeated hold id answers its first hold, even when it would not fit now
+            found = await holds.stored_in(self.db, self.session, refused.values())
+            for index, key in refused.items():
+                results[index] = found.get(key, results[index])
         return results
 
-    def _overflowing(self) -> set[str]:
+    async def _read_holds(self, orders: dict[int, HoldOrder]) -> dict[str, Hold]:
+        """Read what the group's holds are decided on: their organizations' subscriptions and
+        active holds, and (with `replays`) the holds stored under their keys."""
+        orgs = sorted({order.org_id for order in orders.values()})
+        cursor = self.db.subscriptions.find({"_id": {"$in": orgs}},
+                                            {"status": 1, "past_due_since": 1},
+                                            session=self.session)
+        self.subscriptions = {doc["_id"]: doc async for doc in cursor}
+        since = min(self.members[i].now for i in orders)
+        self.active = await holds.active_in(self.db, self.session, orgs, since)
+        if not self.replays:
+            return {}
+        return await holds.stored_in(self.db, self.session, (
+            hold_key(order.org_id, order.request.hold_id) for order in orders.values()))
+
+    def _decide_hold(self, index: int, order: HoldOrder, now: datetime,
+                     stored: dict[str, Hold]) -> Hold | Refusal:
+        """Decide one hold on the group's state (`billing.holds.decide_hold`); a granted one
+        counts for the ones after it and is written by the next flush."""
+        org_id, request = order.org_id, order.request
+        key = hold_key(org_id, request.hold_id)
+        if key in stored or key in self.granted:
+            return stored.get(key) or self.granted[key]
+        account = self.accounts.get(org_id)
+        if account is None:
+            raise OrgNotFound(org_id)
+        gate, view = self.meters._gate(account, self.open.get((org_id, iso_week(now))),
+                                       self.subscriptions.get(org_id, {}),
+                                       self.active[org_id], now)
+        units = request.units
+        if units is None:
+            config = self.meters.config
+            units = units_from_costs(request.costs, config.plan(view.plan_id),
+                                     config.meter).units
+        decided = decide_hold(gate, hold_id=request.hold_id, units=units,
+                              ttl_seconds=request.ttl_seconds, now=now)
+        if isinstance(decided, Hold):
+            self.active[org_id].append(decided)
+            self.granted[key] = decided
+            self.hold_docs.append((index, holds.hold_doc(org_id, decided, now)))
+            self.to_lock.add(org_id)
+        return decided
+
+    def _settled(self, org_id: str, hold_id: str, now: datetime) -> None:
+        """A record settled `hold_id`: it no longer counts for the group's next holds."""
+        if org_id in self.active:
+            self.active[org_id] = [hold for hold in self.active[org_id]
+                                   if hold.hold_id != hold_id or not hold.active(now)]
+
+    def _overflowing(self, records: dict[int, UsageRequest]) -> set[str]:
         """The organizations some record takes past its quota, as far as the meters read say."""
         used = {key: int(meter["used"]) for key, meter in self.open.items()}
         found: set[str] = set()
-        for index, pending in enumerate(self.members):
-            key = (pending.request.org_id, iso_week(pending.now))
+        for index, request in records.items():
+            key = (request.org_id, iso_week(self.members[index].now))
             meter = self.open.get(key)
             if meter is None or key[0] not in self.accounts:
                 continue
@@ -700,8 +855,9 @@ class _Group:
         known = self.metered.get(index)
         if known is None or known[0] != plan_id:
             config = self.meters.config
-            known = (plan_id, meter_usage(self.members[index].request, config.plan(plan_id),
-                                          config.meter))
+            request = self.members[index].request
+            assert isinstance(request, UsageRequest)
+            known = (plan_id, meter_usage(request, config.plan(plan_id), config.meter))
             self.metered[index] = known
         return known[1]
 
@@ -720,9 +876,9 @@ class _Group:
             else:
                 self.open.pop(key, None)
 
-    async def _decide(self, index: int, pending: _Pending) -> UsageResult | None:
+    async def _decide(self, index: int, request: UsageRequest,
+                      now: datetime) -> UsageResult | None:
         """The record's result when the bulk path can apply it, else None."""
-        request, now = pending.request, pending.now
         account = self.accounts.get(request.org_id)
         if account is None:
             raise OrgNotFound(request.org_id)
@@ -758,6 +914,8 @@ class _Group:
         balance = int(account["balance"])
         self.records.append((index, self.meters._usage_doc(request, metered, meter, over,
                                                            balance, now)))
+        if request.hold_id is not None:
+            self.settles.append(_settle(request, now))
         return UsageResult(applied=True, units=metered.units, overflow=over, week=week,
                            used=used, quota=quota, balance=balance)
 
@@ -777,6 +935,16 @@ class _Group:
                 for (org, week), (units, overflowed, now) in self.increments.items()
             ], ordered=True, session=self.session)
             self.increments = {}
+        if self.to_lock:
+            to_lock, self.to_lock = self.to_lock, set()
+            await holds.lock_in(self.db, self.session, to_lock)
+        if self.hold_docs:  # before the settlements: a record may settle a hold of the group
+            hold_docs, self.hold_docs = self.hold_docs, []
+            await self._bulk(hold_docs, self.db.holds.insert_many(
+                [doc for _, doc in hold_docs], ordered=True, session=self.session))
+        if self.settles:
+            settles, self.settles = self.settles, []
+            await self.db.holds.bulk_write(settles, ordered=True, session=self.session)
         if self.debited:
             debited, self.debited = self.debited, []
             first = min(debited)

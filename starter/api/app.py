@@ -15,6 +15,7 @@ from starter.api import (
     checkout,
     events,
     health,
+    holds,
     metering,
     metrics,
     orgs,
@@ -53,6 +54,7 @@ def create_app(runtime: Runtime, temporal: Client | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(orgs.router)
     app.include_router(metering.router)
+    app.include_router(holds.router)
     app.include_router(webhook.router)
     app.include_router(events.router)
     app.include_router(auto_topup.router)

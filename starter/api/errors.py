@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,10 +30,14 @@ class ErrorResponse(BaseModel):
 
 
 def error_response(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None,
+    details: Mapping[str, Any] | None = None,
 ) -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(code=code, message=message))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    """The error body; `details` adds fields beside `code` and `message` (a refused hold's
+    `remaining`)."""
+    body = ErrorResponse(error=ErrorBody(code=code, message=message)).model_dump()
+    body["error"].update(details or {})
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _status_code_name(status: int) -> str:
@@ -55,7 +60,7 @@ def _field_errors(exc: RequestValidationError) -> str:
 async def billing_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, BillingError)
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return error_response(exc.status, exc.code, exc.message, headers)
+    return error_response(exc.status, exc.code, exc.message, headers, exc.details())
 
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -47,13 +47,15 @@ class MeterResponse(BaseModel):
     used: int
     quota: int
     plan_id: str
-    remaining: int
+    remaining: int = Field(description="the week's quota left once every active hold is used")
+    held: int = Field(description="units reserved by active balance holds")
 
 
 class QuotaResponse(BaseModel):
     allowed: bool
-    remaining: int
+    remaining: int = Field(description="`max(0, quota - used) + balance - held`")
     reason: str | None
+    held: int = Field(description="units reserved by active balance holds")
 
 
 class Notification(BaseModel):
@@ -74,7 +76,8 @@ class NotificationsResponse(BaseModel):
 async def record_usage(body: UsageRequest, store: MetersDep) -> UsageResult:
     """Counts the record against this ISO week and debits what exceeds the quota from extras.
     Recording the same `(org_id, run_id, step)` again returns the first result with
-    `applied: false`."""
+    `applied: false`. With `hold_id`, the record settles that balance hold in the same
+    transaction (usage is never refused for a hold)."""
     started = time.perf_counter()
     result = await store.record(body, utcnow())
     USAGE_RECORD_SECONDS.labels(str(result.applied).lower()).observe(time.perf_counter() - started)
@@ -136,15 +139,17 @@ async def record_usage_batch(body: UsageBatch, store: MetersDep) -> UsageBatchRe
 async def meter(org: str, store: MetersDep) -> MeterResponse:
     view = await store.current(org, utcnow())
     return MeterResponse(org_id=view.org_id, week=view.week, used=view.used, quota=view.quota,
-                         plan_id=view.plan_id, remaining=view.remaining)
+                         plan_id=view.plan_id, remaining=view.remaining, held=view.held)
 
 
 @router.get("/orgs/{org}/quota", response_model=QuotaResponse, summary="May this org run more?")
 async def quota(org: str, store: MetersDep) -> QuotaResponse:
-    """`remaining = max(0, quota - used) + balance`; `reason` is `METER_EXHAUSTED` or
-    `PAYMENT_PAST_DUE` when `allowed` is false."""
+    """`remaining = max(0, quota - used) + balance - held`, where `held` is what active balance
+    holds reserve; `reason` is `METER_EXHAUSTED` or `PAYMENT_PAST_DUE` when `allowed` is
+    false."""
     gate = await store.gate(org, utcnow())
-    return QuotaResponse(allowed=gate.allowed, remaining=gate.remaining, reason=gate.reason)
+    return QuotaResponse(allowed=gate.allowed, remaining=gate.remaining, reason=gate.reason,
+                         held=gate.held)
 
 
 @router.get("/orgs/{org}/notifications", response_model=NotificationsResponse,

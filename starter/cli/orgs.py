@@ -1,4 +1,5 @@
-"""Reading one organization: `billing balance`, `billing ledger`, `billing meter`."""
+"""Reading one organization: `billing balance`, `billing ledger`, `billing meter`,
+`billing holds`."""
 
 from __future__ import annotations
 
@@ -110,9 +111,43 @@ def meter(
         typer.echo(view.model_dump_json())
         return
     table = Table(title=f"meter of {escape(view.org_id)}, week {view.week}")
-    for column in ("plan", "used", "quota", "remaining"):
+    for column in ("plan", "used", "quota", "held", "remaining"):
         table.add_column(column, justify="left" if column == "plan" else "right")
-    table.add_row(view.plan_id, str(view.used), str(view.quota), str(view.remaining))
+    table.add_row(view.plan_id, str(view.used), str(view.quota), str(view.held),
+                  str(view.remaining))
+    print_table(table)
+
+
+def holds(
+    org: Annotated[str, typer.Argument(help="organization id")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the API's JSON")] = False,
+) -> None:
+    """An organization's active balance holds, soonest expiry first."""
+    from starter.api import holds as api_holds
+
+    async def read() -> api_holds.HoldsResponse:
+        runtime = store_runtime()
+        try:
+            return await api_holds.active(org, runtime)
+        finally:
+            await runtime.db.close()
+
+    with reported_errors():
+        found = asyncio.run(read())
+    if as_json:
+        typer.echo(found.model_dump_json())
+        return
+    if not found.holds:
+        console.print(f"no active holds for {escape(org)}")
+        return
+    table = Table(title=f"active holds of {escape(org)}: "
+                        f"{sum(hold.units for hold in found.holds)} units")
+    table.add_column("hold")
+    table.add_column("units", justify="right", no_wrap=True)
+    table.add_column("expires at (UTC)", no_wrap=True)
+    for hold in found.holds:
+        table.add_row(escape(hold.hold_id), str(hold.units),
+                      f"{hold.expires_at:%Y-%m-%d %H:%M:%S}")
     print_table(table)
 
 
@@ -120,3 +155,4 @@ def register(app: typer.Typer) -> None:
     app.command()(balance)
     app.command()(ledger)
     app.command()(meter)
+    app.command()(holds)
