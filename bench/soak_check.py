@@ -16,6 +16,7 @@ from stripe_fake import StripeFake
 from temporalio.client import Client
 from webhook_receiver import Receiver
 
+from billing.clock import utcnow
 from billing.store.database import Database
 from starter.embedded import find_binary
 from starter.operations.failures import list_failed
@@ -67,10 +68,33 @@ async def usage_org(db: Database, fake: StripeFake, model: UsageOrg) -> list[Vio
         found.append(Violation(org, f"balance {balance}, the model says {expected} (used "
                                     f"{model.used}, packs {model.packs}, credited "
                                     f"{model.credited}, top-ups {len(paid)})"))
+    found += await _purchases_and_holds(db, fake, model)
     used = sum([m["used"] async for m in db.meters.find({"org_id": org}, {"used": 1})])
     if used != model.used:
         found.append(Violation(org, f"meters count {used} units, {model.records} acknowledged "
                                     f"records carry {model.used}"))
+    return found
+
+
+async def _purchases_and_holds(db: Database, fake: StripeFake,
+                               model: UsageOrg) -> list[Violation]:
+    """One Checkout Session per checkout the engine answered (its idempotency keys held across
+    the faults), one customer made for the organization when it checked out, and no hold left
+    counting: every granted hold was settled by its run's usage or released."""
+    org = model.org
+    found = []
+    sessions = [s for s in fake.created.get("checkout.session", [])
+                if s["metadata"].get("org_id") == org]
+    if len(sessions) != model.checkouts:
+        found.append(Violation(org, f"{len(sessions)} Checkout Sessions for {model.checkouts} "
+                                    "checkouts"))
+    customers = [c for c in fake.created.get("customer", []) if c["metadata"].get("org_id") == org]
+    if len(customers) != (1 if model.checkouts else 0):
+        found.append(Violation(org, f"{len(customers)} customers made, {model.checkouts} "
+                                    "checkouts"))
+    counting = await db.holds.count_documents({"org_id": org, "until": {"$gt": utcnow()}})
+    if counting:
+        found.append(Violation(org, f"{counting} holds still counting after every run ended"))
     return found
 
 

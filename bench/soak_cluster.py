@@ -159,7 +159,7 @@ class Cluster:
     data_dir: Path
     database: Database = field(init=False)
     temporal: Temporal = field(init=False)
-    fake: StripeFake = field(default_factory=lambda: new_fake(load_config()))
+    fake: StripeFake = field(default_factory=lambda: new_fake(load_config(CONFIG)))
     receiver: Receiver = field(default_factory=lambda: Receiver(RECEIVER_SECRET))
     apis: list[Engine] = field(default_factory=list)
     workers: list[Engine] = field(default_factory=list)

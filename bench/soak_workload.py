@@ -176,6 +176,11 @@ class UsageOrg:
     credited: int = 0
     events: int = 0
     deliveries: int = 0
+    #: Purchases the engine started (`POST .../checkout`), and holds granted, released, refused.
+    checkouts: int = 0
+    holds: int = 0
+    released: int = 0
+    refused: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -198,14 +203,19 @@ class UsageOrg:
                 return
             # An organization with automatic top-up buys no packs by hand: its overflow takes it
             # below the threshold, the top-ups refill it, the monthly limit ends them.
-            action = self.rng.choices(("usage", "batch", "purchase", "credit"),
-                                      weights=(10, 3, 0 if self.linked else 2, 1))[0]
+            action = self.rng.choices(
+                ("usage", "held", "batch", "purchase", "checkout", "credit"),
+                weights=(8, 3, 3, 0 if self.linked else 1, 0 if self.linked else 1, 1))[0]
             if action == "usage":
                 await self._usage(api, step)
+            elif action == "held":
+                await self._held_run(api, step)
             elif action == "batch":
                 await self._batch(api, step)
             elif action == "purchase":
                 await self._purchase(api, fake)
+            elif action == "checkout":
+                await self._checkout(api, fake, step)
             else:
                 await self._credit(api, temporal, task_queue, step)
             await asyncio.sleep(self.rng.uniform(0.05, 0.4))
@@ -240,6 +250,36 @@ class UsageOrg:
         self.used += units
         self.records += 1
 
+    async def _held_run(self, api: Api, step: int) -> None:
+        """A run reserved first: refused when the organization cannot cover it (the run does
+        not start), else its usage settles the hold, or the run fails and the hold is
+        released."""
+        units = self.rng.randint(200, 4000)
+        hold_id = f"held-{step}"
+        response = await api.request("POST", f"/v1/orgs/{self.org}/holds",
+                                     json={"hold_id": hold_id, "units": units})
+        if response.status_code == 409:
+            self.refused += 1
+            return
+        if response.status_code != 201:
+            self.problems.append(f"hold {hold_id}: {response.status_code} {response.text}")
+            return
+        self.holds += 1
+        if self.rng.random() < 0.2:
+            released = await api.request("DELETE", f"/v1/orgs/{self.org}/holds/{hold_id}")
+            if released.status_code != 200:
+                self.problems.append(f"release {hold_id}: {released.status_code}")
+            self.released += 1
+            return
+        ran = self.rng.randint(units // 2, units * 2)
+        response = await api.request("POST", "/v1/usage", json={
+            "org_id": self.org, "run_id": f"run-{step}", "units": ran, "hold_id": hold_id})
+        if response.status_code != 200:
+            self.problems.append(f"usage run-{step}: {response.status_code} {response.text}")
+            return
+        self.used += ran
+        self.records += 1
+
     async def _batch(self, api: Api, step: int) -> None:
         records = [{"org_id": self.org, "run_id": f"batch-{step}", "step": f"s{i}",
                     "units": self.rng.randint(50, 600)} for i in range(self.rng.randint(5, 20))]
@@ -269,6 +309,27 @@ class UsageOrg:
                                           amount_total=PACK_CENTS * quantity)])
         await self._send(api, fake, [event("checkout.session.completed", session),
                                      event("payment_intent.succeeded", intent)])
+        self.packs += quantity
+
+    async def _checkout(self, api: Api, fake: StripeFake, step: int) -> None:
+        """A purchase the engine starts: the Checkout asked for under an `Idempotency-Key`
+        (asked again, on either API, until answered: one customer and one session whatever
+        dies meanwhile), paid, and its events delivered with the engine's metadata stripped (the
+        checkout record decides)."""
+        quantity = self.rng.randint(1, 3)
+        response = await api.request("POST", f"/v1/orgs/{self.org}/checkout",
+                                     json={"pack_id": PACK, "quantity": quantity},
+                                     headers={"Idempotency-Key": f"soak-{step}"})
+        if response.status_code != 200:
+            self.problems.append(f"checkout {step}: {response.status_code} {response.text}")
+            return
+        self.checkouts += 1
+        [session] = [s for s in fake.created.get("checkout.session", [])
+                     if s["url"] == response.json()["url"]]
+        paid = fake.complete_checkout(session["id"])
+        intent = fake.objects[paid["payment_intent"]]
+        await self._send(api, fake, [event("checkout.session.completed", {**paid, "metadata": {}}),
+                                     event("payment_intent.succeeded", {**intent, "metadata": {}})])
         self.packs += quantity
 
     async def _credit(self, api: Api, temporal: Client, task_queue: str, step: int) -> None:
