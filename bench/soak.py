@@ -8,8 +8,8 @@ every organization checked against a model of what should have happened.
    500 to one delivery in five, all on 127.0.0.1.
 2. For `--seconds`, drives the workload (`soak_workload.py`): Stripe scenarios played shuffled
    and duplicated across both APIs (`--lanes` at a time, a new one as each ends), and usage
-   organizations (`--orgs`) sending records, batches, purchases and admin credits, with automatic
-   top-ups. Meanwhile the nemesis injects a fault every 3-6 s, every kind at least once.
+   organizations (`--orgs`) sending records, batches, purchases (some started by the engine's
+   Checkout), runs reserved with balance holds and admin credits, with automatic top-ups. Meanwhile the nemesis injects a fault every 3-6 s, every kind at least once.
 3. Heals everything, waits until no workflow runs and every notification reached the receiver,
    and checks the invariants (`soak_check.py`) and `billing reconcile --now`.
 
