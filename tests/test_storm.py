@@ -1,4 +1,4 @@
-"""Redelivery storm: 1,000 distinct Stripe events across 20 organizations, each delivered three
+"""Redelivery storm: 500 distinct Stripe events across 10 organizations, each delivered three
 times, shuffled, 32 at a time, through the signed webhook into the real worker.
 
 Stripe promises neither order nor single delivery, so a refund or a dispute may arrive before
@@ -52,7 +52,7 @@ from billing.store.database import Database
 
 Obj = dict[str, Any]
 
-ORGS = 20
+ORGS = 10
 DELIVERIES = 3
 CONCURRENCY = 32
 PACK = "pack_500k"
@@ -146,7 +146,7 @@ async def test_a_redelivery_storm_applies_every_event_exactly_once(
               for i in range(ORGS)]
     events = [e for s in storms for e in s.events]
     ids = [e["id"] for e in events]
-    assert len(set(ids)) == 1000
+    assert len(set(ids)) == 50 * ORGS
     deliveries = [e for e in events for _ in range(DELIVERIES)]
     random.Random(20260506).shuffle(deliveries)
 
