@@ -9,7 +9,8 @@ every organization checked against a model of what should have happened.
 2. For `--seconds`, drives the workload (`soak_workload.py`): Stripe scenarios played shuffled
    and duplicated across both APIs (`--lanes` at a time, a new one as each ends), and usage
    organizations (`--orgs`) sending records, batches, purchases (some started by the engine's
-   Checkout), runs reserved with balance holds and admin credits, with automatic top-ups. Meanwhile the nemesis injects a fault every 3-6 s, every kind at least once.
+   Checkout), runs reserved with balance holds and admin credits, with automatic top-ups.
+   Meanwhile the nemesis injects a fault every 3-6 s, every kind at least once.
 3. Heals everything, waits until no workflow runs and every notification reached the receiver,
    and checks the invariants (`soak_check.py`) and `billing reconcile --now`.
 
@@ -71,6 +72,10 @@ class Outcome:
                 "usage records": sum(o.records for o in self.orgs),
                 "batches": sum(o.batches for o in self.orgs),
                 "packs bought": sum(o.packs for o in self.orgs),
+                "checkouts the engine started": sum(o.checkouts for o in self.orgs),
+                "holds granted": sum(o.holds for o in self.orgs),
+                "holds released": sum(o.released for o in self.orgs),
+                "holds refused": sum(o.refused for o in self.orgs),
                 "admin credits": sum(o.credits for o in self.orgs),
                 "automatic top-ups": self.topups,
                 "scenario plays": len(self.plays),

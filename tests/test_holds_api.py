@@ -5,8 +5,6 @@ API process and through two `billing serve` processes."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,13 +12,13 @@ from typing import Any
 
 import httpx
 import pytest
-from faults import app_client, wait_until
+from faults import app_client, serving, worker_env
 from http_helpers import error_of
+from temporalio.client import Client
 
 from billing.clock import utcnow
 from billing.runtime import Runtime
 from billing.store.database import Database
-from starter.embedded import find_binary, free_port, terminate
 
 HOLD_FIELDS = {"hold_id", "units", "expires_at", "remaining"}
 
@@ -202,35 +200,11 @@ async def test_twenty_concurrent_holds_through_one_api_process(
     await assert_six_of_twenty(await twenty_holds([client], org), client, org)
 
 
-@contextlib.asynccontextmanager
-async def serve(runtime: Runtime, log: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """`billing serve` in its own process on the test database, answering `/healthz`."""
-    port = free_port()
-    with log.open("ab") as out:
-        process = await asyncio.create_subprocess_exec(
-            find_binary("billing"), "serve", "--port", str(port),
-            env={**os.environ, **runtime.settings.environment()},
-            stdout=out, stderr=out, start_new_session=True)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60,
-                                     headers={"Authorization": "Bearer test-token"}) as api:
-            async def up() -> bool:
-                if process.returncode is not None:
-                    raise AssertionError(f"billing serve exited: {log.read_text()[-2000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    return (await api.get("/healthz")).status_code == 200
-                return False
-
-            await wait_until(up, "billing serve to answer", timeout_s=60)
-            yield api
-    finally:
-        await terminate(process, grace_s=15)
-
-
 async def test_twenty_concurrent_holds_through_two_api_processes(
-    runtime: Runtime, org: str, tmp_path: Path
+    runtime: Runtime, temporal_client: Client, org: str, tmp_path: Path
 ) -> None:
-    async with serve(runtime, tmp_path / "api-0.log") as one, \
-            serve(runtime, tmp_path / "api-1.log") as two:
+    env = worker_env(runtime.settings, temporal_client)
+    async with serving(env, tmp_path / "api-0.log") as one, \
+            serving(env, tmp_path / "api-1.log") as two:
         await registered(one, org)
         await assert_six_of_twenty(await twenty_holds([one, two], org), two, org)
