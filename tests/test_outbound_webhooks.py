@@ -221,17 +221,17 @@ async def _gauge_positive() -> bool:
     return (REGISTRY.get_sample_value("billing_webhook_oldest_undelivered_seconds") or 0) > 0
 
 
-async def test_1000_notifications_across_20_organizations_each_arrive_with_every_seq(
+async def test_500_notifications_across_20_organizations_each_arrive_with_every_seq(
     hooks_db_runtime: Runtime, temporal_client: Client, receiver: Receiver
 ) -> None:
     runtime = configured(hooks_db_runtime, receiver.url)
     orgs = [await new_org(runtime) for _ in range(20)]
     async with engine(temporal_client, runtime):
-        await asyncio.gather(*(write(runtime, org, 50) for org in orgs))
+        await asyncio.gather(*(write(runtime, org, 25) for org in orgs))
         for org in orgs:
-            await arrived(receiver, org, 50)
+            await arrived(receiver, org, 25)
     for org in orgs:
-        assert sorted({r.body["seq"] for r in receiver.of(org)}) == list(range(1, 51))
+        assert sorted({r.body["seq"] for r in receiver.of(org)}) == list(range(1, 26))
         assert all(r.verified for r in receiver.of(org))
 
 
