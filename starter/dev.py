@@ -48,8 +48,6 @@ from starter.worker_process import prepare
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 60.0
 CREDENTIALS_FILE = "dev-credentials.json"
-#: What the Stripe stand-in charges for a plan (the configuration prices packs only).
-DEV_PLAN_PRICE_CENTS = 2900
 
 
 @dataclass(frozen=True)
@@ -164,12 +162,7 @@ def stripe_stand_in(config: BillingConfig, data_dir: Path, settings: Settings,
     configured packs and plans, keeps its objects in the data directory, and delivers the events
     of a Checkout paid on its page to this stack's webhook, signed as Stripe signs them."""
     fake = StripeFake(free_port(), state_file=data_dir / "stripe-stand-in.json")
-    for pack in config.packs:
-        for price in pack.stripe_price_ids:
-            fake.price(price, pack.price_cents, pack.currency)
-    for plan in config.plans:
-        for price in plan.stripe_price_ids:
-            fake.price(price, DEV_PLAN_PRICE_CENTS)
+    fake.sell(config)
     fake.webhook = Webhook(url=f"http://{HOST}:{options.http_port}/stripe/webhook",
                            secret=settings.webhook_secrets[0])
     return fake

@@ -31,11 +31,15 @@ import httpx
 import stripe
 from aiohttp import web
 
+from billing.config import BillingConfig
+
 Obj = dict[str, Any]
 
 #: How long a Checkout Session stays open (Stripe's default: 24 hours).
 SESSION_SECONDS = 24 * 3600
 API_KEY = "sk_test_billing_fake"
+#: What a plan's Price costs here.
+PLAN_CENTS = 2900
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,16 @@ class StripeFake:
 
     def price(self, price_id: str, cents: int, currency: str = "usd") -> None:
         self.prices[price_id] = (cents, currency)
+
+    def sell(self, config: BillingConfig) -> None:
+        """Sell every Price of the configured packs (at their price and currency) and plans (the
+        configuration prices packs only: a plan costs `PLAN_CENTS`)."""
+        for pack in config.packs:
+            for price in pack.stripe_price_ids:
+                self.price(price, pack.price_cents, pack.currency)
+        for plan in config.plans:
+            for price in plan.stripe_price_ids:
+                self.price(price, PLAN_CENTS)
 
     def checkout(self, session: Obj, lines: list[Obj] | None = None) -> Obj:
         """Serve a Checkout session and its line items (by default one line of the 500k pack for

@@ -26,12 +26,7 @@ __all__ = ["APP_NAME", "StripeFake", "api", "line_item", "new_fake", "stripe_fak
 def new_fake(config: BillingConfig) -> StripeFake:
     """A fake on a free port that sells the configured packs and plans at their prices."""
     fake = StripeFake(free_port())
-    for pack in config.packs:
-        for price in pack.stripe_price_ids:
-            fake.price(price, pack.price_cents, pack.currency)
-    for plan in config.plans:
-        for price in plan.stripe_price_ids:
-            fake.price(price, 2900)
+    fake.sell(config)
     return fake
 
 

@@ -85,13 +85,12 @@ async def ensure_customer(runtime: Runtime, client: StripeSource, org_id: str) -
     return await runtime.subscriptions.link_customer(org_id, created.id, utcnow())
 
 
-async def _check_for_sale(runtime: Runtime, request: CheckoutRequest) -> None:
+async def _check_for_sale(runtime: Runtime, request: CheckoutRequest, account: Doc) -> None:
     config = runtime.config
     if request.pack_id is not None:
         pack_for_sale(config, request.pack_id)
         return
     assert request.plan_id is not None
-    account = await runtime.accounts.get(request.org_id)
     standing = await runtime.subscriptions.get(request.org_id) or {}
     plan_for_sale(config, request.plan_id, current_plan=account.get("plan_id"),
                   subscription_status=standing.get("status"))
@@ -109,7 +108,7 @@ async def start_checkout(runtime: Runtime, client: StripeSource,
     the first one's session (completing it when the first attempt died before Stripe answered);
     the refusals are checked for a new request only, since a retry's first attempt may itself
     have made the organization a subscriber."""
-    await runtime.accounts.get(request.org_id)
+    account = await runtime.accounts.get(request.org_id)
     record_id = checkout_id(request.org_id, idempotency_key)
     record = await runtime.checkouts.get(record_id)
     if record is not None:
@@ -117,7 +116,7 @@ async def start_checkout(runtime: Runtime, client: StripeSource,
         if record.get("url"):
             return _started(record, request)
     else:
-        await _check_for_sale(runtime, request)
+        await _check_for_sale(runtime, request, account)
     customer = await ensure_customer(runtime, client, request.org_id)
     if record is None:
         record = await runtime.checkouts.open(record_id, request, customer, utcnow())
