@@ -159,9 +159,9 @@ class PurchaseActivities(StripeFrame):
     def _purchase(self, facts: PurchaseFacts, record: Doc | None, paid: int) -> Purchase:
         """What the payment bought (`resolve_purchase`): the engine's checkout record names the
         pack before any metadata does (SPEC §5.9); the lines still say how many were paid."""
-        recorded = {"metadata": {"pack_id": record["request"]["pack_id"]}} if record else None
         return resolve_purchase(
-            self.runtime.config, metadata=(recorded, facts.session, facts.intent),
+            self.runtime.config, metadata=(facts.session, facts.intent),
+            recorded_pack=record["request"]["pack_id"] if record else None,
             line_items=facts.line_items if facts.session is not None else None,
             paid_cents=paid, invoice=ref_id((facts.intent or {}).get("invoice")),
             names_org=record is not None or org_from(facts.session, facts.intent) is not None)

@@ -97,6 +97,7 @@ def resolve_purchase(
     paid_cents: int = 0,
     invoice: str | None = None,
     names_org: bool = False,
+    recorded_pack: str | None = None,
 ) -> Purchase:
     """The pack lines a payment bought.
 
@@ -104,7 +105,8 @@ def resolve_purchase(
     `metadata` the objects whose `metadata.pack_id` may name the pack (session, payment intent,
     charge); `paid_cents` what a payment without Checkout received; `invoice` the invoice a
     payment settled (a subscription's: never a pack); `names_org` whether the payment's
-    metadata names an organization.
+    metadata names an organization; `recorded_pack` the pack of the engine's own checkout record
+    (SPEC §5.9), which comes before any metadata.
 
     A Checkout line of `price_pack_500k_eur` (listed by pack_500k) credits 500000 units; a
     single line of an unlisted `price_pack_500k_2019` with `metadata.pack_id = "pack_500k"` is
@@ -113,7 +115,7 @@ def resolve_purchase(
     """
     if invoice is not None:
         return _ignored(f"the payment settles invoice {invoice}")
-    named = pack_from(*metadata)
+    named = recorded_pack or pack_from(*metadata)
     named_pack = config.packs_by_id.get(named) if named else None
     if named is not None and named_pack is None:
         return _unresolved(f"unknown pack {named!r}")
