@@ -16,9 +16,10 @@ from billing.clock import utcnow
 from billing.ledger import EntryKind
 from billing.models import AutoTopUpCharge, AutoTopUpOrder, AutoTopUpResult
 from billing.runtime import Runtime
-from billing.store.auto_topups import PENDING, SUCCEEDED
+from billing.store.auto_topups import SUCCEEDED
+from billing.store.books import PENDING
 from billing.store.database import Doc
-from billing.store.ledger import LotTerms
+from billing.store.documents import LotTerms
 from billing.store.transactions import run_in_transaction
 from billing.stripe.objects import amount, ref_id
 from billing.stripe.purchases import Verdict, line_key, purchase_key, resolve_purchase

@@ -28,9 +28,8 @@ from billing.metrics import STRIPE_EVENTS
 from billing.models import OrgRef, StripeApply, StripeEventOutcome, StripeOutcomeKind, StripeStep
 from billing.runtime import Runtime
 from billing.store import events
+from billing.store.books import LedgerResult, notify
 from billing.store.database import Doc
-from billing.store.ledger import LedgerResult
-from billing.store.notifications import notify
 from billing.store.transactions import run_in_transaction
 from billing.stripe import orgs
 from billing.stripe.events import (

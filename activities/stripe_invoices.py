@@ -18,7 +18,7 @@ from activities.stripe_subscriptions import SubscriptionActivities
 from billing.ledger import EntryKind
 from billing.models import StripeApply, StripeStep, SubscriptionState
 from billing.store.database import Doc
-from billing.store.ledger import LotTerms
+from billing.store.documents import LotTerms
 from billing.stripe import orgs
 from billing.stripe.events import (
     INVOICE_FAILED,

@@ -15,7 +15,7 @@ from billing.ledger import EntryKind
 from billing.models import PurchaseFacts, StripeApply, StripeStep
 from billing.runtime import Runtime
 from billing.store.database import Doc
-from billing.store.ledger import LotTerms
+from billing.store.documents import LotTerms
 from billing.stripe.events import PAYMENT_INTENT_SUCCEEDED
 from billing.stripe.objects import amount, org_from, ref_id
 from billing.stripe.purchases import (

@@ -35,7 +35,7 @@ from billing.ledger import EntryKind
 from billing.metering import UsageRequest
 from billing.runtime import Runtime
 from billing.store.database import Database
-from billing.store.ledger import LotTerms
+from billing.store.documents import LotTerms
 from billing.store.meters import Meters
 from billing.store.transactions import run_in_transaction
 from billing.weeks import iso_week

@@ -9,7 +9,8 @@ from typing import Any
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from billing.ledger import EntryKind
-from billing.store.ledger import Ledger, LedgerResult
+from billing.store.books import LedgerResult
+from billing.store.ledger import Ledger
 from billing.store.transactions import run_in_transaction
 
 

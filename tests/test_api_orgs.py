@@ -11,7 +11,8 @@ from httpx import ASGITransport, AsyncClient
 
 from billing.ledger import EntryKind
 from billing.runtime import Runtime
-from billing.store.ledger import Ledger, LotTerms
+from billing.store.documents import LotTerms
+from billing.store.ledger import Ledger
 from starter.api.app import create_app
 from starter.api.orgs import encode_cursor
 

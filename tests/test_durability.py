@@ -23,7 +23,8 @@ from pymongo.errors import PyMongoError
 from billing.config import BillingConfig, ConfigError
 from billing.store.accounts import Accounts
 from billing.store.database import Database
-from billing.store.meters import Meters, usage_id
+from billing.store.meter_writes import usage_id
+from billing.store.meters import Meters
 from billing.weeks import iso_week
 from starter.embedded import MongoServer, find_binary, free_port
 

@@ -2,7 +2,7 @@ from datetime import timedelta
 
 from billing.ledger import EntryKind
 from billing.models import ExpirePageResult
-from billing.store.ledger import LotTerms
+from billing.store.documents import LotTerms
 from workflows.expire_credits import ExpireCreditsWorkflow
 
 

@@ -13,7 +13,8 @@ from ledger_ops import clawback
 from billing.ledger import EntryKind
 from billing.store.accounts import Accounts
 from billing.store.database import Database
-from billing.store.ledger import Ledger, LotTerms
+from billing.store.documents import LotTerms
+from billing.store.ledger import Ledger
 
 
 async def refunded_cart(ledger: Ledger, accounts: Accounts, org: str,

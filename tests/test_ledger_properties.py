@@ -19,8 +19,10 @@ from ledger_ops import clawback, reinstate
 
 from billing.ledger import EntryKind
 from billing.store.accounts import Accounts
+from billing.store.books import LedgerResult
 from billing.store.database import Database, Doc
-from billing.store.ledger import Ledger, LedgerResult, LotTerms
+from billing.store.documents import LotTerms
+from billing.store.ledger import Ledger
 
 Op = tuple[object, ...]
 

@@ -16,8 +16,10 @@ from pymongo.errors import DuplicateKeyError
 from billing.errors import InvalidInput, NotFound, OrgNotFound
 from billing.ledger import EntryKind
 from billing.store.accounts import SIGNUP_GRANT_KEY, Accounts, check_org_id
+from billing.store.books import LedgerResult
 from billing.store.database import Database, Doc
-from billing.store.ledger import Ledger, LedgerResult, LotTerms
+from billing.store.documents import LotTerms
+from billing.store.ledger import Ledger
 from billing.store.transactions import run_in_transaction
 
 PACK_UNITS = 500_000

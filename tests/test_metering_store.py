@@ -15,7 +15,8 @@ from billing.config import BillingConfig
 from billing.metering import METER_EXHAUSTED, PAYMENT_PAST_DUE
 from billing.store.accounts import Accounts
 from billing.store.database import LEGACY_USAGE_KEY, Database, Doc
-from billing.store.meters import Meters, usage_id
+from billing.store.meter_writes import usage_id
+from billing.store.meters import Meters
 from billing.store.transactions import run_in_transaction
 from billing.weeks import iso_week
 

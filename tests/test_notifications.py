@@ -10,8 +10,9 @@ from bson import ObjectId
 from httpx import AsyncClient
 
 from billing.store.accounts import Accounts
+from billing.store.books import notify
 from billing.store.database import Database
-from billing.store.notifications import assign_missing_seqs, notify
+from billing.store.notifications import assign_missing_seqs
 
 
 async def page_all(api: AsyncClient, org: str, limit: int) -> tuple[list[int], int]:

@@ -25,7 +25,7 @@ from webhook_receiver import OLD_SECRET, SECRET, Receiver
 from billing.runtime import Runtime
 from billing.store import outbox
 from billing.store.accounts import Accounts
-from billing.store.notifications import notify
+from billing.store.books import notify
 from billing.webhooks import delivery_workflow_id
 from starter.embedded import find_binary
 from starter.outbox import dispatch_pending

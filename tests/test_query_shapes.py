@@ -190,7 +190,7 @@ async def test_outbound_webhooks_use_index_lookups_and_no_find_and_modify(
     from webhook_receiver import SECRET, Receiver
 
     from billing.store.accounts import Accounts
-    from billing.store.notifications import notify
+    from billing.store.books import notify
     from billing.webhooks import delivery_workflow_id
     from starter.webhook_dispatch import WebhookStarter, refresh_oldest_undelivered
 

@@ -26,7 +26,8 @@ from billing.reconcile import (
 )
 from billing.store.accounts import Accounts
 from billing.store.database import Database
-from billing.store.ledger import Ledger, LotTerms
+from billing.store.documents import LotTerms
+from billing.store.ledger import Ledger
 from billing.store.meters import Meters
 from billing.store.reconcile import ReconcileStore
 from billing.weeks import iso_week

@@ -44,7 +44,7 @@ async def test_expiry_runs_per_organization_and_reports_what_it_removed(
     accounts, ledger, org: str, temporal_client: Client, worker, settings
 ) -> None:
     from billing.ledger import EntryKind
-    from billing.store.ledger import LotTerms
+    from billing.store.documents import LotTerms
 
     past = datetime.now(UTC) - timedelta(days=400)
     await accounts.register(org, past)

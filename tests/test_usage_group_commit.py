@@ -22,7 +22,8 @@ from billing.config import BillingConfig
 from billing.errors import OrgNotFound
 from billing.store.accounts import Accounts
 from billing.store.database import Database
-from billing.store.meters import Meters, UsageResult
+from billing.store.meter_writes import UsageResult
+from billing.store.meters import Meters
 from billing.weeks import iso_week
 
 APP = "billing-group-commit-tests"

@@ -20,7 +20,8 @@ from billing.models import ResetOrg, WeeklyResetInput, WeeklyResetResult
 from billing.runtime import Runtime
 from billing.store.accounts import Accounts
 from billing.store.database import Database, Doc
-from billing.store.ledger import Ledger, LotTerms
+from billing.store.documents import LotTerms
+from billing.store.ledger import Ledger
 from billing.store.meters import Meters
 from billing.weeks import iso_week, next_week, week_start
 from starter.schedules import SCHEDULES

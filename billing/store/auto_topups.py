@@ -1,8 +1,8 @@
 """Automatic top-up on MongoDB (SPEC §5.8): settings and counters on the account, one trigger
 document per top-up in `auto_topups`.
 
-A trigger is recorded by the ledger write that lowered the balance (`trigger_in`, called from
-`Ledger.post_in` on the locked account), so it commits or vanishes with that write. Its document
+A trigger is recorded by the ledger write that lowered the balance (`Books.post`, the write
+engine), so it commits or vanishes with that write. Its document
 `{_id: auto-topup-<org>-<n>, dispatch: "pending", status: pending, ...}` is an outbox entry
 (`billing/store/outbox.py`): the worker's dispatcher starts its workflow and then clears the
 mark, so a crash between commit and start only delays it.
@@ -23,53 +23,21 @@ from billing.auto_topup import (
     configured,
     failed,
     month_of,
-    should_trigger,
     succeeded,
-    triggered,
 )
 from billing.config import BillingConfig
 from billing.errors import InvalidInput, NotFound, OrgNotFound
-from billing.store import outbox
+from billing.store.books import TRIGGERS, notify
 from billing.store.database import Database, Doc
-from billing.store.notifications import notify
 from billing.store.subscriptions import linked_customer
 from billing.store.transactions import run_in_transaction
 
-COLLECTION = "auto_topups"
-PENDING = "pending"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 
 
 def triggers(db: Database) -> AsyncCollection[Doc]:
-    return db[COLLECTION]
-
-
-def would_trigger(account: Doc, *, balance_after: int, now: datetime) -> bool:
-    """Whether a write taking `account` (as read before the write) to `balance_after` records a
-    top-up (`billing.auto_topup.should_trigger` on the account's settings)."""
-    return should_trigger(AutoTopUp.from_doc(account.get("auto_topup")),
-                          balance_before=int(account["balance"]), balance_after=balance_after,
-                          month=month_of(now))
-
-
-async def trigger_in(db: Database, session: AsyncClientSession, account: Doc, *,
-                     balance_after: int, now: datetime) -> str | None:
-    """Record a top-up when the write taking `account` (locked, as read before the write) to
-    `balance_after` calls for one (`billing.auto_topup.should_trigger`); the trigger's id or None.
-    """
-    if not would_trigger(account, balance_after=balance_after, now=now):
-        return None
-    month = month_of(now)
-    new = triggered(AutoTopUp.from_doc(account.get("auto_topup")), account["_id"], month)
-    assert new.in_flight is not None
-    await triggers(db).insert_one({
-        "_id": new.in_flight, "org_id": account["_id"], "n": new.triggers,
-        "pack_id": new.pack_id, "month": month, "status": PENDING, **outbox.MARK,
-        "payment_intent": None, "balance_after": balance_after, "created_at": now,
-    }, session=session)
-    await _save_in(db, session, account["_id"], new)
-    return new.in_flight
+    return db[TRIGGERS]
 
 
 async def _save_in(db: Database, session: AsyncClientSession, org_id: str,

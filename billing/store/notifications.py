@@ -1,14 +1,11 @@
-"""Notifications (SPEC §5.6): written in the transaction of the change that caused them."""
+"""Notifications (SPEC §5.6): their types and the feed. They are written in the transaction of the
+change that caused them, by the write engine (`billing.store.books.notify`)."""
 
 from __future__ import annotations
-
-from datetime import datetime
-from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from billing.errors import OrgNotFound
-from billing.store import outbox
 from billing.store.database import Database, Doc
 from billing.store.transactions import run_in_transaction
 
@@ -36,49 +33,6 @@ NOTIFICATION_TYPES = frozenset(
         "auto_topup.disabled",
     }
 )
-
-
-async def notify(
-    db: Database,
-    session: AsyncClientSession | None,
-    *,
-    org_id: str,
-    type: str,
-    key: str,
-    payload: dict[str, Any],
-    now: datetime,
-) -> bool:
-    """Record a notification once per `(org_id, key)`; True when this call wrote it.
-
-    The key makes "exactly once" hold under retries and concurrency: `meter.threshold_crossed`
-    for week W and threshold 80 has the key `meter.threshold_crossed:W:80`, and a second writer
-    finds it there. A new notification takes the organization's next `seq` in the same
-    transaction (the account's `notification_seq` counter), so the sequence has no gap and no
-    repeat and a reader paging by `seq` never misses one. It enters the outbox in the same
-    transaction, so its outbound deliveries (SPEC §5.7) are started after commit even across a
-    crash. Without a session it runs in a transaction of its own.
-    """
-    if type not in NOTIFICATION_TYPES:
-        raise ValueError(f"unknown notification type {type!r}")
-    if session is None:
-        async def alone(own: AsyncClientSession) -> bool:
-            return await notify(db, own, org_id=org_id, type=type, key=key, payload=payload,
-                                now=now)
-
-        return await run_in_transaction(db.client, alone)
-    result = await db.notifications.update_one(
-        {"org_id": org_id, "key": key},
-        {"$setOnInsert": {"type": type, "payload": payload, "created_at": now, **outbox.MARK}},
-        upsert=True,
-        session=session,
-    )
-    if result.upserted_id is None:
-        return False
-    await db.notifications.update_one(
-        {"_id": result.upserted_id}, {"$set": {"seq": await _next_seq(db, session, org_id)}},
-        session=session,
-    )
-    return True
 
 
 async def _next_seq(db: Database, session: AsyncClientSession, org_id: str) -> int:

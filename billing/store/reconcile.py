@@ -20,8 +20,8 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from billing.models import Divergence, LedgerSums, ReconcileReport, SubscriptionRef
 from billing.reconcile import LedgerState, LotState, add_entries
+from billing.store.books import notify
 from billing.store.database import Database
-from billing.store.notifications import notify
 from billing.store.transactions import run_in_transaction
 from billing.stripe.subscriptions import STATUS_NONE
 from billing.weeks import week_start

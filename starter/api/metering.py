@@ -18,7 +18,8 @@ from billing.clock import utcnow
 from billing.errors import BillingError
 from billing.metering import UsageRequest
 from billing.metrics import USAGE_BATCH_SECONDS, USAGE_RECORD_SECONDS
-from billing.store.meters import Meters, UsageResult
+from billing.store.meter_writes import UsageResult
+from billing.store.meters import Meters
 from billing.store.notifications import feed
 from starter.api.deps import RuntimeDep, StateDep, v1_router
 from starter.api.errors import ErrorBody, ErrorResponse

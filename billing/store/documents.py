@@ -1,0 +1,168 @@
+"""The documents money is kept in, typed, with their BSON in this one module (SPEC §5.1-§5.3).
+
+`billing.store.books` plans every change of money on these in memory and writes them; nothing
+else builds an account's, a lot's, an entry's or a week's meter fields by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from bson import ObjectId
+
+from billing.ledger import Debt, EntryKind, OpenLot
+from billing.store.database import Doc
+
+
+@dataclass(frozen=True)
+class LotTerms:
+    """What a positive entry records on the lot it opens."""
+
+    expires_at: datetime | None = None
+    payment_intent: str | None = None
+    charge: str | None = None
+    checkout_session: str | None = None
+    pack_id: str | None = None
+    price_cents: int | None = None
+    #: What the charge paid for everything it bought (packs and other lines): a refund is spread
+    #: over it pro rata (SPEC 5.1). None: only the packs (lots written before it was recorded).
+    paid_cents: int | None = None
+    line: int | None = None  # the pack line of the purchase (1-based)
+    source_lot: str | None = None
+
+
+@dataclass
+class Account:
+    """The money fields of an account (`accounts`), as read and then as planned changes leave
+    them. Fields the ledger does not own (Stripe ids, timestamps) stay in the stored document."""
+
+    org_id: str
+    balance: int
+    seq: int  # the last ledger entry's `seq`
+    usage_debt: int
+    other_debt: int
+    notification_seq: int
+    plan_id: str | None
+    seats: int
+    auto_topup: Doc | None
+
+    @classmethod
+    def from_doc(cls, doc: Doc) -> Account:
+        return cls(org_id=doc["_id"], balance=int(doc.get("balance", 0)),
+                   seq=int(doc.get("seq", 0)), usage_debt=int(doc.get("usage_debt", 0)),
+                   other_debt=int(doc.get("other_debt", 0)),
+                   notification_seq=int(doc.get("notification_seq", 0)),
+                   plan_id=doc.get("plan_id"), seats=int(doc.get("seats") or 1),
+                   auto_topup=doc.get("auto_topup"))
+
+    @property
+    def debt(self) -> Debt:
+        return Debt(usage=self.usage_debt, other=self.other_debt)
+
+
+@dataclass
+class MeterWeek:
+    """One organization's meter for one ISO week (`meters`): `used` against the quota of the
+    plan snapshot it is metered on, and `overflow`, every unit debited past that quota.
+
+    `id` is None for a week opened by the unit of work that holds it (inserted at its write)."""
+
+    org_id: str
+    week: str
+    used: int
+    quota: int
+    plan_id: str
+    ratio_version: str | None
+    id: ObjectId | None = None
+    runaway_alerted: bool = False
+    reset_at: datetime | None = None
+    settled: int = 0
+
+    @classmethod
+    def from_doc(cls, doc: Doc) -> MeterWeek:
+        return cls(org_id=doc["org_id"], week=doc["week"], used=int(doc["used"]),
+                   quota=int(doc["quota"]), plan_id=str(doc["plan_id"]),
+                   ratio_version=doc.get("ratio_version"), id=doc["_id"],
+                   runaway_alerted=bool(doc.get("runaway_alerted")),
+                   reset_at=doc.get("reset_at"), settled=int(doc.get("settled", 0)))
+
+    def new_doc(self, overflow: int, now: datetime) -> Doc:
+        """The document of a week opened now. `overflow_counted`: its `overflow` counts every
+        unit debited past its quota (what reconciliation compares with the week's usage
+        debits); a meter opened before the counter existed has no such flag."""
+        doc: Doc = {"org_id": self.org_id, "week": self.week, "used": self.used,
+                    "quota": self.quota, "plan_id": self.plan_id,
+                    "ratio_version": self.ratio_version, "overflow": overflow,
+                    "overflow_counted": True, "created_at": now, "updated_at": now}
+        if self.runaway_alerted:
+            doc["runaway_alerted"] = True
+        if self.reset_at is not None:
+            doc.update(reset_at=self.reset_at, settled=self.settled)
+        return doc
+
+
+@dataclass
+class Entry:
+    """A ledger entry (`ledger`), unique by `(org_id, key)` and numbered by the account's `seq`.
+
+    A positive entry opens the lot `lot_id` and records the debt it `repaid`; a negative one
+    records its `draws` from lots and the debt it added (what no lot covered)."""
+
+    org_id: str
+    seq: int
+    key: str
+    kind: EntryKind
+    amount: int
+    memo: str
+    created_at: datetime
+    balance_after: int = 0
+    lot_id: str | None = None
+    repaid: Debt | None = None
+    draws: list[tuple[str, int]] = field(default_factory=list)
+    debt_added: int = 0
+    meta: dict[str, Any] | None = None
+    id: ObjectId = field(default_factory=ObjectId)
+
+    def to_doc(self) -> Doc:
+        doc: Doc = {"_id": self.id, "org_id": self.org_id, "seq": self.seq, "key": self.key,
+                    "kind": self.kind.value, "amount": self.amount, "lot_id": self.lot_id,
+                    "memo": self.memo, "created_at": self.created_at}
+        if self.amount > 0:
+            repaid = self.repaid or Debt(0, 0)
+            doc["repaid"] = {"other": repaid.other, "usage": repaid.usage}
+        else:
+            doc["draws"] = [{"lot_id": lot, "units": units} for lot, units in self.draws]
+            if self.debt_added:
+                doc["debt_added"] = self.debt_added
+        doc["balance_after"] = self.balance_after
+        if self.meta:
+            doc["meta"] = self.meta
+        return doc
+
+
+def new_lot(entry: Entry, terms: LotTerms, remaining: int) -> Doc:
+    """The lot a positive entry opens: `remaining` is what is left once debt is repaid."""
+    repaid = entry.repaid or Debt(0, 0)
+    return {
+        "_id": lot_id_of(entry), "org_id": entry.org_id, "kind": entry.kind.value,
+        "key": entry.key, "seq": entry.seq, "units": entry.amount, "remaining": remaining,
+        "repaid_debt": repaid.other + repaid.usage, "repaid_usage": repaid.usage,
+        "line": terms.line, "expires_at": terms.expires_at,
+        "payment_intent": terms.payment_intent, "charge": terms.charge,
+        "checkout_session": terms.checkout_session, "pack_id": terms.pack_id,
+        "price_cents": terms.price_cents, "paid_cents": terms.paid_cents,
+        "source_lot": terms.source_lot, "clawbacks": [], "clawback_cents": 0,
+        "clawed_units": 0, "usage_returned": 0, "created_at": entry.created_at,
+    }
+
+
+def lot_id_of(entry: Entry) -> str:
+    return f"lot_{entry.id}"
+
+
+def open_lot(doc: Doc) -> OpenLot:
+    """A lot as the draw rules of `billing.ledger` take it."""
+    return OpenLot(id=doc["_id"], remaining=doc["remaining"], expires_at=doc.get("expires_at"),
+                   seq=doc["seq"])
