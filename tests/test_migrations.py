@@ -8,15 +8,20 @@ import uuid
 from datetime import datetime
 
 from bson import ObjectId
+from pymongo import ASCENDING, IndexModel
 
 from billing.config import BillingConfig
+from billing.ledger import EntryKind
 from billing.store.accounts import Accounts
-from billing.store.database import Database
+from billing.store.database import LOTS_PAYMENT_INDEXES, Database
+from billing.store.documents import LotTerms
+from billing.store.ledger import Ledger
 from billing.store.migrations import migrate
 from billing.store.subscriptions import MIGRATION_PAGE, Subscriptions
 
 SUBSCRIPTIONS = "subscriptions kept one by one"
 NOTIFICATIONS = "notifications numbered"
+LOT_PAYMENTS = "purchased lots indexed in lot_payments"
 
 
 async def older_release_data(db: Database, config: BillingConfig, now: datetime) -> str:
@@ -42,18 +47,18 @@ async def test_older_data_is_migrated_once(
     org = await older_release_data(db, config, now)
     subscriptions = Subscriptions(db)
 
-    assert await migrate(db, subscriptions) == {SUBSCRIPTIONS: 1, NOTIFICATIONS: 1}
+    assert await migrate(db, subscriptions) == {SUBSCRIPTIONS: 1, NOTIFICATIONS: 1, LOT_PAYMENTS: 0}
     kept = await db.stripe_subscriptions.find_one({"_id": f"sub_{org}"})
     assert kept is not None
     assert (kept["org_id"], kept["customer"], kept["status"], kept["plan_id"]) == (
         org, f"cus_{org}", "past_due", "pro")
     note = await db.notifications.find_one({"key": f"old:{org}"})
     assert note is not None and note["seq"] == 1
-    assert await migrate(db, subscriptions) == {SUBSCRIPTIONS: 0, NOTIFICATIONS: 0}
+    assert await migrate(db, subscriptions) == {SUBSCRIPTIONS: 0, NOTIFICATIONS: 0, LOT_PAYMENTS: 0}
 
     # Written by an older process still running during a rolling upgrade: the next start takes it.
     late = await older_release_data(db, config, now)
-    assert await migrate(db, subscriptions) == {SUBSCRIPTIONS: 1, NOTIFICATIONS: 1}
+    assert await migrate(db, subscriptions) == {SUBSCRIPTIONS: 1, NOTIFICATIONS: 1, LOT_PAYMENTS: 0}
     assert await db.stripe_subscriptions.count_documents({"_id": f"sub_{late}"}) == 1
 
 
@@ -77,4 +82,35 @@ async def test_workers_starting_together_keep_each_subscription_once(
     assert kept_before is not None and kept_before["status"] == "canceled"
     moved = await db.stripe_subscriptions.find_one({"_id": f"sub_{orgs[-2]}"})
     assert moved is not None and (moved["org_id"], moved["status"]) == (orgs[-2], "active")
-    assert await migrate(db, subscriptions) == {SUBSCRIPTIONS: 0, NOTIFICATIONS: 0}
+    assert await migrate(db, subscriptions) == {SUBSCRIPTIONS: 0, NOTIFICATIONS: 0, LOT_PAYMENTS: 0}
+
+
+async def test_purchased_lots_move_their_indexes_to_lot_payments(
+    fresh_db: Database, config: BillingConfig, now: datetime
+) -> None:
+    """A database of a release that indexed payment intents and charges on `lots`: the start
+    copies each purchased lot into `lot_payments` and only then drops those indexes, so refunds
+    and disputes still find the lots, and a purchase line still cannot be credited twice."""
+    db = fresh_db
+    org = f"org-mig-{uuid.uuid4().hex[:8]}"
+    await Accounts(db, config).register(org, now)
+    ledger = Ledger(db)
+    await ledger.write(org, key="payment:pi_old", kind=EntryKind.TOPUP, amount=500, now=now,
+                       terms=LotTerms(payment_intent="pi_old", charge="ch_old", price_cents=900,
+                                      line=1))
+    await db.lot_payments.delete_many({})  # written before `lot_payments` existed
+    await db.lots.create_indexes([
+        IndexModel([("payment_intent", ASCENDING)], name="payment_intent"),
+        IndexModel([("payment_intent", ASCENDING), ("line", ASCENDING)],
+                   name="one_lot_per_purchase_line", unique=True, partialFilterExpression={
+                       "kind": "topup", "payment_intent": {"$type": "string"}}),
+        IndexModel([("charge", ASCENDING)], name="charge")])
+    assert await ledger.find_purchase_lots(payment_intent="pi_old", charge=None) == []
+
+    changed = await migrate(db, Subscriptions(db))
+    assert changed[LOT_PAYMENTS] == 1
+    assert not set(LOTS_PAYMENT_INDEXES) & set(await db.lots.index_information())
+    by_intent = await ledger.find_purchase_lots(payment_intent="pi_old", charge=None)
+    by_charge = await ledger.find_purchase_lots(payment_intent=None, charge="ch_old")
+    assert [lot["units"] for lot in by_intent] == [lot["units"] for lot in by_charge] == [500]
+    assert (await migrate(db, Subscriptions(db)))[LOT_PAYMENTS] == 0

@@ -44,7 +44,15 @@ from billing.ledger import (
 from billing.metrics import LEDGER_ENTRIES
 from billing.store import outbox
 from billing.store.database import DUPLICATE_KEY, Database, Doc
-from billing.store.documents import Account, Entry, LotTerms, MeterWeek, new_lot, open_lot
+from billing.store.documents import (
+    Account,
+    Entry,
+    LotTerms,
+    MeterWeek,
+    lot_payment,
+    new_lot,
+    open_lot,
+)
 from billing.store.notifications import NOTIFICATION_TYPES
 from billing.store.transactions import after_commit, run_in_transaction
 
@@ -345,6 +353,9 @@ class Books:
     async def _flush_lots(self) -> None:
         if self._new_lots:  # first: a draw of this unit of work may take from one of them
             new, self._new_lots = self._new_lots, []
+            payments = [doc for doc in map(lot_payment, new) if doc is not None]
+            if payments:  # first: a purchase line credited twice stops at its unique index
+                await insert(self.db.lot_payments, payments, self.session)
             await insert(self.db.lots, new, self.session)
         if self._draws:
             draws, self._draws = self._draws, {}

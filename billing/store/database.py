@@ -18,6 +18,11 @@ Doc = dict[str, Any]
 #: MongoDB's error code for a write that a unique index refuses.
 DUPLICATE_KEY = 11000
 
+LOT_PAYMENTS = "lot_payments"
+#: Indexes `lots` had before `lot_payments` took them over; the start-up migration drops them
+#: once it has copied every purchased lot there (`billing.store.migrations`).
+LOTS_PAYMENT_INDEXES = ["payment_intent", "one_lot_per_purchase_line", "charge"]
+
 INDEXES: dict[str, list[IndexModel]] = {
     "accounts": [IndexModel([("stripe_customer_id", ASCENDING)], name="stripe_customer")],
     "ledger": [
@@ -26,9 +31,15 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("org_id", ASCENDING), ("kind", ASCENDING), ("created_at", ASCENDING)],
                    name="org_kind_time"),
     ],
+    # A lot's `remaining` changes with every debit, and on the embedded server an update
+    # rewrites every index of its collection: the lookups by what Stripe names (payment intent,
+    # charge) live in `lot_payments`, written once with the lot and never updated.
     "lots": [
         IndexModel([("org_id", ASCENDING), ("remaining", ASCENDING)], name="org_remaining"),
         IndexModel([("expires_at", ASCENDING)], name="expires_at"),
+    ],
+    # One document per purchased lot (`billing.store.documents.lot_payment`), `_id` its lot's.
+    LOT_PAYMENTS: [
         IndexModel([("payment_intent", ASCENDING)], name="payment_intent"),
         # One payment intent buys one lot per pack line, whichever organization two racing
         # events name.
@@ -131,6 +142,10 @@ class Database:
     @property
     def lots(self) -> AsyncCollection[Doc]:
         return self.db["lots"]
+
+    @property
+    def lot_payments(self) -> AsyncCollection[Doc]:
+        return self.db[LOT_PAYMENTS]
 
     @property
     def meters(self) -> AsyncCollection[Doc]:

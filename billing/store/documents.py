@@ -158,6 +158,17 @@ def new_lot(entry: Entry, terms: LotTerms, remaining: int) -> Doc:
     }
 
 
+def lot_payment(lot: Doc) -> Doc | None:
+    """What a purchased lot is found by (`lot_payments`): its payment intent and line, its
+    charge. None for a lot no payment bought."""
+    paid_with = lot.get("payment_intent") or lot.get("charge")
+    if lot.get("kind") != EntryKind.TOPUP.value or not paid_with:
+        return None
+    return {"_id": lot["_id"], "org_id": lot["org_id"], "kind": lot["kind"],
+            "payment_intent": lot.get("payment_intent"), "line": lot.get("line"),
+            "charge": lot.get("charge"), "price_cents": lot.get("price_cents")}
+
+
 def lot_id_of(entry: Entry) -> str:
     return f"lot_{entry.id}"
 

@@ -318,9 +318,9 @@ class Ledger:
 
     async def paid_for_in(self, session: AsyncClientSession, payment_intent: str) -> bool:
         """Whether a pack was credited for `payment_intent`, to whichever organization. Every
-        `payment:<pi>` entry writes its lot with the payment intent in the same transaction, so
-        when this is False no entry of those keys exists."""
-        found = await self.db.lots.find_one(
+        `payment:<pi>` entry writes its lot and the lot's `lot_payments` document in the same
+        transaction, so when this is False no entry of those keys exists."""
+        found = await self.db.lot_payments.find_one(
             {"payment_intent": payment_intent, "kind": EntryKind.TOPUP.value}, {"_id": 1},
             session=session)
         return found is not None
@@ -335,13 +335,13 @@ class Ledger:
         for field_name, value in (("payment_intent", payment_intent), ("charge", charge)):
             if not value:
                 continue
-            cursor = self.db.lots.find(
+            cursor = self.db.lot_payments.find(
                 {field_name: value, "kind": EntryKind.TOPUP.value, "price_cents": {"$gt": 0}},
-                session=session,
-            )
-            found = sorted([doc async for doc in cursor], key=lambda lot: lot["seq"])
-            if found:
-                return found
+                {"_id": 1}, session=session)
+            ids = [doc["_id"] async for doc in cursor]
+            if ids:
+                lots = self.db.lots.find({"_id": {"$in": ids}}, session=session)
+                return sorted([doc async for doc in lots], key=lambda lot: lot["seq"])
         return []
 
 

@@ -3,7 +3,12 @@ each step only touches what it has not done yet)."""
 
 from __future__ import annotations
 
-from billing.store.database import Database
+import contextlib
+
+from pymongo.errors import OperationFailure
+
+from billing.store.database import LOTS_PAYMENT_INDEXES, Database
+from billing.store.documents import lot_payment
 from billing.store.notifications import assign_missing_seqs
 from billing.store.subscriptions import Subscriptions
 
@@ -13,4 +18,25 @@ async def migrate(db: Database, subscriptions: Subscriptions) -> dict[str, int]:
     return {
         "subscriptions kept one by one": await subscriptions.migrate(),
         "notifications numbered": await assign_missing_seqs(db),
+        "purchased lots indexed in lot_payments": await index_lot_payments(db),
     }
+
+
+async def index_lot_payments(db: Database) -> int:
+    """Copy every purchased lot of a database that still indexes them on `lots` into
+    `lot_payments`, then drop those indexes (every new lot writes its `lot_payments` document
+    itself). Until the drop, the unique purchase-line index of `lots` keeps holding."""
+    indexed = await db.lots.index_information()
+    if not any(name in indexed for name in LOTS_PAYMENT_INDEXES):
+        return 0
+    copied = 0
+    async for lot in db.lots.find({"kind": "topup"}):
+        doc = lot_payment(lot)
+        if doc is not None:
+            written = await db.lot_payments.update_one({"_id": doc["_id"]},
+                                                       {"$setOnInsert": doc}, upsert=True)
+            copied += written.upserted_id is not None
+    for name in LOTS_PAYMENT_INDEXES:
+        with contextlib.suppress(OperationFailure):  # another process dropped it first
+            await db.lots.drop_index(name)
+    return copied
