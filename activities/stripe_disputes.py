@@ -11,7 +11,7 @@ from temporalio import activity
 from activities.stripe_frame import Obj, Outcome, StripeFrame, purchase_of
 from billing.ledger import EntryKind
 from billing.models import StripeApply, StripeStep
-from billing.store.database import Doc
+from billing.store.documents import PurchasedLot, clawback_recorded
 from billing.stripe.disputes import DisputeAction, dispute_action, reinstated_key, withdrawn_key
 from billing.stripe.objects import amount, ref_id
 
@@ -50,7 +50,8 @@ class DisputeActivities(StripeFrame):
                                           f"dispute.opened:{dp}", told)
             if action is DisputeAction.WITHDRAW:
                 # Before the clawback, whose debit could otherwise trigger the next top-up.
-                if not _recorded(lots, withdrawn_key(dp)) and await self._disable_auto_topup(
+                taken = clawback_recorded(map(PurchasedLot.from_doc, lots), withdrawn_key(dp))
+                if not taken and await self._disable_auto_topup(
                         session, lots[0].get("payment_intent"), dp, apply.now):
                     outcome.written.append("auto top-up disabled")
                 result = await ledger.clawback_in(
@@ -96,8 +97,3 @@ class DisputeActivities(StripeFrame):
 #: What the feed hears of a dispute of a plan payment: every step of it, as of a pack's.
 PLAN_PAYMENT_NOTES = {DisputeAction.OPEN: "dispute.opened", DisputeAction.WITHDRAW: "dispute.lost",
                       DisputeAction.REINSTATE: "dispute.reinstated"}
-
-
-def _recorded(lots: list[Doc], key: str) -> bool:
-    """The lots already hold this clawback (applied, or voided by a reversal that came first)."""
-    return any(c["key"] == key for lot in lots for c in lot.get("clawbacks", []))

@@ -6,6 +6,7 @@ else builds an account's, a lot's, an entry's or a week's meter fields by hand.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -177,3 +178,101 @@ def open_lot(doc: Doc) -> OpenLot:
     """A lot as the draw rules of `billing.ledger` take it."""
     return OpenLot(id=doc["_id"], remaining=doc["remaining"], expires_at=doc.get("expires_at"),
                    seq=doc["seq"])
+
+
+@dataclass(frozen=True)
+class Clawed:
+    """A clawback a purchased lot keeps (a refund or dispute, or the reinstatement undoing one,
+    with negative figures): what it took, so that the cumulative total stays exact even when one
+    rounds to zero units. `voided_by`: a clawback that will never apply, its reversal having
+    come first."""
+
+    key: str
+    cents: int
+    scope: str | None
+    units: int
+    usage: int
+    voided_by: str | None = None
+
+    @classmethod
+    def from_doc(cls, doc: Doc) -> Clawed:
+        return cls(key=doc["key"], cents=int(doc["cents"]), scope=doc.get("scope"),
+                   units=int(doc.get("units", 0)), usage=int(doc.get("usage", 0)),
+                   voided_by=doc.get("voided_by"))
+
+    def to_doc(self) -> Doc:
+        doc: Doc = {"key": self.key, "cents": self.cents, "scope": self.scope,
+                    "units": self.units, "usage": self.usage}
+        if self.voided_by is not None:
+            doc["voided_by"] = self.voided_by
+        return doc
+
+
+#: Where a lot counts the cents of the clawbacks standing against it, by `billing_scope`: none
+#: (spread over everything the charge paid for), `packs` (over the pack lines only); `other`
+#: takes nothing and counts nowhere.
+_STANDING = {"": "clawback_cents", "packs": "clawback_pack_cents"}
+
+
+@dataclass(frozen=True)
+class PurchasedLot:
+    """A lot a payment bought, as refunds and disputes read it (`lots`): what its line cost,
+    what the charge paid for everything, and the clawbacks standing against it."""
+
+    id: str
+    seq: int
+    units: int
+    remaining: int
+    expires_at: datetime | None
+    price_cents: int
+    paid_cents: int | None
+    charge: str | None
+    payment_intent: str | None
+    repaid_usage: int
+    usage_returned: int
+    clawed_units: int
+    standing_cents: int  # of clawbacks without scope
+    standing_pack_cents: int  # of clawbacks scoped to the packs
+    clawbacks: tuple[Clawed, ...]
+
+    @classmethod
+    def from_doc(cls, doc: Doc) -> PurchasedLot:
+        return cls(
+            id=doc["_id"], seq=int(doc["seq"]), units=int(doc["units"]),
+            remaining=int(doc["remaining"]), expires_at=doc.get("expires_at"),
+            price_cents=int(doc.get("price_cents") or 0), paid_cents=doc.get("paid_cents"),
+            charge=doc.get("charge"), payment_intent=doc.get("payment_intent"),
+            repaid_usage=int(doc.get("repaid_usage", 0)),
+            usage_returned=int(doc.get("usage_returned", 0)),
+            clawed_units=int(doc.get("clawed_units", 0)),
+            standing_cents=int(doc.get("clawback_cents", 0)),
+            standing_pack_cents=int(doc.get("clawback_pack_cents", 0)),
+            clawbacks=tuple(Clawed.from_doc(c) for c in doc.get("clawbacks", [])))
+
+    @property
+    def open(self) -> OpenLot:
+        return OpenLot(id=self.id, remaining=self.remaining, expires_at=self.expires_at,
+                       seq=self.seq)
+
+    def clawed(self, key: str) -> Clawed | None:
+        return next((c for c in self.clawbacks if c.key == key), None)
+
+    def standing_after(self, scope: str | None, cents: int) -> tuple[int, int]:
+        """The cents standing without scope and scoped to the packs once `cents` of `scope`
+        are added (negative: withdrawn)."""
+        counter = _STANDING.get(scope or "")
+        return (self.standing_cents + (cents if counter == "clawback_cents" else 0),
+                self.standing_pack_cents + (cents if counter == "clawback_pack_cents" else 0))
+
+    def keep(self, clawed: Clawed) -> Doc:
+        """The update by which the lot keeps `clawed` and counts it where its scope stands."""
+        counter = _STANDING.get(clawed.scope or "")
+        counted = {counter: clawed.cents} if counter and clawed.cents else {}
+        return {"$push": {"clawbacks": clawed.to_doc()},
+                "$inc": {**counted, "clawed_units": clawed.units, "usage_returned": clawed.usage}}
+
+
+def clawback_recorded(lots: Iterable[PurchasedLot], key: str) -> bool:
+    """The lots already hold the clawback `key` (applied, or voided by a reversal that came
+    first)."""
+    return any(lot.clawed(key) is not None for lot in lots)

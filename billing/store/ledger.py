@@ -28,13 +28,8 @@ from billing.ledger import (
 )
 from billing.store.books import Books, LedgerResult
 from billing.store.database import Database, Doc
-from billing.store.documents import LotTerms, open_lot
+from billing.store.documents import Clawed, LotTerms, PurchasedLot, clawback_recorded
 from billing.store.transactions import run_in_transaction
-
-#: Where a lot counts the cents of the clawbacks standing against it, by `billing_scope`: none
-#: (spread over everything the charge paid for), `packs` (over the pack lines only); `other`
-#: takes nothing and counts nowhere.
-_SCOPE_FIELDS = {"": "clawback_cents", "packs": "clawback_pack_cents"}
 
 
 class Ledger:
@@ -148,36 +143,32 @@ class Ledger:
         books = await self._books(session, org_id)
         balance = books.account(org_id).balance
         lots = await self._purchase_lots_in(session, org_id, lot_ids)
-        if _recorded(lots, key):
+        if clawback_recorded(lots, key):
             return LedgerResult(False, None, balance)
-        counter = _SCOPE_FIELDS.get(scope or "")
-        shares = _claw_shares(lots, cents, counter)
+        shares = _claw_shares(lots, cents, scope)
         total = sum(share.units for share in shares)
         plan = plan_purchase_clawback(shares, await books.lots(org_id), now) if total else None
         returned = dict(plan.usage_returned) if plan else {}
-        for share in shares:
-            usage = returned.get(share.lot.id, 0)
-            counted = {counter: cents} if counter else {}
-            books.update_lot(share.lot.id, {
-                "$push": {"clawbacks": {"key": key, "cents": cents, "scope": scope,
-                                        "units": share.units, "usage": usage}},
-                "$inc": {**counted, "clawed_units": share.units, "usage_returned": usage},
-            })
+        for lot, share in zip(lots, shares, strict=True):
+            books.update_lot(lot.id, lot.keep(Clawed(key=key, cents=cents, scope=scope,
+                                                      units=share.units,
+                                                      usage=returned.get(lot.id, 0))))
         result = LedgerResult(False, None, balance, {"clawed_units": 0})
         if plan is not None:
             result = await books.post(org_id, key=key, kind=kind, amount=-total, now=now,
-                                      memo=memo, claw=plan, lot_id=lots[0]["_id"],
+                                      memo=memo, claw=plan, lot_id=lots[0].id,
                                       meta={**(meta or {}), "cents": cents})
         await books.flush(now)
         return result
 
     async def _purchase_lots_in(
         self, session: AsyncClientSession, org_id: str, lot_ids: list[str]
-    ) -> list[Doc]:
+    ) -> list[PurchasedLot]:
         cursor = self.db.lots.find({"_id": {"$in": lot_ids}, "org_id": org_id}, session=session)
-        lots = sorted([doc async for doc in cursor], key=lambda lot: lot["seq"])
+        lots = sorted([PurchasedLot.from_doc(doc) async for doc in cursor],
+                      key=lambda lot: lot.seq)
         if not lots or len(lots) != len(set(lot_ids)) or not all(
-                lot.get("price_cents") for lot in lots):
+                lot.price_cents for lot in lots):
             raise NotFound(f"no purchased lots {lot_ids!r} for organization {org_id!r}")
         return lots
 
@@ -208,13 +199,14 @@ class Ledger:
         books = await self._books(session, org_id)
         balance = books.account(org_id).balance
         lots = await self._purchase_lots_in(session, org_id, lot_ids)
-        if _recorded(lots, key):
+        if clawback_recorded(lots, key):
             return LedgerResult(False, None, balance)
-        if not _recorded(lots, withdrawn_key):
+        if not clawback_recorded(lots, withdrawn_key):
             for lot in lots:
-                books.update_lot(lot["_id"], {"$push": {"clawbacks": {"$each": [
-                    {"key": withdrawn_key, "cents": 0, "units": 0, "usage": 0, "voided_by": key},
-                    {"key": key, "cents": 0, "units": 0, "usage": 0}]}}})
+                for clawed in (Clawed(key=withdrawn_key, cents=0, scope=None, units=0, usage=0,
+                                      voided_by=key),
+                               Clawed(key=key, cents=0, scope=None, units=0, usage=0)):
+                    books.update_lot(lot.id, lot.keep(clawed))
             await books.flush(now)
             return LedgerResult(False, None, balance, {"voided": True})
         total = self._give_back(books, lots, key, withdrawn_key)
@@ -223,39 +215,32 @@ class Ledger:
             first = lots[0]
             result = await books.post(
                 org_id, key=key, kind=EntryKind.REINSTATEMENT, amount=total, now=now, memo=memo,
-                terms=LotTerms(expires_at=first.get("expires_at"), source_lot=first["_id"],
-                               charge=first.get("charge"),
-                               payment_intent=first.get("payment_intent")),
+                terms=LotTerms(expires_at=first.expires_at, source_lot=first.id,
+                               charge=first.charge, payment_intent=first.payment_intent),
                 meta={"withdrawn_key": withdrawn_key},
             )
         await books.flush(now)
         return result
 
     @staticmethod
-    def _give_back(books: Books, lots: list[Doc], key: str, withdrawn_key: str) -> int:
+    def _give_back(books: Books, lots: list[PurchasedLot], key: str, withdrawn_key: str) -> int:
         """Each lot forgets the withdrawn clawback's cents and gets back what it lost beyond
         what the clawbacks still standing say; the units given back in all."""
         total = 0
-        price = sum(int(lot["price_cents"]) for lot in lots)
+        price = sum(lot.price_cents for lot in lots)
         for lot in lots:
-            taken = next(c for c in lot["clawbacks"] if c["key"] == withdrawn_key)
-            counter = _SCOPE_FIELDS.get(taken.get("scope") or "")
-            gone = {counter: int(taken["cents"])} if counter else {}
+            taken = lot.clawed(withdrawn_key)
+            assert taken is not None
+            standing, standing_packs = lot.standing_after(taken.scope, -taken.cents)
             units = reinstated_units(
-                lot_units=lot["units"], lot_price_cents=price, paid_cents=lot.get("paid_cents"),
-                standing_cents_total=int(lot["clawback_cents"]) - gone.get("clawback_cents", 0),
-                standing_pack_cents=int(lot.get("clawback_pack_cents", 0)) - gone.get(
-                    "clawback_pack_cents", 0),
-                clawed_units=int(lot["clawed_units"]))
-            usage = min(int(taken.get("usage", 0)), units)
+                lot_units=lot.units, lot_price_cents=price, paid_cents=lot.paid_cents,
+                standing_cents_total=standing, standing_pack_cents=standing_packs,
+                clawed_units=lot.clawed_units)
+            usage = min(taken.usage, units)
             total += units
-            books.update_lot(lot["_id"], {
-                "$push": {"clawbacks": {"key": key, "cents": -taken["cents"],
-                                        "scope": taken.get("scope"), "units": -units,
-                                        "usage": -usage}},
-                "$inc": {**{k: -v for k, v in gone.items()}, "clawed_units": -units,
-                         "usage_returned": -usage},
-            })
+            books.update_lot(lot.id, lot.keep(Clawed(key=key, cents=-taken.cents,
+                                                      scope=taken.scope, units=-units,
+                                                      usage=-usage)))
         return total
 
     async def expire(self, org_id: str, lot_id: str, now: datetime) -> LedgerResult:
@@ -345,26 +330,20 @@ class Ledger:
         return []
 
 
-def _claw_shares(lots: list[Doc], cents: int, counter: str | None) -> list[ClawShare]:
+def _claw_shares(lots: list[PurchasedLot], cents: int, scope: str | None) -> list[ClawShare]:
     """What a clawback of `cents` takes from each purchased lot (`clawback_units`: cumulative,
-    pro rata over what the charge paid), counted in the lots' `counter` of its scope."""
-    price = sum(int(lot["price_cents"]) for lot in lots)
-    paid = lots[0].get("paid_cents")
-    return [
-        ClawShare(
-            lot=open_lot(lot),
+    pro rata over what the charge paid), counted where its scope stands."""
+    price = sum(lot.price_cents for lot in lots)
+    paid = lots[0].paid_cents
+    shares = []
+    for lot in lots:
+        standing, standing_packs = lot.standing_after(scope, cents)
+        shares.append(ClawShare(
+            lot=lot.open,
             units=clawback_units(
-                lot_units=lot["units"], lot_price_cents=price, paid_cents=paid,
-                clawed_cents_total=int(lot["clawback_cents"]) + (
-                    cents if counter == "clawback_cents" else 0),
-                pack_cents_total=int(lot.get("clawback_pack_cents", 0)) + (
-                    cents if counter == "clawback_pack_cents" else 0),
-                already_clawed=lot["clawed_units"]),
-            usage_repaid=int(lot.get("repaid_usage", 0)) - int(lot.get("usage_returned", 0)),
-        )
-        for lot in lots
-    ]
-
-
-def _recorded(lots: list[Doc], key: str) -> bool:
-    return any(c["key"] == key for lot in lots for c in lot["clawbacks"])
+                lot_units=lot.units, lot_price_cents=price, paid_cents=paid,
+                clawed_cents_total=standing, pack_cents_total=standing_packs,
+                already_clawed=lot.clawed_units),
+            usage_repaid=lot.repaid_usage - lot.usage_returned,
+        ))
+    return shares
