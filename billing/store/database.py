@@ -24,12 +24,11 @@ LOT_PAYMENTS = "lot_payments"
 LOTS_PAYMENT_INDEXES = ["payment_intent", "one_lot_per_purchase_line", "charge"]
 
 INDEXES: dict[str, list[IndexModel]] = {
-    "accounts": [IndexModel([("stripe_customer_id", ASCENDING)], name="stripe_customer")],
+    # Read by `_id` only (an organization's Stripe customer is on its `subscriptions` document).
+    "accounts": [],
     "ledger": [
         IndexModel([("org_id", ASCENDING), ("key", ASCENDING)], unique=True, name="org_key"),
         IndexModel([("org_id", ASCENDING), ("seq", DESCENDING)], name="org_seq"),
-        IndexModel([("org_id", ASCENDING), ("kind", ASCENDING), ("created_at", ASCENDING)],
-                   name="org_kind_time"),
     ],
     # A lot's `remaining` changes with every debit, and on the embedded server an update
     # rewrites every index of its collection: the lookups by what Stripe names (payment intent,
@@ -108,6 +107,12 @@ LEGACY_USAGE_KEY = "org_run_step"
 
 #: Indexes of earlier releases that a newer one replaced; dropped at start.
 RETIRED_INDEXES = {"lots": ["one_purchase_per_payment_intent"],
+                   # No query reads entries by kind and time (the reconciliation pages by
+                   # `seq`), and every ledger insert paid for it.
+                   "ledger": ["org_kind_time"],
+                   # Accounts stopped carrying the Stripe customer; the account is written by
+                   # every change of money, and each index costs that write.
+                   "accounts": ["stripe_customer"],
                    "subscriptions": ["dunning"], "notifications": ["org_time", "org_seq"],
                    # No query asks for meters by week alone, and on the embedded server every
                    # index costs each meter increment a write.
