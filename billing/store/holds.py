@@ -12,17 +12,20 @@ The meter write is also what serializes the grants of one organization across pr
 transactions that grant on it write the same meter document, so one write-conflicts and
 `run_in_transaction` starts it again on a fresh snapshot, where it sees the other's hold.
 
-Each grant is also recorded for good in `holds` (`_id` `<org>/<hold_id>`, written once and
-never updated): the answer of a repeated `hold_id`, and what tells a released hold from an
-unknown one. The grant itself is `Meters.hold` (it reads the quota gate).
+Each grant is also recorded for good in `holds` (`_id` `<org>/<hold_id>`, written once with
+the grant): the answer of a repeated `hold_id`, and what tells a released hold from an unknown
+one. The grant itself is `Meters.hold` (it reads the quota gate).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from datetime import datetime
+from functools import partial
 
 from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import OperationFailure
 
 from billing.errors import NotFound
 from billing.holds import Hold, Reservation, weeks_holding
@@ -30,7 +33,15 @@ from billing.store.accounts import check_org_id
 from billing.store.books import Books
 from billing.store.database import Database, Doc
 from billing.store.documents import MeterWeek
+from billing.store.meter_writes import MeterWrites
 from billing.store.transactions import run_in_transaction
+from billing.weeks import iso_week
+
+#: The index of `holds` by which an earlier release found the active holds (`until > now`); its
+#: presence tells the start-up migration that active holds may still have to move to meters.
+LEGACY_ACTIVE_INDEX = "active"
+#: The collection whose per-organization document an earlier release bumped with every grant.
+LEGACY_LOCKS = "hold_locks"
 
 
 def hold_key(org_id: str, hold_id: str) -> str:
@@ -108,3 +119,45 @@ async def release(db: Database, org_id: str, hold_id: str, now: datetime) -> boo
         return False
 
     return await run_in_transaction(db.client, work)
+
+
+async def move_to_meters(db: Database, writes: MeterWrites, now: datetime) -> int:
+    """Start-up migration from the release that kept active holds in `holds` (`until > now`,
+    the `active` index) and serialized grants on `hold_locks`: put each hold still counting on
+    its organization's meter of this week, then drop that index, and drop `hold_locks`. Returns
+    the holds moved. Each organization moves in one transaction that also removes its holds'
+    `until`, so a second run (workers starting together, a start that stopped half-way) moves
+    none twice and cannot bring back a hold settled since."""
+    await db[LEGACY_LOCKS].drop()  # nothing reads it; a process of that release may rewrite it
+    if LEGACY_ACTIVE_INDEX not in await db.holds.index_information():
+        return 0
+    counting: dict[str, list[Reservation]] = {}
+    async for doc in db.holds.find({"until": {"$gt": now}}):  # once: no index leads `until`
+        counting.setdefault(doc["org_id"], []).append(
+            Reservation(doc["hold_id"], int(doc["units"]), doc["expires_at"]))
+    moved = 0
+    for org_id, reservations in sorted(counting.items()):
+        moved += await run_in_transaction(
+            db.client, partial(_move, db, writes, org_id, reservations, now))
+    with contextlib.suppress(OperationFailure):  # another process dropped it first
+        await db.holds.drop_index(LEGACY_ACTIVE_INDEX)
+    return moved
+
+
+async def _move(db: Database, writes: MeterWrites, org_id: str, reservations: list[Reservation],
+                now: datetime, session: AsyncClientSession) -> int:
+    keys = [hold_key(org_id, r.hold_id) for r in reservations]
+    still = {doc["hold_id"] async for doc in db.holds.find(
+        {"_id": {"$in": keys}, "until": {"$gt": now}}, {"hold_id": 1}, session=session)}
+    if not still:  # moved by another start meanwhile
+        return 0
+    books, week = Books(db, session), iso_week(now)
+    await books.load([org_id], [(org_id, week)])
+    await books.load_statuses([org_id])
+    for reservation in reservations:
+        if reservation.hold_id in still:
+            writes.reserve(books, org_id, reservation, week)
+    await db.holds.update_many({"_id": {"$in": keys}}, {"$unset": {"until": ""}},
+                               session=session)
+    await books.flush(now)
+    return len(still)
