@@ -10,9 +10,9 @@ no other path.
 A group is one unit of work on the write engine (`billing.store.books.Books`): the accounts,
 meters and open lots it touches are read once, each member is decided in memory in arrival
 order with the meter rules (`billing.store.meter_writes`), and everything is written in bulk.
-Balance holds are kept on the meters (`billing.store.holds`), so a hold and the record that
-settles it cost the group nothing but their meter's write, which it makes anyway, and the hold's
-record in `holds`.
+Balance holds are kept on the meters (`billing.store.holds`): a grant costs the group its
+organization's meter write (one per organization and group, shared with its records) and the
+hold's record in `holds`; a settlement costs the record nothing beyond its own meter write.
 A usage record's `_id` is its idempotency key, so a replay stored before makes the insert fail
 on a duplicate key: the group then runs again reading its stored records first, so a batch sent
 again answers its replays in one transaction. A duplicate key that still happens (another
@@ -315,7 +315,7 @@ class _Group:
     async def _flush(self) -> None:
         """Write what the group decided: the usage records and the holds' records first (a
         replay's duplicate key shows there), then the write engine's meters (with the holds
-        granted, settled and released), ledger and notifications."""
+        granted and settled), ledger and notifications."""
         if self.records:
             await insert(self.db.usage, self.records, self.session)
         if self.hold_docs:
