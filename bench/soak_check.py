@@ -18,6 +18,7 @@ from webhook_receiver import Receiver
 
 from billing.clock import utcnow
 from billing.store.database import Database
+from billing.store.holds import active_in
 from starter.embedded import find_binary
 from starter.operations.failures import list_failed
 
@@ -92,7 +93,7 @@ async def _purchases_and_holds(db: Database, fake: StripeFake,
     if len(customers) != (1 if model.checkouts else 0):
         found.append(Violation(org, f"{len(customers)} customers made, {model.checkouts} "
                                     "checkouts"))
-    counting = await db.holds.count_documents({"org_id": org, "until": {"$gt": utcnow()}})
+    counting = len(await active_in(db, org, utcnow()))
     if counting:
         found.append(Violation(org, f"{counting} holds still counting after every run ended"))
     return found

@@ -1,5 +1,6 @@
-"""Balance holds (SPEC §5.11), pure: what a hold reserves, what is held at a moment, and whether
-a hold may be granted. `billing.store.meters` reads, calls these and writes in one transaction.
+"""Balance holds (SPEC §5.11), pure: what a hold reserves, what is held at a moment, whether a
+hold may be granted, and which weeks' meters may keep an active one. `billing.store.meters` reads,
+calls these and writes in one transaction.
 
 A hold counts while `now < expires_at` and it is neither settled nor released: expiry needs no
 write, so nothing has to run for an expired hold to stop counting.
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from billing.metering import MAX_UNITS, PAYMENT_PAST_DUE, Cost, CostKey, Gate, RunId
+from billing.weeks import iso_week, previous_week
 
 INSUFFICIENT_UNITS = "INSUFFICIENT_UNITS"
 DEFAULT_TTL_SECONDS = 900
@@ -45,19 +47,29 @@ class HoldRequest(BaseModel):
 
 
 @dataclass(frozen=True)
-class Hold:
-    """A granted hold. `remaining` is what the organization had left once it was granted."""
+class Reservation:
+    """What a hold reserves until it is settled, released or expires."""
 
     hold_id: str
     units: int
     expires_at: datetime
-    remaining: int
 
     def active(self, now: datetime) -> bool:
         return now < self.expires_at
 
 
-def held(holds: Iterable[Hold], now: datetime) -> int:
+@dataclass(frozen=True)
+class Hold(Reservation):
+    """A granted hold, as its grant answered: `remaining` is what the organization had left once
+    it was granted."""
+
+    remaining: int
+
+    def reservation(self) -> Reservation:
+        return Reservation(self.hold_id, self.units, self.expires_at)
+
+
+def held(holds: Iterable[Reservation], now: datetime) -> int:
     """Units reserved at `now` by holds neither settled nor released: the expired ones count
     for nothing.
 
@@ -67,6 +79,25 @@ def held(holds: Iterable[Hold], now: datetime) -> int:
     75
     """
     return sum(hold.units for hold in holds if hold.active(now))
+
+
+def weeks_holding(now: datetime) -> list[str]:
+    """The weeks whose meters may keep a hold that is active at `now`: a hold is kept on the
+    meter of the week it was granted in and lives at most `MAX_TTL_SECONDS`, so last week's
+    holds can count only during this week's first `MAX_TTL_SECONDS`.
+
+    >>> weeks_holding(datetime(2026, 5, 4, 23, 59, tzinfo=UTC))  # a Monday
+    ['2026-W19', '2026-W18']
+    >>> weeks_holding(datetime(2026, 5, 5, tzinfo=UTC))
+    ['2026-W19']
+    """
+    week = iso_week(now)
+    utc = now.astimezone(UTC) if now.tzinfo is not None else now
+    since_monday = utc - datetime.combine(utc.date() - timedelta(days=utc.weekday()), time(),
+                                          utc.tzinfo)
+    if since_monday < timedelta(seconds=MAX_TTL_SECONDS):
+        return [week, previous_week(week)]
+    return [week]
 
 
 @dataclass(frozen=True)

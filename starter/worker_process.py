@@ -25,7 +25,7 @@ async def prepare(runtime: Runtime) -> Client:
     returns the client."""
     await runtime.db.check_durable()
     await runtime.db.ensure_indexes()
-    changed = await migrate(runtime.db, runtime.subscriptions)
+    changed = await migrate(runtime.db, runtime.subscriptions, runtime.config)
     if any(changed.values()):
         log.info("start-up migrations: %s", ", ".join(f"{k} {n}" for k, n in changed.items()),
                  extra={"migrations": changed})

@@ -5,23 +5,34 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from bson import ObjectId
+from meter_helpers import usage
 from pymongo import ASCENDING, IndexModel
 
+from billing.clock import utcnow
 from billing.config import BillingConfig
 from billing.ledger import EntryKind
 from billing.store.accounts import Accounts
-from billing.store.database import LOTS_PAYMENT_INDEXES, Database
+from billing.store.database import LOTS_PAYMENT_INDEXES, Database, Doc
 from billing.store.documents import LotTerms
+from billing.store.holds import active_in, release
 from billing.store.ledger import Ledger
+from billing.store.meters import Meters
 from billing.store.migrations import migrate
 from billing.store.subscriptions import MIGRATION_PAGE, Subscriptions
 
 SUBSCRIPTIONS = "subscriptions kept one by one"
 NOTIFICATIONS = "notifications numbered"
 LOT_PAYMENTS = "purchased lots indexed in lot_payments"
+HOLDS = "active holds moved to meters"
+
+
+def changed(subscriptions: int = 0, notifications: int = 0) -> dict[str, int]:
+    """What `migrate` answers when only subscriptions and notifications had to change."""
+    return {SUBSCRIPTIONS: subscriptions, NOTIFICATIONS: notifications, LOT_PAYMENTS: 0,
+            HOLDS: 0}
 
 
 async def older_release_data(db: Database, config: BillingConfig, now: datetime) -> str:
@@ -47,23 +58,23 @@ async def test_older_data_is_migrated_once(
     org = await older_release_data(db, config, now)
     subscriptions = Subscriptions(db)
 
-    assert await migrate(db, subscriptions) == {SUBSCRIPTIONS: 1, NOTIFICATIONS: 1, LOT_PAYMENTS: 0}
+    assert await migrate(db, subscriptions, config) == changed(1, 1)
     kept = await db.stripe_subscriptions.find_one({"_id": f"sub_{org}"})
     assert kept is not None
     assert (kept["org_id"], kept["customer"], kept["status"], kept["plan_id"]) == (
         org, f"cus_{org}", "past_due", "pro")
     note = await db.notifications.find_one({"key": f"old:{org}"})
     assert note is not None and note["seq"] == 1
-    assert await migrate(db, subscriptions) == {SUBSCRIPTIONS: 0, NOTIFICATIONS: 0, LOT_PAYMENTS: 0}
+    assert await migrate(db, subscriptions, config) == changed()
 
     # Written by an older process still running during a rolling upgrade: the next start takes it.
     late = await older_release_data(db, config, now)
-    assert await migrate(db, subscriptions) == {SUBSCRIPTIONS: 1, NOTIFICATIONS: 1, LOT_PAYMENTS: 0}
+    assert await migrate(db, subscriptions, config) == changed(1, 1)
     assert await db.stripe_subscriptions.count_documents({"_id": f"sub_{late}"}) == 1
 
 
 async def test_workers_starting_together_keep_each_subscription_once(
-    fresh_db: Database, now: datetime
+    fresh_db: Database, config: BillingConfig, now: datetime
 ) -> None:
     """Standings over several pages, some subscriptions already kept, two migrations at once."""
     db = fresh_db
@@ -75,14 +86,15 @@ async def test_workers_starting_together_keep_each_subscription_once(
         [{"_id": f"sub_{org}", "org_id": org, "status": "canceled"} for org in orgs[::7]])
     subscriptions = Subscriptions(db)
 
-    results = await asyncio.gather(migrate(db, subscriptions), migrate(db, subscriptions))
+    results = await asyncio.gather(migrate(db, subscriptions, config),
+                                   migrate(db, subscriptions, config))
     assert sum(r[SUBSCRIPTIONS] for r in results) == len(orgs) - len(orgs[::7])
     assert await db.stripe_subscriptions.count_documents({}) == len(orgs)
     kept_before = await db.stripe_subscriptions.find_one({"_id": f"sub_{orgs[0]}"})
     assert kept_before is not None and kept_before["status"] == "canceled"
     moved = await db.stripe_subscriptions.find_one({"_id": f"sub_{orgs[-2]}"})
     assert moved is not None and (moved["org_id"], moved["status"]) == (orgs[-2], "active")
-    assert await migrate(db, subscriptions) == {SUBSCRIPTIONS: 0, NOTIFICATIONS: 0, LOT_PAYMENTS: 0}
+    assert await migrate(db, subscriptions, config) == changed()
 
 
 async def test_purchased_lots_move_their_indexes_to_lot_payments(
@@ -107,10 +119,71 @@ async def test_purchased_lots_move_their_indexes_to_lot_payments(
         IndexModel([("charge", ASCENDING)], name="charge")])
     assert await ledger.find_purchase_lots(payment_intent="pi_old", charge=None) == []
 
-    changed = await migrate(db, Subscriptions(db))
-    assert changed[LOT_PAYMENTS] == 1
+    moved = await migrate(db, Subscriptions(db), config)
+    assert moved[LOT_PAYMENTS] == 1
     assert not set(LOTS_PAYMENT_INDEXES) & set(await db.lots.index_information())
     by_intent = await ledger.find_purchase_lots(payment_intent="pi_old", charge=None)
     by_charge = await ledger.find_purchase_lots(payment_intent=None, charge="ch_old")
     assert [lot["units"] for lot in by_intent] == [lot["units"] for lot in by_charge] == [500]
-    assert (await migrate(db, Subscriptions(db)))[LOT_PAYMENTS] == 0
+    assert (await migrate(db, Subscriptions(db), config))[LOT_PAYMENTS] == 0
+
+
+async def legacy_holds(db: Database, config: BillingConfig, at: datetime) -> tuple[str, str]:
+    """Two organizations as the release that kept active holds in `holds` left them (the
+    `active` index, `until` while a hold counts, `hold_locks`): one with this week's meter open,
+    one without; a hold settled and one expired beside the ones that count."""
+    await db.holds.create_indexes([IndexModel([("org_id", ASCENDING), ("until", ASCENDING)],
+                                              name="active")])
+    metered, unmetered = (f"org-mig-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    meters = Meters(db, config)
+    for org in (metered, unmetered):
+        await Accounts(db, config).register(org, at)
+    await meters.record(usage(metered, "before", units=50), at)
+
+    def hold(org: str, hold_id: str, units: int, expires_at: datetime, counts: bool) -> Doc:
+        doc = {"_id": f"{org}/{hold_id}", "org_id": org, "hold_id": hold_id, "units": units,
+               "expires_at": expires_at, "remaining": 0, "created_at": at}
+        return {**doc, "until": expires_at} if counts else doc
+
+    later = at + timedelta(seconds=900)
+    await db.holds.insert_many([
+        hold(metered, "a", 100, later, True), hold(metered, "settled", 7, later, False),
+        hold(metered, "expired", 9, at - timedelta(seconds=1), True),
+        hold(unmetered, "b", 200, later, True), hold(unmetered, "c", 30, later, True)])
+    await db["hold_locks"].insert_many([{"_id": metered, "grants": 3},
+                                        {"_id": unmetered, "grants": 2}])
+    return metered, unmetered
+
+
+async def test_active_holds_move_onto_meters_once(
+    fresh_db: Database, config: BillingConfig
+) -> None:
+    """Every hold that still counts moves onto its organization's meter of this week (opened
+    when needed) and counts as before; two workers starting together move each once; the
+    retired index and collection go, and a later start moves nothing, not even a moved hold
+    settled since."""
+    db, at = fresh_db, utcnow()
+    metered, unmetered = await legacy_holds(db, config, at)
+    subscriptions = Subscriptions(db)
+
+    results = await asyncio.gather(migrate(db, subscriptions, config),
+                                   migrate(db, subscriptions, config))
+    assert sum(r[HOLDS] for r in results) == 3
+    meters = Meters(db, config)
+    assert (await meters.gate(metered, at)).held == 100
+    assert (await meters.gate(unmetered, at)).held == 230
+    assert [h.hold_id for h in await active_in(db, unmetered, at)] == ["b", "c"]
+    assert "active" not in await db.holds.index_information()
+    assert "hold_locks" not in await db.db.list_collection_names()
+
+    assert await release(db, unmetered, "b", at)
+    assert (await meters.record(usage(metered, "a", units=60, hold_id="a"), at)).applied
+    assert await migrate(db, subscriptions, config) == changed()
+    # a start that stopped after moving the holds, before dropping the index: nothing comes back
+    await db.holds.create_indexes([IndexModel([("org_id", ASCENDING), ("until", ASCENDING)],
+                                              name="active")])
+    assert await migrate(db, subscriptions, config) == changed()
+    assert "active" not in await db.holds.index_information()
+    assert (await meters.gate(metered, at)).held == 0
+    assert (await meters.gate(unmetered, at)).held == 30
+    assert (await meters.current(metered, at)).used == 110

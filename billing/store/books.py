@@ -13,7 +13,9 @@ balance, debts, notification counter and top-up state together). Transactions ru
 snapshot, and MongoDB refuses with a write conflict the write of a document that another
 transaction changed since that snapshot, so a unit of work that planned on an account read
 before someone else's change restarts and plans again (`run_in_transaction`). Every change of
-money writes its account; that is what serializes them per organization.
+money writes its account; that is what serializes them per organization. Likewise every grant,
+settlement or release of a balance hold writes the meter that keeps it (`reserve`, `unreserve`),
+which serializes the holds of an organization across processes (SPEC §5.11).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from billing.auto_topup import AutoTopUp, month_of, should_trigger, triggered
 from billing.errors import NotFound, OrgNotFound
+from billing.holds import Reservation
 from billing.ledger import (
     Clawback,
     Debt,
@@ -91,6 +94,7 @@ class _MeterChange:
     used: int = 0
     overflow: int = 0
     sets: Doc = field(default_factory=dict)
+    holds: bool = False  # a hold was granted, settled or released
 
 
 @dataclass(frozen=True)
@@ -199,12 +203,12 @@ class Books:
         key = (meter.org_id, meter.week)
         self.meters[key] = meter
         self._new_meters.add(key)
-        self._meter_changes.setdefault(key, _MeterChange())
+        self._meter_change(meter)
         return meter
 
     def add_usage(self, meter: MeterWeek, units: int, overflow: int = 0) -> None:
         meter.used += units
-        change = self._meter_changes.setdefault((meter.org_id, meter.week), _MeterChange())
+        change = self._meter_change(meter)
         change.used += units
         change.overflow += overflow
 
@@ -212,8 +216,25 @@ class Books:
         """Set fields of the meter (`runaway_alerted`, `reset_at`, `settled`) at `flush`."""
         for name, value in fields.items():
             setattr(meter, name, value)
-        self._meter_changes.setdefault((meter.org_id, meter.week), _MeterChange()).sets.update(
-            fields)
+        self._meter_change(meter).sets.update(fields)
+
+    def reserve(self, meter: MeterWeek, reservation: Reservation) -> None:
+        """Keep a granted hold on the meter of the week it is granted in."""
+        meter.holds.append(reservation)
+        self._meter_change(meter).holds = True
+
+    def unreserve(self, meter: MeterWeek, hold_id: str, now: datetime) -> bool:
+        """Take hold `hold_id` off the meter (settled or released) if it counts at `now`; False,
+        and nothing changes, when it does not (not on this meter, expired)."""
+        kept = [h for h in meter.holds if h.hold_id != hold_id or not h.active(now)]
+        if len(kept) == len(meter.holds):
+            return False
+        meter.holds = kept
+        self._meter_change(meter).holds = True
+        return True
+
+    def _meter_change(self, meter: MeterWeek) -> _MeterChange:
+        return self._meter_changes.setdefault((meter.org_id, meter.week), _MeterChange())
 
     # ---- planning: the ledger -------------------------------------------------------------------
 
@@ -339,16 +360,27 @@ class Books:
         changes, self._meter_changes = self._meter_changes, {}
         new, self._new_meters = self._new_meters, set()
         if new:
+            for key in new:
+                _prune(self.meters[key], now)
             opened = [self.meters[key].new_doc(changes[key].overflow, now) for key in sorted(new)]
             await insert(self.db.meters, opened, self.session)
             for doc in opened:
                 self.meters[(doc["org_id"], doc["week"])].id = doc["_id"]
-        updates = [UpdateOne({"_id": self.meters[key].id},
-                             {"$inc": {"used": change.used, "overflow": change.overflow},
-                              "$set": {**change.sets, "updated_at": now}})
+        updates = [self._meter_update(self.meters[key], change, now)
                    for key, change in changes.items() if key not in new]
         if updates:
             await self.db.meters.bulk_write(updates, ordered=False, session=self.session)
+
+    @staticmethod
+    def _meter_update(meter: MeterWeek, change: _MeterChange, now: datetime) -> UpdateOne:
+        """A meter's increments and fields; its holds when they changed or some expired (pruned
+        whenever the meter is written anyway: an expired hold counts for nothing already)."""
+        sets = {**change.sets, "updated_at": now}
+        if _prune(meter, now) or change.holds:
+            sets["holds"] = meter.holds_doc()
+        return UpdateOne({"_id": meter.id},
+                         {"$inc": {"used": change.used, "overflow": change.overflow},
+                          "$set": sets})
 
     async def _flush_lots(self) -> None:
         if self._new_lots:  # first: a draw of this unit of work may take from one of them
@@ -434,6 +466,14 @@ class Books:
 
     def _change(self, org_id: str) -> _Changed:
         return self._changed.setdefault(org_id, _Changed())
+
+
+def _prune(meter: MeterWeek, now: datetime) -> bool:
+    """Drop the holds expired at `now` from the meter; True when there were some."""
+    active = [h for h in meter.holds if h.active(now)]
+    pruned = len(active) != len(meter.holds)
+    meter.holds = active
+    return pruned
 
 
 async def notify(db: Database, session: AsyncClientSession | None, *, org_id: str, type: str,

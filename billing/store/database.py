@@ -54,10 +54,9 @@ INDEXES: dict[str, list[IndexModel]] = {
     # secondary index. Databases created before keep `LEGACY_USAGE_KEY` (RUNBOOKS). A week's
     # overflow is counted on its meter.
     "usage": [],
-    # Balance holds (`billing.store.holds`): an organization's active ones are `until > now`.
-    "holds": [IndexModel([("org_id", ASCENDING), ("until", ASCENDING)], name="active")],
-    # One document per organization that has asked for a hold: the write its grants conflict on.
-    "hold_locks": [],
+    # The record of each balance hold granted, read by `_id` only: the holds that count are
+    # kept on the meters (`billing.store.holds`).
+    "holds": [],
     "subscriptions": [
         IndexModel([("stripe_customer_id", ASCENDING)], name="stripe_customer"),
         IndexModel([("stripe_subscription_id", ASCENDING)], name="stripe_subscription"),
@@ -163,10 +162,6 @@ class Database:
     @property
     def holds(self) -> AsyncCollection[Doc]:
         return self.db["holds"]
-
-    @property
-    def hold_locks(self) -> AsyncCollection[Doc]:
-        return self.db["hold_locks"]
 
     @property
     def subscriptions(self) -> AsyncCollection[Doc]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from bson import ObjectId
 
+from billing.holds import Reservation
 from billing.ledger import Debt, EntryKind, OpenLot
 from billing.store.database import Doc
 
@@ -66,7 +67,8 @@ class Account:
 @dataclass
 class MeterWeek:
     """One organization's meter for one ISO week (`meters`): `used` against the quota of the
-    plan snapshot it is metered on, and `overflow`, every unit debited past that quota.
+    plan snapshot it is metered on, `overflow`, every unit debited past that quota, and `holds`,
+    the balance holds granted in the week that may still count (SPEC §5.11).
 
     `id` is None for a week opened by the unit of work that holds it (inserted at its write)."""
 
@@ -80,6 +82,7 @@ class MeterWeek:
     runaway_alerted: bool = False
     reset_at: datetime | None = None
     settled: int = 0
+    holds: list[Reservation] = field(default_factory=list)
 
     @classmethod
     def from_doc(cls, doc: Doc) -> MeterWeek:
@@ -87,7 +90,14 @@ class MeterWeek:
                    quota=int(doc["quota"]), plan_id=str(doc["plan_id"]),
                    ratio_version=doc.get("ratio_version"), id=doc["_id"],
                    runaway_alerted=bool(doc.get("runaway_alerted")),
-                   reset_at=doc.get("reset_at"), settled=int(doc.get("settled", 0)))
+                   reset_at=doc.get("reset_at"), settled=int(doc.get("settled", 0)),
+                   holds=[Reservation(h["hold_id"], int(h["units"]), h["expires_at"])
+                          for h in doc.get("holds", ())])
+
+    def holds_doc(self) -> list[Doc]:
+        """The `holds` field: each hold's id, units and expiry."""
+        return [{"hold_id": h.hold_id, "units": h.units, "expires_at": h.expires_at}
+                for h in self.holds]
 
     def new_doc(self, overflow: int, now: datetime) -> Doc:
         """The document of a week opened now. `overflow_counted`: its `overflow` counts every
@@ -101,6 +111,8 @@ class MeterWeek:
             doc["runaway_alerted"] = True
         if self.reset_at is not None:
             doc.update(reset_at=self.reset_at, settled=self.settled)
+        if self.holds:
+            doc["holds"] = self.holds_doc()
         return doc
 
 

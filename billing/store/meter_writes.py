@@ -3,7 +3,8 @@
 
 A record increments its week's meter (opening it with the plan snapshot when it is the week's
 first), debits the overflow from extras (ledger key `usage:<run_id>:<step>`), raises the alerts
-it crosses, and is stored with the response it answered (`usage_doc`).
+it crosses, and is stored with the response it answered (`usage_doc`). A balance hold is kept on
+its week's meter too (`reserve`, SPEC §5.11).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from billing.config import BillingConfig, PlanConfig
+from billing.holds import Reservation
 from billing.ledger import EntryKind
 from billing.metering import (
     Metered,
@@ -79,6 +81,13 @@ class MeterWrites:
         if meter is not None:
             return meter, self.config.plan(meter.plan_id)
         return None, self.opening_plan(books.account(org_id), books.status(org_id))
+
+    def reserve(self, books: Books, org_id: str, reservation: Reservation, week: str) -> None:
+        """Keep a granted hold on the week's meter, opening the week with the plan it would open
+        with when it is not open yet (statuses loaded)."""
+        meter, plan = self.plan_of(books, org_id, week)
+        books.reserve(meter or books.open_meter(self.opened(books.account(org_id), plan, week)),
+                      reservation)
 
     async def record(self, books: Books, request: UsageRequest, metered: Metered,
                      plan: PlanConfig, now: datetime, week: str) -> tuple[UsageResult, Doc]:

@@ -6,12 +6,13 @@ plan it is metered on (`quota`, `plan_id`, `ratio_version`), kept live by plan c
 Recording usage is the hot path and takes no workflow. A record increments the meter, debits
 the overflow (ledger key `usage:<run_id>:<step>`), writes the notifications it triggers, inserts
 the usage record, which carries the response, and settles the balance hold it names (SPEC
-§5.11), all in one transaction, planned on the write engine (`billing.store.books`) with the
-meter rules of `billing.store.meter_writes`. The record's `_id` is its key
-`(org_id, run_id, step)` (`usage_id`), so a replay aborts that transaction on a duplicate key
-(as the ledger key does); the stored first result is then returned with `applied: false`. The
-key is the `_id` rather than a unique secondary index because on the embedded server every
-index entry costs each insert about as much as the document itself.
+§5.11: the hold comes off the meter that keeps it), all in one transaction, planned on the write
+engine (`billing.store.books`) with the meter rules of `billing.store.meter_writes`. The
+record's `_id` is its key `(org_id, run_id, step)` (`usage_id`), so a replay aborts that
+transaction on a duplicate key (as the ledger key does); the stored first result is then
+returned with `applied: false`. The key is the `_id` rather than a unique secondary index
+because on the embedded server every index entry costs each insert about as much as the
+document itself.
 
 Records and holds of a process are committed in groups (`billing.store.usage_group`): share
 one `Meters` per process.
@@ -27,7 +28,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from billing.config import BillingConfig
 from billing.errors import BillingError, InvalidInput, OrgNotFound
-from billing.holds import Hold, HoldRequest, Refusal, held
+from billing.holds import Hold, HoldRequest, Refusal, Reservation, held
 from billing.ledger import EntryKind
 from billing.metering import Gate, UsageRequest, plan_quota, quota_gate, settlement_units
 from billing.models import ResetOrgResult
@@ -108,27 +109,25 @@ class Meters:
         account = await self.db.accounts.find_one({"_id": org_id})
         if account is None:
             raise OrgNotFound(org_id)
-        meter = await self.db.meters.find_one({"org_id": org_id, "week": iso_week(now)})
+        meters = await holds.read_meters(self.db, org_id, now)  # this week's and the holds'
         subscription = await self.db.subscriptions.find_one(
             {"_id": org_id}, {"status": 1, "past_due_since": 1})
-        active = (await holds.active_in(self.db, None, [org_id], now))[org_id]
-        return self._gate(Account.from_doc(account),
-                          None if meter is None else MeterWeek.from_doc(meter),
+        active = [h for meter in meters.values() for h in meter.holds]
+        return self._gate(Account.from_doc(account), meters.get(iso_week(now)),
                           subscription or {}, active, now)
 
-    def _gate_of(self, books: Books, org_id: str, active: list[Hold],
-                 now: datetime) -> tuple[Gate, str]:
+    def _gate_of(self, books: Books, org_id: str, now: datetime) -> tuple[Gate, str]:
         """The gate of an organization a group commit read, and the plan its units are priced
         on (a hold's costs, like a record's)."""
         gate, view = self._gate(books.account(org_id), books.meter(org_id, iso_week(now)),
-                                books.status(org_id), active, now)
+                                books.status(org_id), holds.active(books, org_id, now), now)
         return gate, view.plan_id
 
     def _gate(self, account: Account, meter: MeterWeek | None, subscription: Doc,
-              active: list[Hold], now: datetime) -> tuple[Gate, MeterView]:
+              active: list[Reservation], now: datetime) -> tuple[Gate, MeterView]:
         """The gate and the meter view of an organization from what was read of it: its account,
         this week's meter (None: not opened yet, shown with the plan it would open with), its
-        subscription and its active holds."""
+        subscription and its holds (those expired at `now` count for nothing)."""
         week = iso_week(now)
         reserved = held(active, now)
         if meter is None:
@@ -151,11 +150,10 @@ class Meters:
 
         The hold joins the group commit (`billing.store.usage_group`): the holds of a process
         are decided in memory one after the other, with the records around them, inside shared
-        transactions,
-        so they never conflict with each other. Across processes, every transaction that grants
-        a hold bumps its organization's hold lock (`billing.store.holds.lock_in`): grants that
-        run at once write-conflict, MongoDB orders them, and the loser starts again and sees
-        the winner's hold."""
+        transactions, so they never conflict with each other. Across processes, every
+        transaction that grants a hold writes the meter that keeps it (`billing.store.holds`):
+        grants that run at once write-conflict, MongoDB orders them, and the loser starts again
+        and sees the winner's hold."""
         check_org_id(org_id)
         result = await self._commit.submit(HoldOrder(org_id, request), now)
         assert not isinstance(result, UsageResult)

@@ -7,18 +7,24 @@ import contextlib
 
 from pymongo.errors import OperationFailure
 
+from billing.clock import utcnow
+from billing.config import BillingConfig
 from billing.store.database import LOTS_PAYMENT_INDEXES, Database
 from billing.store.documents import lot_payment
+from billing.store.holds import move_to_meters
+from billing.store.meter_writes import MeterWrites
 from billing.store.notifications import assign_missing_seqs
 from billing.store.subscriptions import Subscriptions
 
 
-async def migrate(db: Database, subscriptions: Subscriptions) -> dict[str, int]:
+async def migrate(db: Database, subscriptions: Subscriptions,
+                  config: BillingConfig) -> dict[str, int]:
     """Run every step; returns how many documents each one changed."""
     return {
         "subscriptions kept one by one": await subscriptions.migrate(),
         "notifications numbered": await assign_missing_seqs(db),
         "purchased lots indexed in lot_payments": await index_lot_payments(db),
+        "active holds moved to meters": await move_to_meters(db, MeterWrites(config), utcnow()),
     }
 
 

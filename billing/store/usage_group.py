@@ -10,6 +10,9 @@ no other path.
 A group is one unit of work on the write engine (`billing.store.books.Books`): the accounts,
 meters and open lots it touches are read once, each member is decided in memory in arrival
 order with the meter rules (`billing.store.meter_writes`), and everything is written in bulk.
+Balance holds are kept on the meters (`billing.store.holds`): a grant costs the group its
+organization's meter write (one per organization and group, shared with its records) and the
+hold's record in `holds`; a settlement costs the record nothing beyond its own meter write.
 A usage record's `_id` is its idempotency key, so a replay stored before makes the insert fail
 on a duplicate key: the group then runs again reading its stored records first, so a batch sent
 again answers its replays in one transaction. A duplicate key that still happens (another
@@ -24,7 +27,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
 
-from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
 
@@ -79,9 +81,9 @@ class _Pending:
             self.result.set_result(result)
 
 
-#: What a group decides holds with: an organization's quota gate and the plan id its units
-#: are priced on, from what the group read of it and its active holds (`Meters._gate_of`).
-Gates = Callable[[Books, str, list[Hold], datetime], tuple[Gate, str]]
+#: What a group decides holds with: an organization's quota gate at a moment and the plan id its
+#: units are priced on, from what the group read of it (`Meters._gate_of`).
+Gates = Callable[[Books, str, datetime], tuple[Gate, str]]
 
 
 class GroupCommit:
@@ -175,10 +177,11 @@ class GroupCommit:
 class _Group:
     """One group's unit of work: read once, decide in arrival order, write in bulk.
 
-    Balance holds are decided on the same accounts and meters plus their organizations'
-    subscriptions and active holds, in arrival order with the records (a record that settles
-    a hold frees it for the holds after it); the holds granted are inserted in bulk, and each
-    of their organizations' hold locks bumped once (`billing.store.holds.lock_in`).
+    Balance holds are decided on the same accounts and meters (this week's and those that may
+    keep active holds, `billing.store.holds.keeping`) plus their organizations' subscriptions,
+    in arrival order with the records (a record that settles a hold takes it off its meter and
+    so frees it for the holds after it); the holds granted go on their meters and their records
+    are inserted in bulk.
 
     A record repeating the key of an earlier one in the group answers that one's result; with
     `replays`, records and holds already stored are read first and answer their stored result.
@@ -195,15 +198,12 @@ class _Group:
         self.replays = replays
         self.books = Books(commit.db, session)
         self.records: list[Doc] = []  # the usage records to insert
-        self.settles: list[UpdateOne] = []  # holds the records settle
         self.first: dict[str, UsageResult] = {}  # by key: a key repeated in the group answers it
         self.stored: dict[str, Doc] = {}  # with `replays`: records stored before, by key
         self.metered: dict[int, tuple[str, Metered]] = {}  # by member: (plan id, its units)
-        self.active: dict[str, list[Hold]] = {}  # per organization, as the group leaves them
         self.granted: dict[str, Hold] = {}  # by key: a key repeated in the group answers it
         self.stored_holds: dict[str, Hold] = {}
         self.hold_docs: list[Doc] = []
-        self.to_lock: set[str] = set()
 
     async def apply(self) -> list[Outcome | BillingError]:
         await self._read()
@@ -229,15 +229,14 @@ class _Group:
     async def _read(self) -> None:
         """Read what the group is decided on, one query per collection."""
         weeks = {(p.request.org_id, iso_week(p.now)) for p in self.members}
-        await self.books.load({org for org, _ in weeks}, weeks)
+        holding = {key for p in self.members if _holds(p.request)
+                   for key in holds.keeping(p.request.org_id, p.now)}
+        await self.books.load({org for org, _ in weeks}, weeks | holding)
         orders = [p for p in self.members if isinstance(p.request, HoldOrder)]
-        hold_orgs = {p.request.org_id for p in orders}
         await self.books.load_statuses(
-            {org for org, week in weeks if self.books.meter(org, week) is None} | hold_orgs)
+            {org for org, week in weeks if self.books.meter(org, week) is None}
+            | {p.request.org_id for p in orders})
         await self.books.load_lots(self._overflowing())
-        if orders:
-            since = min(p.now for p in orders)
-            self.active = await holds.active_in(self.db, self.session, sorted(hold_orgs), since)
         if not self.replays:
             return
         keys = [usage_id(p.request) for p in self.members if isinstance(p.request, UsageRequest)]
@@ -289,9 +288,8 @@ class _Group:
         result, doc = await self.writes.record(self.books, request, metered, plan, now, week)
         self.records.append(doc)
         self.first[key] = result
-        if request.hold_id is not None:
-            self.settles.append(holds.settle(request.org_id, request.hold_id, key, now))
-            self._settled(request.org_id, request.hold_id, now)
+        if request.hold_id is not None:  # settled only if it still counts: never twice
+            holds.free(self.books, request.org_id, request.hold_id, now)
         return result
 
     def _decide_hold(self, order: HoldOrder, now: datetime) -> Hold | Refusal:
@@ -301,7 +299,7 @@ class _Group:
         key = hold_key(org_id, request.hold_id)
         if key in self.stored_holds or key in self.granted:
             return self.stored_holds.get(key) or self.granted[key]
-        gate, plan_id = self.commit.gates(self.books, org_id, self.active[org_id], now)
+        gate, plan_id = self.commit.gates(self.books, org_id, now)
         units = request.units
         if units is None:
             config = self.writes.config
@@ -309,28 +307,23 @@ class _Group:
         decided = decide_hold(gate, hold_id=request.hold_id, units=units,
                               ttl_seconds=request.ttl_seconds, now=now)
         if isinstance(decided, Hold):
-            self.active[org_id].append(decided)
+            self.writes.reserve(self.books, org_id, decided.reservation(), iso_week(now))
             self.granted[key] = decided
             self.hold_docs.append(holds.hold_doc(org_id, decided, now))
-            self.to_lock.add(org_id)
         return decided
 
-    def _settled(self, org_id: str, hold_id: str, now: datetime) -> None:
-        """A record settled `hold_id`: it no longer counts for the group's next holds."""
-        if org_id in self.active:
-            self.active[org_id] = [hold for hold in self.active[org_id]
-                                   if hold.hold_id != hold_id or not hold.active(now)]
-
     async def _flush(self) -> None:
-        """Write what the group decided: the usage records first (a replay's duplicate key shows
-        there), the holds, then the write engine's meters, ledger and notifications."""
+        """Write what the group decided: the usage records and the holds' records first (a
+        replay's duplicate key shows there), then the write engine's meters (with the holds
+        granted and settled), ledger and notifications."""
         if self.records:
             await insert(self.db.usage, self.records, self.session)
-        if self.to_lock:
-            await holds.lock_in(self.db, self.session, self.to_lock)
-        if self.hold_docs:  # before the settlements: a record may settle a hold of the group
+        if self.hold_docs:
             await insert(self.db.holds, self.hold_docs, self.session)
-        if self.settles:
-            await self.db.holds.bulk_write(self.settles, ordered=True, session=self.session)
         await self.books.flush(self.members[-1].now)
+
+
+def _holds(request: UsageRequest | HoldOrder) -> bool:
+    """Whether a member reads or writes its organization's holds: a hold, a record settling one."""
+    return isinstance(request, HoldOrder) or request.hold_id is not None
 

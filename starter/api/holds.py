@@ -83,7 +83,7 @@ async def create_hold(org: str, body: HoldRequest, store: MetersDep) -> HoldResp
 async def active(org: str, runtime: RuntimeDep) -> HoldsResponse:
     """The organization's active holds (`GET /v1/orgs/{org}/holds`, `billing holds`)."""
     await runtime.accounts.get(org)
-    found = (await holds.active_in(runtime.db, None, [org], utcnow()))[org]
+    found = await holds.active_in(runtime.db, org, utcnow())
     return HoldsResponse(holds=[ActiveHold(hold_id=h.hold_id, units=h.units,
                                            expires_at=h.expires_at) for h in found])
 
