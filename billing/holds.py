@@ -11,11 +11,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
-from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-from billing.metering import MAX_UNITS, PAYMENT_PAST_DUE, Cost, CostKey, Gate, RunId
+from billing.metering import (
+    MAX_UNITS,
+    PAYMENT_PAST_DUE,
+    Cost,
+    CostKey,
+    Gate,
+    RunId,
+    costs_or_units,
+)
 from billing.weeks import iso_week, previous_week
 
 INSUFFICIENT_UNITS = "INSUFFICIENT_UNITS"
@@ -39,11 +46,7 @@ class HoldRequest(BaseModel):
                                    description="the hold stops counting this long after it "
                                                "is granted")
 
-    @model_validator(mode="after")
-    def _costs_or_units(self) -> Self:
-        if self.costs is not None and self.units is not None:
-            raise ValueError("give either costs or units, not both")
-        return self
+    _costs_or_units = model_validator(mode="after")(costs_or_units)
 
 
 @dataclass(frozen=True)

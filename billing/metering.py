@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal
-from typing import Annotated, Self
+from typing import Annotated, Protocol, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -54,6 +54,25 @@ Cost = StrictInt | StrictFloat | Annotated[Decimal, Field(ge=-MAX_COST, le=MAX_C
 MAX_UNITS = 2**63 - 1
 
 
+class _Priced(Protocol):
+    @property
+    def costs(self) -> object: ...
+
+    @property
+    def units(self) -> object: ...
+
+
+PricedT = TypeVar("PricedT", bound=_Priced)
+
+
+def costs_or_units(model: PricedT) -> PricedT:
+    """The validator of every request priced as usage (a record, a hold): dollar `costs` or
+    `units`, never both (a 422)."""
+    if model.costs is not None and model.units is not None:
+        raise ValueError("give either costs or units, not both")
+    return model
+
+
 class UsageRequest(BaseModel):
     """One usage record (`POST /v1/usage`): dollar `costs` (null: a run with no costs) or
     `units` measured by the caller, never both."""
@@ -70,11 +89,7 @@ class UsageRequest(BaseModel):
                                   "it in the same transaction; an unknown, expired or settled "
                                   "hold changes nothing and the record is counted all the same")
 
-    @model_validator(mode="after")
-    def _costs_or_units(self) -> Self:
-        if self.costs is not None and self.units is not None:
-            raise ValueError("give either costs or units, not both")
-        return self
+    _costs_or_units = model_validator(mode="after")(costs_or_units)
 
 
 @dataclass(frozen=True)
