@@ -11,7 +11,7 @@ command of these paths is an index lookup (`tests/test_query_shapes.py` guards t
 - usage within quota and overflowing: `Meters.record`, the function behind `POST /v1/usage`;
 - registration: `Accounts.register`, behind `PUT /v1/orgs/{org}`;
 - a purchase: the ledger transaction a `payment_intent.succeeded` writes (the payment intent's
-  lots looked up, the account locked and opened if new, the lot and the entry written).
+  lots looked up, the lot, the entry and the account (opened if new) written).
 
 The results go to the `growth` section of BENCHMARKS.md.
 """
@@ -156,7 +156,7 @@ def report(small: dict[str, float], grown: dict[str, float], sizes: tuple[dict[s
     labels = {"within": "usage within quota (`Meters.record`)",
               "overflow": "usage overflowing (ledger debit in the same transaction)",
               "register": "registration (`PUT /v1/orgs/{org}`)",
-              "purchase": "purchase transaction (paid-for lookup, lock, lot, entry)"}
+              "purchase": "purchase transaction (paid-for lookup, lot, entry, account)"}
     before, after = sizes
     lines = [
         "## Growth (`bench/growth.py`; cost must not grow with data)",
