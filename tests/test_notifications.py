@@ -51,6 +51,17 @@ async def test_concurrent_notifications_get_a_gapless_sequence_and_page_oldest_f
                           params={"limit": 201})).status_code == 422
 
 
+async def test_a_position_past_any_sequence_number_is_refused(
+    api: AsyncClient, accounts: Accounts, org: str, now: datetime
+) -> None:
+    """`after` beyond a 64-bit integer cannot be asked of MongoDB: a 422, not a 500."""
+    await accounts.register(org, now)
+    response = await api.get(f"/v1/orgs/{org}/notifications", params={"after": 2**63})
+    assert response.status_code == 422
+    last = await api.get(f"/v1/orgs/{org}/notifications", params={"after": 2**63 - 1})
+    assert last.status_code == 200 and last.json()["notifications"] == []
+
+
 async def test_the_feed_misses_nothing_while_usage_keeps_writing(
     api: AsyncClient, accounts: Accounts, db: Database, org: str, now: datetime
 ) -> None:

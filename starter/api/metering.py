@@ -24,6 +24,9 @@ from billing.store.notifications import feed
 from starter.api.deps import RuntimeDep, StateDep, v1_router
 from starter.api.errors import ErrorBody, ErrorResponse
 
+#: The largest `seq` a query can name: a BSON 64-bit integer (larger ones are a 422).
+SEQ_MAX = 2**63 - 1
+
 router = v1_router(
     tags=["metering"],
     responses={
@@ -156,7 +159,7 @@ async def quota(org: str, store: MetersDep) -> QuotaResponse:
 @router.get("/orgs/{org}/notifications", response_model=NotificationsResponse,
             summary="Notifications, oldest first, after a sequence number")
 async def notifications(
-    org: str, runtime: RuntimeDep, after: Annotated[int, Query(ge=0)] = 0,
+    org: str, runtime: RuntimeDep, after: Annotated[int, Query(ge=0, le=SEQ_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 100,
 ) -> NotificationsResponse:
     """Every notification has a per-organization `seq` without gaps: keep `next_after` (or the
