@@ -122,7 +122,7 @@ class Books:
         self._new_lots: list[Doc] = []
         self._draws: dict[str, int] = {}
         self._lot_updates: list[UpdateOne] = []
-        self._entries: list[Entry] = []
+        self._entries: list[Doc] = []  # built once: the same document answers and is inserted
         self._notes: list[_Note] = []
         self._triggers: list[Doc] = []
         #: `(org_id, key)` of the notifications the last `flush` wrote
@@ -257,14 +257,15 @@ class Books:
             await self._draw(account, entry, claw, lot_id)
         account.balance += amount
         entry.balance_after = account.balance
-        self._entries.append(entry)
+        doc = entry.to_doc()
+        self._entries.append(doc)
         changed = self._change(org_id)
         changed.entries += 1
         changed.balance += amount
         changed.debts = True
         if amount < 0:
             self._trigger(account, before, now)
-        return LedgerResult(True, entry.to_doc(), account.balance)
+        return LedgerResult(True, doc, account.balance)
 
     async def _credit(self, account: Account, entry: Entry, terms: LotTerms) -> None:
         repay = plan_credit(account.debt, entry.amount,
@@ -347,9 +348,9 @@ class Books:
         await self._flush_lots()
         if self._entries:
             entries, self._entries = self._entries, []
-            await insert(self.db.ledger, [entry.to_doc() for entry in entries], self.session)
+            await insert(self.db.ledger, entries, self.session)
             for entry in entries:
-                after_commit(self.session, LEDGER_ENTRIES.labels(entry.kind.value).inc)
+                after_commit(self.session, LEDGER_ENTRIES.labels(entry["kind"]).inc)
         if self._triggers:
             triggers, self._triggers = self._triggers, []
             await insert(self.db[TRIGGERS], triggers, self.session)

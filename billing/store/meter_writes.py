@@ -82,20 +82,22 @@ class MeterWrites:
             return meter, self.config.plan(meter.plan_id)
         return None, self.opening_plan(books.account(org_id), books.status(org_id))
 
-    def reserve(self, books: Books, org_id: str, reservation: Reservation, week: str) -> None:
-        """Keep a granted hold on the week's meter, opening the week with the plan it would open
-        with when it is not open yet (statuses loaded)."""
+    def week_of(self, books: Books, org_id: str, week: str) -> MeterWeek:
+        """The week's meter, opened with the plan it opens on when it is not stored yet (its
+        account and, for a week not open, its status loaded)."""
         meter, plan = self.plan_of(books, org_id, week)
-        books.reserve(meter or books.open_meter(self.opened(books.account(org_id), plan, week)),
-                      reservation)
+        return meter or books.open_meter(self.opened(books.account(org_id), plan, week))
+
+    def reserve(self, books: Books, org_id: str, reservation: Reservation, week: str) -> None:
+        """Keep a granted hold on the week's meter."""
+        books.reserve(self.week_of(books, org_id, week), reservation)
 
     async def record(self, books: Books, request: UsageRequest, metered: Metered,
                      plan: PlanConfig, now: datetime, week: str) -> tuple[UsageResult, Doc]:
         """Count `metered` (priced on `plan`, `plan_of`) on the week's meter: the overflow debited,
         the alerts raised; the answer and the usage record to store."""
         account = books.account(request.org_id)
-        meter = books.meter(request.org_id, week) or books.open_meter(
-            self.opened(account, plan, week))
+        meter = self.week_of(books, request.org_id, week)
         prev_used = meter.used
         books.add_usage(meter, metered.units)
         over = overflow(prev_used, meter.used, meter.quota)

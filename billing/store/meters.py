@@ -181,10 +181,7 @@ class Meters:
         await books.load([org_id], [(org_id, week)])
         await books.load_statuses([org_id])
         account = books.account(org_id)
-        meter = books.meter(org_id, week)
-        if meter is None:
-            meter = books.open_meter(self.writes.opened(
-                account, self.writes.opening_plan(account, books.status(org_id)), week))
+        meter = self.writes.week_of(books, org_id, week)
         previous, previous_quota = meter.plan_id, meter.quota
         await self.db.accounts.update_one(
             {"_id": org_id}, {"$set": {"plan_id": plan_id, "seats": max(seats, 1),
@@ -249,8 +246,7 @@ class Meters:
             await books.load([org_id], [(org_id, week)])
             await books.load_statuses([org_id])
             account = books.account(org_id)
-            meter = books.meter(org_id, week) or books.open_meter(self.writes.opened(
-                account, self.writes.opening_plan(account, books.status(org_id)), week))
+            meter = self.writes.week_of(books, org_id, week)
             if meter.reset_at is not None:
                 return ResetOrgResult(org_id=org_id, week=week, applied=False,
                                       settled=meter.settled, used=meter.used, quota=meter.quota)
