@@ -525,6 +525,16 @@ def output_arg(parser: argparse.ArgumentParser) -> None:
                         help="the file whose section to rewrite")
 
 
+def load_parser(doc: str | None, *, seconds: float, per: str = "load") -> argparse.ArgumentParser:
+    """The options of a benchmark that runs timed loads: `--seconds` per load, `--concurrency`
+    (callers), `--output`; the script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--seconds", type=float, default=seconds, help=f"measured time per {per}")
+    parser.add_argument("--concurrency", type=int, default=16)
+    output_arg(parser)
+    return parser
+
+
 # ---- the worker process (`python bench/common.py worker --kind billing|bare`) ---------------
 
 

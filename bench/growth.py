@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
-from common import TOKEN, load_average, machine_rows, output_arg, stack, write_section
+from common import TOKEN, load_average, load_parser, machine_rows, stack, write_section
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from billing.clock import utcnow
@@ -218,12 +218,9 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=6.0, help="measured time per path")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser = load_parser(__doc__, seconds=6.0, per="path")
     parser.add_argument("--orgs", type=int, default=5000)
     parser.add_argument("--weeks", type=int, default=10)
-    output_arg(parser)
     return parser.parse_args()
 
 

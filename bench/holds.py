@@ -30,8 +30,8 @@ from common import (
     EngineProcess,
     Stack,
     load_average,
+    load_parser,
     machine_rows,
-    output_arg,
     per_op,
     percentile,
     stack,
@@ -387,11 +387,8 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured time per load")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser = load_parser(__doc__, seconds=8.0)
     parser.add_argument("--rounds", type=int, default=20, help="rounds of twenty holds")
-    output_arg(parser)
     return parser.parse_args()
 
 

@@ -29,8 +29,8 @@ from common import (
     Run,
     Stack,
     load_average,
+    load_parser,
     machine_rows,
-    output_arg,
     run_all,
     stack,
     wait_until,
@@ -219,11 +219,8 @@ async def measure(s: Stack, args: argparse.Namespace, load_before: str) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured time per load")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser = load_parser(__doc__, seconds=8.0)
     parser.add_argument("--events", type=int, default=400)
-    output_arg(parser)
     return parser.parse_args()
 
 

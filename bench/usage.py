@@ -31,8 +31,8 @@ from common import (
     TOKEN,
     CommandCounter,
     load_average,
+    load_parser,
     machine_rows,
-    output_arg,
     per_op,
     percentile,
     stack,
@@ -392,10 +392,7 @@ async def measure(uri: str, args: argparse.Namespace, load_before: str) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured time per load")
-    parser.add_argument("--concurrency", type=int, default=16)
-    output_arg(parser)
+    parser = load_parser(__doc__, seconds=8.0)
     return parser.parse_args()
 
 
