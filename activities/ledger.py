@@ -19,7 +19,7 @@ class LedgerActivities:
 
     @activity.defn(name="expire_org_page")
     async def expire_org_page(self, page: SweepPage) -> OrgPage:
-        """Organizations with an expired lot that still holds units, paged by id."""
+        """Organizations with an expired lot the sweep has not looked at yet, paged by id."""
         orgs = await self.runtime.ledger.orgs_with_expired_lots(page.now, page.after, page.limit)
         return OrgPage(org_ids=orgs, next_after=orgs[-1] if len(orgs) == page.limit else None)
 
@@ -27,11 +27,8 @@ class LedgerActivities:
     async def expire_org_lots(self, job: OrgSweep) -> OrgSweepResult:
         """Expire one organization's expired lots, each in its own transaction."""
         expired = units = 0
-        for lot in await self.runtime.ledger.lots(job.org_id):
-            expires_at = lot.get("expires_at")
-            if expires_at is None or expires_at > job.now:
-                continue
-            result = await self.runtime.ledger.expire(job.org_id, lot["_id"], job.now)
+        for lot_id in await self.runtime.ledger.expired_lots(job.org_id, job.now):
+            result = await self.runtime.ledger.expire(job.org_id, lot_id, job.now)
             if result.applied:
                 expired += 1
                 units -= result.amount

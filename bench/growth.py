@@ -72,7 +72,9 @@ async def add_history(db: Database, count: int, weeks: int, tag: str) -> None:
         orgs = [f"grown-{tag}-{i}" for i in range(start, min(start + 500, count))]
         await db.accounts.insert_many([
             {"_id": org, "plan_id": "pro", "balance": 400000, "usage_debt": 0, "other_debt": 0,
-             "seq": 2, "created_at": now, "updated_at": now} for org in orgs])
+             "seq": 2, "lots": [{"id": f"lot_{org}", "remaining": 400000,
+                                 "expires_at": now + timedelta(days=365), "seq": 1}],
+             "created_at": now, "updated_at": now} for org in orgs])
         await db.meters.insert_many([
             {"org_id": org, "week": iso_week(now - timedelta(weeks=w + 1)), "used": 1000 * w,
              "quota": 500000, "plan_id": "pro", "ratio_version": "2026.05",
@@ -80,8 +82,9 @@ async def add_history(db: Database, count: int, weeks: int, tag: str) -> None:
             for org in orgs for w in range(weeks)])
         await db.lots.insert_many([
             {"_id": f"lot_{org}", "org_id": org, "kind": "topup", "key": f"payment:pi_{org}",
-             "seq": 1, "units": 500000, "remaining": 400000, "repaid_debt": 0, "repaid_usage": 0,
-             "line": 1, "expires_at": now + timedelta(days=365), "payment_intent": f"pi_{org}",
+             "seq": 1, "units": 500000, "repaid_debt": 0, "repaid_usage": 0, "line": 1,
+             "expires_at": now + timedelta(days=365), "sweep_at": now + timedelta(days=365),
+             "payment_intent": f"pi_{org}",
              "charge": f"ch_{org}", "checkout_session": None, "pack_id": "pack_500k",
              "price_cents": 4900, "source_lot": None, "clawbacks": [], "clawback_cents": 0,
              "clawed_units": 0, "usage_returned": 0, "created_at": now} for org in orgs])

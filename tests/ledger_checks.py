@@ -15,7 +15,9 @@ from billing.store.database import Database, Doc
 async def violations(db: Database, org: str, now: datetime | None = None) -> list[str]:
     """What breaks SPEC §5.1 in `org`'s documents (nothing: an empty list).
 
-    `balance == sum(entries) == sum(lot.remaining) - debts`, debts never negative and never
+    `balance == sum(entries) == sum(lot.remaining) - debts`, every lot's units left where its
+    entries say (`units - repaid debt - drawn`), on the account only while it has some, debts
+    never negative and never
     beside a live lot, each key once, entries signed by kind and chained by `balance_after`,
     every lot within `0..units`, a reinstated lot keeps its original expiry, and what refunds
     and disputes took from a purchase (every lot of its payment intent, a cart's lines
@@ -25,8 +27,7 @@ async def violations(db: Database, org: str, now: datetime | None = None) -> lis
     if account is None:
         return ["no account"]
     entries = await entries_of(db, org)
-    lots = {lot["_id"]: lot async for lot in db.lots.find({"org_id": org})}
-    found: list[str] = []
+    lots, found = await lots_of(db, account)
     debts = account["usage_debt"], account["other_debt"]
     if min(debts) < 0:
         found.append(f"negative debt {debts}")
@@ -55,8 +56,15 @@ async def violations(db: Database, org: str, now: datetime | None = None) -> lis
             lot.get("expires_at") is None or lot["expires_at"] > moment)]
         if live:
             found.append(f"debt {debts} beside live lots {live}")
+    drawn = Counter[str]()
+    for e in entries:
+        for draw in e.get("draws") or ():
+            drawn[draw["lot_id"]] += draw["units"]
     purchases: dict[str, list[Doc]] = {}
     for lot in lots.values():
+        if lot["remaining"] != lot["units"] - lot["repaid_debt"] - drawn[lot["_id"]]:
+            found.append(f"lot {lot['_id']}: remaining {lot['remaining']} != units - repaid "
+                         f"debt - drawn {lot['units'] - lot['repaid_debt'] - drawn[lot['_id']]}")
         if not 0 <= lot["remaining"] <= lot["units"]:
             found.append(f"lot {lot['_id']}: remaining {lot['remaining']} of {lot['units']}")
         if lot["kind"] == EntryKind.REINSTATEMENT.value and \
@@ -76,6 +84,21 @@ async def violations(db: Database, org: str, now: datetime | None = None) -> lis
             found.append(f"purchase {pi}: refunds and disputes took {clawed}, reinstated "
                          f"{reinstated}, its lots record {recorded} clawed")
     return found
+
+
+async def lots_of(db: Database, account: Doc) -> tuple[dict[str, Doc], list[str]]:
+    """The organization's lot records, each with its units left as its account keeps them (0
+    when not there), and what is wrong with the account's list of open lots."""
+    records = {lot["_id"]: lot async for lot in db.lots.find({"org_id": account["_id"]})}
+    kept = account.get("lots", [])
+    found = [f"lot {lot['id']}: on the account with {lot['remaining']} units left"
+             for lot in kept if lot["remaining"] <= 0 or lot["id"] not in records]
+    ids = [lot["id"] for lot in kept]
+    if len(ids) != len(set(ids)):
+        found.append(f"a lot twice on the account: {ids}")
+    left = {lot["id"]: lot["remaining"] for lot in kept}
+    return {lot_id: {**lot, "remaining": left.get(lot_id, 0)}
+            for lot_id, lot in records.items()}, found
 
 
 async def assert_consistent(db: Database, org: str, now: datetime | None = None) -> Doc:

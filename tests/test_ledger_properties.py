@@ -14,7 +14,7 @@ from functools import partial
 
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-from ledger_checks import assert_consistent
+from ledger_checks import assert_consistent, lots_of
 from ledger_ops import clawback, reinstate
 
 from billing.ledger import EntryKind
@@ -149,7 +149,7 @@ async def check_invariants(db: Database, org: str, now: datetime) -> None:
     or a cart of packs, nothing else on the charge)."""
     account = await assert_consistent(db, org, now)
     entries = [e async for e in db.ledger.find({"org_id": org})]
-    lots = {lot["_id"]: lot async for lot in db.lots.find({"org_id": org})}
+    lots, _ = await lots_of(db, account)
     purchases: dict[str, list[Doc]] = {}
     for lot in sorted(lots.values(), key=lambda lot: lot["seq"]):
         if lot["kind"] == EntryKind.TOPUP.value:

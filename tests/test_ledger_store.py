@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from ledger_checks import assert_consistent, entries_of
+from ledger_checks import assert_consistent, entries_of, lots_of
 from ledger_ops import clawback, reinstate
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
@@ -91,9 +91,12 @@ def lot_of(result: LedgerResult) -> str:
 
 
 async def lot_doc(db: Database, lot_id: str) -> Doc:
+    """The lot's record with its units left as its account keeps them."""
     found = await db.lots.find_one({"_id": lot_id})
     assert found is not None
-    return found
+    account = await db.accounts.find_one({"_id": found["org_id"]})
+    assert account is not None
+    return (await lots_of(db, account))[0][lot_id]
 
 
 # ---- accounts ----------------------------------------------------------------------------------
@@ -256,7 +259,7 @@ async def test_debits_draw_earliest_expiry_first_and_lots_without_expiry_last(
         (never, 100),
         (never_new, 50),
     ]
-    remaining = {x["_id"]: x["remaining"] async for x in db.lots.find({"org_id": org})}
+    remaining = {x["_id"]: x["remaining"] for x in await ledger.lots(org, open_only=False)}
     assert remaining == {soon_old: 0, soon_new: 0, late: 0, never: 0, never_new: 50}
     await assert_consistent(db, org)
 
@@ -330,6 +333,8 @@ async def test_expiry_removes_only_the_unspent_remainder(accounts, ledger, db, o
     )
     assert result.balance == 50
     assert (await lot_doc(db, lot))["remaining"] == 0
+    assert org not in await ledger.orgs_with_expired_lots(later, None, 1000)  # swept
+    assert await ledger.expired_lots(org, later) == []
     replay = await ledger.expire(org, lot, later + timedelta(days=1))
     assert not replay.applied and replay.entry["_id"] == result.entry["_id"]
     assert await db.ledger.count_documents({"org_id": org, "kind": "expiration"}) == 1
@@ -342,9 +347,12 @@ async def test_a_fully_used_lot_expires_silently(accounts, ledger, db, org, now)
         await buy(ledger, org, now, "pi_1", units=1000, expires_at=now + timedelta(days=1))
     )
     await debit(ledger, org, now, "r1", 1000)
-    result = await ledger.expire(org, lot, now + timedelta(days=2))
+    later = now + timedelta(days=2)
+    assert await ledger.expired_lots(org, later) == [lot]  # the sweep looks at it once
+    result = await ledger.expire(org, lot, later)
     assert (result.applied, result.entry, result.balance) == (False, None, 0)
     assert await db.ledger.count_documents({"org_id": org, "kind": "expiration"}) == 0
+    assert org not in await ledger.orgs_with_expired_lots(later, None, 1000)
 
 
 async def test_a_lot_is_not_expired_before_its_time_or_without_expiry(

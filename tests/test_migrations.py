@@ -8,6 +8,7 @@ import uuid
 from datetime import datetime, timedelta
 
 from bson import ObjectId
+from ledger_checks import assert_consistent
 from meter_helpers import usage
 from pymongo import ASCENDING, IndexModel
 
@@ -15,7 +16,13 @@ from billing.clock import utcnow
 from billing.config import BillingConfig
 from billing.ledger import EntryKind
 from billing.store.accounts import Accounts
-from billing.store.database import LOTS_PAYMENT_INDEXES, Database, Doc
+from billing.store.database import (
+    LEGACY_LOTS_REMAINING,
+    LOTS_PAYMENT_INDEXES,
+    SWEEP_AT,
+    Database,
+    Doc,
+)
 from billing.store.documents import LotTerms
 from billing.store.holds import active_in, release
 from billing.store.ledger import Ledger
@@ -27,12 +34,13 @@ SUBSCRIPTIONS = "subscriptions kept one by one"
 NOTIFICATIONS = "notifications numbered"
 LOT_PAYMENTS = "purchased lots indexed in lot_payments"
 HOLDS = "active holds moved to meters"
+LOTS = "accounts given their open lots"
 
 
 def changed(subscriptions: int = 0, notifications: int = 0) -> dict[str, int]:
     """What `migrate` answers when only subscriptions and notifications had to change."""
     return {SUBSCRIPTIONS: subscriptions, NOTIFICATIONS: notifications, LOT_PAYMENTS: 0,
-            HOLDS: 0}
+            HOLDS: 0, LOTS: 0}
 
 
 async def older_release_data(db: Database, config: BillingConfig, now: datetime) -> str:
@@ -187,3 +195,64 @@ async def test_active_holds_move_onto_meters_once(
     assert (await meters.gate(metered, at)).held == 0
     assert (await meters.gate(unmetered, at)).held == 30
     assert (await meters.current(metered, at)).used == 110
+
+
+async def lots_as_an_older_release_kept_them(db: Database, org: str) -> dict[str, int]:
+    """Put `org`'s units left back on its lots (`remaining`, the `org_remaining` index, no
+    `sweep_at`) and take its open lots off its account; returns what each lot had left."""
+    account = await db.accounts.find_one({"_id": org})
+    assert account is not None
+    left = {lot["id"]: lot["remaining"] for lot in account["lots"]}
+    async for lot in db.lots.find({"org_id": org}):
+        await db.lots.update_one({"_id": lot["_id"]},
+                                 {"$set": {"remaining": left.get(lot["_id"], 0)},
+                                  "$unset": {SWEEP_AT: ""}})
+    await db.accounts.update_one({"_id": org}, {"$unset": {"lots": ""}})
+    await db.lots.create_indexes([IndexModel([("org_id", ASCENDING), ("remaining", ASCENDING)],
+                                             name=LEGACY_LOTS_REMAINING)])
+    return left
+
+
+async def test_open_lots_move_onto_accounts_once(
+    fresh_db: Database, config: BillingConfig, now: datetime
+) -> None:
+    """A database of the release that kept a lot's units left on the lot: two workers starting
+    together put each organization's open lots on its account once, the expiring ones are
+    marked for the sweep, and the books are what they were; a used-up lot stays off."""
+    db = fresh_db
+    ledger = Ledger(db)
+    orgs = [f"org-mig-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    for org in orgs:
+        await Accounts(db, config).register(org, now)  # a signup grant of 500, no expiry
+        await ledger.write(org, key="payment:pi_1", kind=EntryKind.TOPUP, amount=1000, now=now,
+                           terms=LotTerms(expires_at=now + timedelta(days=30)))
+        await ledger.write(org, key="payment:pi_2", kind=EntryKind.TOPUP, amount=300, now=now,
+                           terms=LotTerms(expires_at=now - timedelta(days=1)))
+        await ledger.write(org, key="usage:r:1", kind=EntryKind.DEBIT, amount=-1200, now=now)
+    before = {org: await lots_as_an_older_release_kept_them(db, org) for org in orgs}
+    assert all(len(left) == 2 for left in before.values())  # the first pack ran out
+
+    results = await asyncio.gather(migrate(db, Subscriptions(db), config),
+                                   migrate(db, Subscriptions(db), config))
+    assert sum(r[LOTS] for r in results) == len(orgs)
+    assert LEGACY_LOTS_REMAINING not in await db.lots.index_information()
+    for org in orgs:
+        lots = {lot["_id"]: lot for lot in await ledger.lots(org, open_only=False)}
+        assert {lot_id: lot["remaining"] for lot_id, lot in lots.items() if lot["remaining"]} \
+            == before[org]
+        assert sorted((lot["units"], lot["remaining"]) for lot in lots.values()) == [
+            (300, 300), (500, 300), (1000, 0)]
+        assert await db.lots.count_documents({"org_id": org, "remaining": {"$exists": True}}) == 0
+        assert {lot_id for lot_id, lot in lots.items() if lot.get(SWEEP_AT)} == {
+            lot_id for lot_id, lot in lots.items() if lot["expires_at"] and lot["remaining"]}
+        await assert_consistent(db, org)
+    assert await migrate(db, Subscriptions(db), config) == changed()
+
+    org = orgs[0]  # the expired lot is swept, the other pays the next debit
+    assert await ledger.orgs_with_expired_lots(now, None, 10) == sorted(orgs)
+    [expired] = await ledger.expired_lots(org, now)
+    assert (await ledger.expire(org, expired, now)).amount == -300
+    debit = await ledger.write(org, key="usage:r:2", kind=EntryKind.DEBIT, amount=-100, now=now)
+    assert debit.balance == 500 + 1000 + 300 - 1200 - 300 - 100
+    assert org not in await ledger.orgs_with_expired_lots(now, None, 10)
+    await assert_consistent(db, org)

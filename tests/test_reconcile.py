@@ -124,7 +124,7 @@ async def test_reconcile_reports_divergences_and_repairs_a_missed_event_once(
     await accounts.register(orgs.balance_off, utcnow())
     await db.accounts.update_one({"_id": orgs.balance_off}, {"$inc": {"balance": 7}})
     await accounts.register(orgs.lot_off, utcnow())
-    await db.lots.update_one({"org_id": orgs.lot_off}, {"$inc": {"remaining": -100}})
+    await db.accounts.update_one({"_id": orgs.lot_off}, {"$inc": {"lots.0.remaining": -100}})
     # (b) meter vs debits: a gap of 600 on 100000 is above max(50, 0.5 %), one of 400 is not.
     await overflow_week(db, config, orgs.gap_600, 600)
     await overflow_week(db, config, orgs.gap_400, 400)

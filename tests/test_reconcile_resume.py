@@ -94,7 +94,7 @@ async def test_a_failed_attempt_resumes_after_the_organizations_it_finished(
                                     utcnow())
         # One divergent organization before the failure, one after it.
         await setup.accounts.update_one({"_id": orgs[1]}, {"$inc": {"balance": 7}})
-        await setup.lots.update_one({"org_id": orgs[4]}, {"$inc": {"remaining": -100}})
+        await setup.accounts.update_one({"_id": orgs[4]}, {"$inc": {"lots.0.remaining": -100}})
 
         workflow_id = f"reconcile-resume-{suffix}"
         # The commits before the fourth organization's snapshot: three snapshots and the

@@ -11,7 +11,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ledger_checks import assert_consistent
+from ledger_checks import assert_consistent, lots_of
 from meter_helpers import put_on_plan, usage
 
 from billing.config import BillingConfig
@@ -39,8 +39,8 @@ async def books_of(db: Database, org: str, week: str) -> dict[str, Any]:
         "account": {k: account.get(k) for k in ("balance", "usage_debt", "other_debt", "seq",
                                                 "notification_seq")},
         "meter": {k: meter.get(k) for k in ("used", "quota", "overflow", "runaway_alerted")},
-        "lots": sorted([(lot["seq"], lot["remaining"]) async for lot in db.lots.find(
-            {"org_id": org})]),
+        "lots": sorted((lot["seq"], lot["remaining"])
+                       for lot in (await lots_of(db, account))[0].values()),
         "entries": entries,
         "notifications": notes,
     }

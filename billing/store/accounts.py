@@ -33,6 +33,7 @@ def new_account(org_id: str, plan_id: str, now: datetime) -> Doc:
         "usage_debt": 0,
         "other_debt": 0,
         "seq": 0,
+        "lots": [],
         "plan_id": plan_id,
         "created_at": now,
         "updated_at": now,

@@ -1,7 +1,7 @@
 """The write engine: the one place money is written (SPEC §5.1-§5.3, §5.6, §5.8).
 
 A `Books` is one unit of work inside a caller's transaction. It reads what a change needs (the
-accounts, their weeks' meters, their open lots, in one query each for however many
+accounts with their open lots, their weeks' meters, in one query each for however many
 organizations), plans every change in memory with the pure rules of `billing.ledger` on
 typed copies (`billing.store.documents`), and `flush` writes the result with one bulk command
 per collection. A single ledger entry is its one-record case (`Ledger` loads, posts one entry
@@ -53,8 +53,8 @@ from billing.store.documents import (
     LotTerms,
     MeterWeek,
     lot_payment,
+    lots_doc,
     new_lot,
-    open_lot,
 )
 from billing.store.notifications import NOTIFICATION_TYPES
 from billing.store.transactions import after_commit, run_in_transaction
@@ -85,6 +85,7 @@ class _Changed:
     balance: int = 0
     notifications: int = 0
     debts: bool = False
+    lots: bool = False  # a lot opened or was drawn from
     auto_topup: bool = False
     opening: Doc | None = None  # an account opened by this unit of work
 
@@ -115,12 +116,10 @@ class Books:
         self.accounts: dict[str, Account] = {}
         self.statuses: dict[str, Doc] = {}
         self.meters: dict[tuple[str, str], MeterWeek] = {}
-        self._lots: dict[str, list[OpenLot]] = {}
         self._changed: dict[str, _Changed] = {}
         self._meter_changes: dict[tuple[str, str], _MeterChange] = {}
         self._new_meters: set[tuple[str, str]] = set()
         self._new_lots: list[Doc] = []
-        self._draws: dict[str, int] = {}
         self._lot_updates: list[UpdateOne] = []
         self._entries: list[Doc] = []  # built once: the same document answers and is inserted
         self._notes: list[_Note] = []
@@ -162,21 +161,6 @@ class Books:
         async for doc in cursor:
             self.statuses[doc["_id"]] = doc
 
-    async def load_lots(self, orgs: Iterable[str]) -> None:
-        """Read the open lots (units left) of `orgs` not read yet, in one query."""
-        new = sorted(set(orgs) - self._lots.keys())
-        if not new:
-            return
-        found: dict[str, list[OpenLot]] = {org: [] for org in new}
-        async for doc in self.db.lots.find(
-                {"org_id": {"$in": new}, "remaining": {"$gt": 0}},
-                {"org_id": 1, "remaining": 1, "expires_at": 1, "seq": 1}, session=self.session):
-            found[doc["org_id"]].append(open_lot(doc))
-        for doc in self._new_lots:  # opened by this unit of work, not written yet
-            if doc["org_id"] in found and doc["remaining"] > 0:
-                found[doc["org_id"]].append(open_lot(doc))
-        self._lots.update(found)
-
     def account(self, org_id: str) -> Account:
         """The account as the changes planned so far leave it."""
         account = self.accounts.get(org_id)
@@ -191,10 +175,9 @@ class Books:
         """The subscription status read by `load_statuses` (empty: no subscription)."""
         return self.statuses[org_id]
 
-    async def lots(self, org_id: str) -> list[OpenLot]:
+    def lots(self, org_id: str) -> list[OpenLot]:
         """The organization's open lots as the changes planned so far leave them."""
-        await self.load_lots([org_id])
-        return self._lots[org_id]
+        return self.account(org_id).lots
 
     # ---- planning: the meter --------------------------------------------------------------------
 
@@ -238,7 +221,7 @@ class Books:
 
     # ---- planning: the ledger -------------------------------------------------------------------
 
-    async def post(self, org_id: str, *, key: str, kind: EntryKind, amount: int, now: datetime,
+    def post(self, org_id: str, *, key: str, kind: EntryKind, amount: int, now: datetime,
                    memo: str = "", terms: LotTerms | None = None, claw: Clawback | None = None,
                    lot_id: str | None = None, meta: dict[str, Any] | None = None) -> LedgerResult:
         """Plan one entry: a positive one repays debt and opens a lot of the rest; a negative
@@ -252,9 +235,9 @@ class Books:
                       memo=memo, created_at=now, meta=meta)
         before = account.balance
         if amount > 0:
-            await self._credit(account, entry, terms or LotTerms())
+            self._credit(account, entry, terms or LotTerms())
         else:
-            await self._draw(account, entry, claw, lot_id)
+            self._draw(account, entry, claw, lot_id)
         account.balance += amount
         entry.balance_after = account.balance
         doc = entry.to_doc()
@@ -267,41 +250,41 @@ class Books:
             self._trigger(account, before, now)
         return LedgerResult(True, doc, account.balance)
 
-    async def _credit(self, account: Account, entry: Entry, terms: LotTerms) -> None:
+    def _credit(self, account: Account, entry: Entry, terms: LotTerms) -> None:
         repay = plan_credit(account.debt, entry.amount,
                             usage_debt_only=entry.kind is EntryKind.SETTLEMENT)
         entry.repaid = Debt(usage=repay.usage, other=repay.other)
-        lot = new_lot(entry, terms, repay.lot_remaining)
+        lot = new_lot(entry, terms)
         entry.lot_id = lot["_id"]
         self._new_lots.append(lot)
-        if account.org_id in self._lots and repay.lot_remaining > 0:
-            self._lots[account.org_id].append(open_lot(lot))
+        if repay.lot_remaining > 0:
+            account.lots.append(OpenLot(id=lot["_id"], remaining=repay.lot_remaining,
+                                        expires_at=terms.expires_at, seq=entry.seq))
+            self._change(account.org_id).lots = True
         account.usage_debt -= repay.usage
         account.other_debt -= repay.other
 
-    async def _draw(self, account: Account, entry: Entry, claw: Clawback | None,
+    def _draw(self, account: Account, entry: Entry, claw: Clawback | None,
                     lot_id: str | None) -> None:
         wanted = -entry.amount
         if claw is not None:
             draws, added = claw.draws, Debt(usage=claw.usage_debt, other=claw.other_debt)
         else:
-            planned = await self._planned_draw(account.org_id, entry, lot_id, wanted)
+            planned = self._planned_draw(account, entry, lot_id, wanted)
             usage = planned.shortfall if entry.kind is EntryKind.DEBIT else 0
             draws, added = planned.draws, Debt(usage=usage, other=planned.shortfall - usage)
-        taken = dict(draws)
-        if account.org_id in self._lots:
-            self._lots[account.org_id] = [
-                replace(lot, remaining=lot.remaining - taken.get(lot.id, 0))
-                for lot in self._lots[account.org_id] if lot.remaining > taken.get(lot.id, 0)]
-        for drawn, units in draws:
-            self._draws[drawn] = self._draws.get(drawn, 0) + units
+        if draws:
+            taken = dict(draws)
+            account.lots = [replace(lot, remaining=lot.remaining - taken.get(lot.id, 0))
+                            for lot in account.lots if lot.remaining > taken.get(lot.id, 0)]
+            self._change(account.org_id).lots = True
         entry.draws, entry.lot_id, entry.debt_added = list(draws), lot_id, added.total
         account.usage_debt += added.usage
         account.other_debt += added.other
 
-    async def _planned_draw(self, org_id: str, entry: Entry, lot_id: str | None,
-                            units: int) -> Draw:
-        lots = await self.lots(org_id)
+    @staticmethod
+    def _planned_draw(account: Account, entry: Entry, lot_id: str | None, units: int) -> Draw:
+        lots = account.lots
         if lot_id is not None:
             own = next((lot for lot in lots if lot.id == lot_id), None)
             if own is None:
@@ -328,7 +311,7 @@ class Books:
         self._change(account.org_id).auto_topup = True
 
     def update_lot(self, lot_id: str, update: Doc) -> None:
-        """A change of a lot's own record (its clawbacks), written by `flush`."""
+        """A change of a lot's own record (its clawbacks, its sweep), written by `flush`."""
         self._lot_updates.append(UpdateOne({"_id": lot_id}, update))
 
     # ---- planning: notifications ----------------------------------------------------------------
@@ -384,23 +367,12 @@ class Books:
                           "$set": sets})
 
     async def _flush_lots(self) -> None:
-        if self._new_lots:  # first: a draw of this unit of work may take from one of them
+        if self._new_lots:
             new, self._new_lots = self._new_lots, []
             payments = [doc for doc in map(lot_payment, new) if doc is not None]
             if payments:  # first: a purchase line credited twice stops at its unique index
                 await insert(self.db.lot_payments, payments, self.session)
             await insert(self.db.lots, new, self.session)
-        if self._draws:
-            # By `_id` alone: the embedded server finds a document by a lone `_id` directly but
-            # plans any other filter, at twice the cost of the update. What was drawn was planned
-            # on this transaction's snapshot of the lot, and a lot changed since is a write
-            # conflict that restarts the unit of work, so no `remaining` guard is needed.
-            draws, self._draws = self._draws, {}
-            drawn = await self.db.lots.bulk_write(
-                [UpdateOne({"_id": lot}, {"$inc": {"remaining": -units}})
-                 for lot, units in draws.items()], ordered=False, session=self.session)
-            if drawn.matched_count != len(draws):
-                raise RuntimeError("a lot drawn from is gone")
         if self._lot_updates:
             updates, self._lot_updates = self._lot_updates, []
             await self.db.lots.bulk_write(updates, ordered=True, session=self.session)
@@ -452,6 +424,8 @@ class Books:
         sets: Doc = {}
         if change.debts:
             sets.update(usage_debt=account.usage_debt, other_debt=account.other_debt)
+        if change.lots:
+            sets["lots"] = lots_doc(account.lots)
         if change.auto_topup:
             sets["auto_topup"] = account.auto_topup
         if change.entries or change.auto_topup:

@@ -19,6 +19,12 @@ Doc = dict[str, Any]
 DUPLICATE_KEY = 11000
 
 LOT_PAYMENTS = "lot_payments"
+#: The field of a lot's record that the expiry sweep finds it by: its expiry, until the sweep
+#: has looked at it. Unset then, so a sweep reads only the lots it has to expire.
+SWEEP_AT = "sweep_at"
+#: The index of `lots` by units left of an earlier release, which kept them on the lot: its
+#: presence tells the start-up migration that open lots may still have to move to accounts.
+LEGACY_LOTS_REMAINING = "org_remaining"
 #: Indexes `lots` had before `lot_payments` took them over; the start-up migration drops them
 #: once it has copied every purchased lot there (`billing.store.migrations`).
 LOTS_PAYMENT_INDEXES = ["payment_intent", "one_lot_per_purchase_line", "charge"]
@@ -30,12 +36,13 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("org_id", ASCENDING), ("key", ASCENDING)], unique=True, name="org_key"),
         IndexModel([("org_id", ASCENDING), ("seq", DESCENDING)], name="org_seq"),
     ],
-    # A lot's `remaining` changes with every debit, and on the embedded server an update
-    # rewrites every index of its collection: the lookups by what Stripe names (payment intent,
-    # charge) live in `lot_payments`, written once with the lot and never updated.
+    # A lot's record: what it was bought with and its clawbacks (its units left are on its
+    # account). The lookups by what Stripe names (payment intent, charge) live in
+    # `lot_payments`, written once with the lot and never updated. `sweep_at`: the expiry
+    # sweep's lots (by organization, and all of them up to a moment).
     "lots": [
-        IndexModel([("org_id", ASCENDING), ("remaining", ASCENDING)], name="org_remaining"),
-        IndexModel([("expires_at", ASCENDING)], name="expires_at"),
+        IndexModel([("org_id", ASCENDING), (SWEEP_AT, ASCENDING)], name="org_sweep"),
+        IndexModel([(SWEEP_AT, ASCENDING)], name="sweep"),
     ],
     # One document per purchased lot (`billing.store.documents.lot_payment`), `_id` its lot's.
     LOT_PAYMENTS: [
@@ -105,7 +112,9 @@ INDEXES: dict[str, list[IndexModel]] = {
 LEGACY_USAGE_KEY = "org_run_step"
 
 #: Indexes of earlier releases that a newer one replaced; dropped at start.
-RETIRED_INDEXES = {"lots": ["one_purchase_per_payment_intent"],
+RETIRED_INDEXES = {"lots": ["one_purchase_per_payment_intent",
+                            # The sweep finds a lot by `sweep_at`, unset once swept.
+                            "expires_at"],
                    # No query reads entries by kind and time (the reconciliation pages by
                    # `seq`), and every ledger insert paid for it.
                    "ledger": ["org_kind_time"],

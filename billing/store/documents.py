@@ -15,7 +15,7 @@ from bson import ObjectId
 
 from billing.holds import Reservation
 from billing.ledger import Debt, EntryKind, OpenLot
-from billing.store.database import Doc
+from billing.store.database import SWEEP_AT, Doc
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,12 @@ class LotTerms:
 @dataclass
 class Account:
     """The money fields of an account (`accounts`), as read and then as planned changes leave
-    them. Fields the ledger does not own (Stripe ids, timestamps) stay in the stored document."""
+    them. Fields the ledger does not own (Stripe ids, timestamps) stay in the stored document.
+
+    `lots` are the organization's open lots (units left), kept on the account because every
+    change of a lot's units is a change of the balance, which writes the account anyway: a
+    debit writes one document where it wrote two, and reads none more. A lot that runs out
+    leaves the list; its record in `lots` (what it was bought with, its clawbacks) stays."""
 
     org_id: str
     balance: int
@@ -49,19 +54,37 @@ class Account:
     plan_id: str | None
     seats: int
     auto_topup: Doc | None
+    lots: list[OpenLot]
 
     @classmethod
     def from_doc(cls, doc: Doc) -> Account:
+        if "lots" not in doc:  # the start-up migration gives every account its open lots
+            raise RuntimeError(f"account {doc['_id']!r} has no open lots field: a database of "
+                               "an earlier release that the start-up migration has not brought "
+                               "up yet (RUNBOOKS §12)")
         return cls(org_id=doc["_id"], balance=int(doc.get("balance", 0)),
                    seq=int(doc.get("seq", 0)), usage_debt=int(doc.get("usage_debt", 0)),
                    other_debt=int(doc.get("other_debt", 0)),
                    notification_seq=int(doc.get("notification_seq", 0)),
                    plan_id=doc.get("plan_id"), seats=int(doc.get("seats") or 1),
-                   auto_topup=doc.get("auto_topup"))
+                   auto_topup=doc.get("auto_topup"), lots=open_lots(doc["lots"]))
 
     @property
     def debt(self) -> Debt:
         return Debt(usage=self.usage_debt, other=self.other_debt)
+
+
+
+def lots_doc(lots: Iterable[OpenLot]) -> list[Doc]:
+    """An account's `lots` field: each open lot's id, units left, expiry and `seq`."""
+    return [{"id": lot.id, "remaining": lot.remaining, "expires_at": lot.expires_at,
+             "seq": lot.seq} for lot in lots]
+
+
+def open_lots(docs: Iterable[Doc]) -> list[OpenLot]:
+    """An account's `lots` field as the draw rules of `billing.ledger` take it."""
+    return [OpenLot(id=doc["id"], remaining=int(doc["remaining"]),
+                    expires_at=doc.get("expires_at"), seq=int(doc["seq"])) for doc in docs]
 
 
 @dataclass
@@ -155,12 +178,13 @@ class Entry:
         return doc
 
 
-def new_lot(entry: Entry, terms: LotTerms, remaining: int) -> Doc:
-    """The lot a positive entry opens: `remaining` is what is left once debt is repaid."""
+def new_lot(entry: Entry, terms: LotTerms) -> Doc:
+    """The record of the lot a positive entry opens (its units left are on the account).
+    `sweep_at`: its expiry, until the expiry sweep has looked at it (`Ledger.expire`)."""
     repaid = entry.repaid or Debt(0, 0)
-    return {
+    doc: Doc = {
         "_id": lot_id_of(entry), "org_id": entry.org_id, "kind": entry.kind.value,
-        "key": entry.key, "seq": entry.seq, "units": entry.amount, "remaining": remaining,
+        "key": entry.key, "seq": entry.seq, "units": entry.amount,
         "repaid_debt": repaid.other + repaid.usage, "repaid_usage": repaid.usage,
         "line": terms.line, "expires_at": terms.expires_at,
         "payment_intent": terms.payment_intent, "charge": terms.charge,
@@ -169,6 +193,9 @@ def new_lot(entry: Entry, terms: LotTerms, remaining: int) -> Doc:
         "source_lot": terms.source_lot, "clawbacks": [], "clawback_cents": 0,
         "clawed_units": 0, "usage_returned": 0, "created_at": entry.created_at,
     }
+    if terms.expires_at is not None:
+        doc[SWEEP_AT] = terms.expires_at
+    return doc
 
 
 def lot_payment(lot: Doc) -> Doc | None:
@@ -184,12 +211,6 @@ def lot_payment(lot: Doc) -> Doc | None:
 
 def lot_id_of(entry: Entry) -> str:
     return f"lot_{entry.id}"
-
-
-def open_lot(doc: Doc) -> OpenLot:
-    """A lot as the draw rules of `billing.ledger` take it."""
-    return OpenLot(id=doc["_id"], remaining=doc["remaining"], expires_at=doc.get("expires_at"),
-                   seq=doc["seq"])
 
 
 @dataclass(frozen=True)
@@ -234,7 +255,6 @@ class PurchasedLot:
     id: str
     seq: int
     units: int
-    remaining: int
     expires_at: datetime | None
     price_cents: int
     paid_cents: int | None
@@ -251,7 +271,7 @@ class PurchasedLot:
     def from_doc(cls, doc: Doc) -> PurchasedLot:
         return cls(
             id=doc["_id"], seq=int(doc["seq"]), units=int(doc["units"]),
-            remaining=int(doc["remaining"]), expires_at=doc.get("expires_at"),
+            expires_at=doc.get("expires_at"),
             price_cents=int(doc.get("price_cents") or 0), paid_cents=doc.get("paid_cents"),
             charge=doc.get("charge"), payment_intent=doc.get("payment_intent"),
             repaid_usage=int(doc.get("repaid_usage", 0)),
@@ -261,10 +281,11 @@ class PurchasedLot:
             standing_pack_cents=int(doc.get("clawback_pack_cents", 0)),
             clawbacks=tuple(Clawed.from_doc(c) for c in doc.get("clawbacks", [])))
 
-    @property
-    def open(self) -> OpenLot:
-        return OpenLot(id=self.id, remaining=self.remaining, expires_at=self.expires_at,
-                       seq=self.seq)
+    def open_in(self, lots: Iterable[OpenLot]) -> OpenLot:
+        """The lot with the units it has left among the account's open `lots` (none when it
+        is not there: run out)."""
+        left = next((lot.remaining for lot in lots if lot.id == self.id), 0)
+        return OpenLot(id=self.id, remaining=left, expires_at=self.expires_at, seq=self.seq)
 
     def clawed(self, key: str) -> Clawed | None:
         return next((c for c in self.clawbacks if c.key == key), None)

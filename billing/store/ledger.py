@@ -7,8 +7,8 @@ so another unit of work, a Stripe event say, can put a ledger change in its own 
    (skipped when the caller knows the key is unused; the unique index still holds);
 2. load the account and what the change reads into the write engine (`billing.store.books`);
 3. plan the change there with the pure rules of `billing.ledger`;
-4. flush: the lots, the entry and the account's balance and debt are written together, and the
-   account's write is what serializes changes of one organization.
+4. flush: the new lot, the entry and the account's balance, debt and open lots are written
+   together, and the account's write is what serializes changes of one organization.
 """
 
 from __future__ import annotations
@@ -22,13 +22,20 @@ from billing.errors import InvalidInput, NotFound
 from billing.ledger import (
     ClawShare,
     EntryKind,
+    OpenLot,
     clawback_units,
     plan_purchase_clawback,
     reinstated_units,
 )
 from billing.store.books import Books, LedgerResult
-from billing.store.database import Database, Doc
-from billing.store.documents import Clawed, LotTerms, PurchasedLot, clawback_recorded
+from billing.store.database import SWEEP_AT, Database, Doc
+from billing.store.documents import (
+    Clawed,
+    LotTerms,
+    PurchasedLot,
+    clawback_recorded,
+    open_lots,
+)
 from billing.store.transactions import run_in_transaction
 
 
@@ -79,8 +86,8 @@ class Ledger:
             if existing is not None:
                 return await self._unapplied(session, existing)
         books = await self._books(session, org_id, opening)
-        posted = await books.post(org_id, key=key, kind=kind, amount=amount, now=now, memo=memo,
-                                  terms=terms, meta=meta)
+        posted = books.post(org_id, key=key, kind=kind, amount=amount, now=now, memo=memo,
+                            terms=terms, meta=meta)
         await books.flush(now)
         return posted
 
@@ -145,9 +152,9 @@ class Ledger:
         lots = await self._purchase_lots_in(session, org_id, lot_ids)
         if clawback_recorded(lots, key):
             return LedgerResult(False, None, balance)
-        shares = _claw_shares(lots, cents, scope)
+        shares = _claw_shares(lots, books.lots(org_id), cents, scope)
         total = sum(share.units for share in shares)
-        plan = plan_purchase_clawback(shares, await books.lots(org_id), now) if total else None
+        plan = plan_purchase_clawback(shares, books.lots(org_id), now) if total else None
         returned = dict(plan.usage_returned) if plan else {}
         for lot, share in zip(lots, shares, strict=True):
             books.update_lot(lot.id, lot.keep(Clawed(key=key, cents=cents, scope=scope,
@@ -155,7 +162,7 @@ class Ledger:
                                                       usage=returned.get(lot.id, 0))))
         result = LedgerResult(False, None, balance, {"clawed_units": 0})
         if plan is not None:
-            result = await books.post(org_id, key=key, kind=kind, amount=-total, now=now,
+            result = books.post(org_id, key=key, kind=kind, amount=-total, now=now,
                                       memo=memo, claw=plan, lot_id=lots[0].id,
                                       meta={**(meta or {}), "cents": cents})
         await books.flush(now)
@@ -213,7 +220,7 @@ class Ledger:
         result = LedgerResult(False, None, balance, {"reinstated_units": 0})
         if total:
             first = lots[0]
-            result = await books.post(
+            result = books.post(
                 org_id, key=key, kind=EntryKind.REINSTATEMENT, amount=total, now=now, memo=memo,
                 terms=LotTerms(expires_at=first.expires_at, source_lot=first.id,
                                charge=first.charge, payment_intent=first.payment_intent),
@@ -244,7 +251,8 @@ class Ledger:
         return total
 
     async def expire(self, org_id: str, lot_id: str, now: datetime) -> LedgerResult:
-        """Remove what is left of an expired lot (`expire:<lot id>`).
+        """Remove what is left of an expired lot (`expire:<lot id>`), and mark the lot swept
+        (its `sweep_at` unset) in the same transaction.
 
         A used-up lot expires silently: zero-amount entries are never written."""
 
@@ -254,17 +262,21 @@ class Ledger:
             if existing is not None:
                 return await self._unapplied(session, existing)
             books = await self._books(session, org_id)
-            lot = await self.db.lots.find_one({"_id": lot_id, "org_id": org_id}, session=session)
+            lot = await self.db.lots.find_one({"_id": lot_id, "org_id": org_id},
+                                              {"expires_at": 1}, session=session)
             if lot is None:
                 raise NotFound(f"no lot {lot_id!r} for organization {org_id!r}")
             expires_at = lot.get("expires_at")
-            if expires_at is None or expires_at > now or lot["remaining"] <= 0:
-                return LedgerResult(False, None, books.account(org_id).balance)
-            posted = await books.post(org_id, key=key, kind=EntryKind.EXPIRATION,
-                                      amount=-lot["remaining"], now=now,
-                                      memo="credit lot expired", lot_id=lot_id)
+            result = LedgerResult(False, None, books.account(org_id).balance)
+            if expires_at is None or expires_at > now:
+                return result
+            left = next((open.remaining for open in books.lots(org_id) if open.id == lot_id), 0)
+            if left > 0:
+                result = books.post(org_id, key=key, kind=EntryKind.EXPIRATION, amount=-left,
+                                    now=now, memo="credit lot expired", lot_id=lot_id)
+            books.update_lot(lot_id, {"$unset": {SWEEP_AT: ""}})
             await books.flush(now)
-            return posted
+            return result
 
         return await run_in_transaction(self.db.client, work)
 
@@ -272,9 +284,9 @@ class Ledger:
 
     async def orgs_with_expired_lots(self, now: datetime, after: str | None,
                                      limit: int) -> list[str]:
-        """Organizations with an expired lot that still holds units, in id order (the daily
-        expiry sweep, by organization)."""
-        query: Doc = {"expires_at": {"$lte": now}, "remaining": {"$gt": 0}}
+        """Organizations with an expired lot the sweep has not looked at yet, in id order (the
+        daily expiry sweep, by organization)."""
+        query: Doc = {SWEEP_AT: {"$lte": now}}
         if after is not None:
             query["org_id"] = {"$gt": after}
         found: list[str] = []
@@ -286,12 +298,29 @@ class Ledger:
                     break
         return found
 
+    async def expired_lots(self, org_id: str, now: datetime) -> list[str]:
+        """The ids of the organization's lots expired at `now` that the sweep has not looked at
+        yet."""
+        cursor = self.db.lots.find({"org_id": org_id, SWEEP_AT: {"$lte": now}}, {"_id": 1})
+        return [doc["_id"] async for doc in cursor]
+
     async def lots(self, org_id: str, *, open_only: bool = True) -> list[Doc]:
-        query: Doc = {"org_id": org_id}
-        if open_only:
-            query["remaining"] = {"$gt": 0}
-        cursor = self.db.lots.find(query).sort("seq", 1)
-        return [doc async for doc in cursor]
+        """The organization's lots (only those with units left by default), oldest first, each
+        with its `remaining` (kept on the account: 0 for a lot that ran out), read together in
+        one snapshot."""
+
+        async def read(session: AsyncClientSession) -> list[Doc]:
+            account = await self.db.accounts.find_one({"_id": org_id}, {"lots": 1},
+                                                       session=session)
+            left = {lot.id: lot.remaining
+                    for lot in open_lots((account or {}).get("lots", ()))}
+            query: Doc = {"org_id": org_id}
+            if open_only:
+                query = {"_id": {"$in": sorted(left)}}
+            cursor = self.db.lots.find(query, session=session).sort("seq", 1)
+            return [{**doc, "remaining": left.get(doc["_id"], 0)} async for doc in cursor]
+
+        return await run_in_transaction(self.db.client, read)
 
     async def entries(self, org_id: str, *, limit: int, before_seq: int | None = None) -> list[Doc]:
         """Newest first, paged by the account's monotonic `seq`."""
@@ -330,16 +359,18 @@ class Ledger:
         return []
 
 
-def _claw_shares(lots: list[PurchasedLot], cents: int, scope: str | None) -> list[ClawShare]:
+def _claw_shares(lots: list[PurchasedLot], open_lots: list[OpenLot], cents: int,
+                 scope: str | None) -> list[ClawShare]:
     """What a clawback of `cents` takes from each purchased lot (`clawback_units`: cumulative,
-    pro rata over what the charge paid), counted where its scope stands."""
+    pro rata over what the charge paid), counted where its scope stands; `open_lots`: the
+    account's, which tell what each lot has left."""
     price = sum(lot.price_cents for lot in lots)
     paid = lots[0].paid_cents
     shares = []
     for lot in lots:
         standing, standing_packs = lot.standing_after(scope, cents)
         shares.append(ClawShare(
-            lot=lot.open,
+            lot=lot.open_in(open_lots),
             units=clawback_units(
                 lot_units=lot.units, lot_price_cents=price, paid_cents=paid,
                 clawed_cents_total=standing, pack_cents_total=standing_packs,

@@ -92,7 +92,7 @@ class MeterWrites:
         """Keep a granted hold on the week's meter."""
         books.reserve(self.week_of(books, org_id, week), reservation)
 
-    async def record(self, books: Books, request: UsageRequest, metered: Metered,
+    def record(self, books: Books, request: UsageRequest, metered: Metered,
                      plan: PlanConfig, now: datetime, week: str) -> tuple[UsageResult, Doc]:
         """Count `metered` (priced on `plan`, `plan_of`) on the week's meter: the overflow debited,
         the alerts raised; the answer and the usage record to store."""
@@ -103,20 +103,20 @@ class MeterWrites:
         over = overflow(prev_used, meter.used, meter.quota)
         balance = account.balance
         if over > 0:
-            balance = await self._debit(books, request, meter, plan, over, now)
+            balance = self._debit(books, request, meter, plan, over, now)
         self.threshold_alerts(books, meter, prev_used, now)
         result = UsageResult(applied=True, units=metered.units, overflow=over, week=week,
                              used=meter.used, quota=meter.quota, balance=balance)
         return result, self._usage_doc(request, metered, result, meter, now)
 
-    async def _debit(self, books: Books, request: UsageRequest, meter: MeterWeek,
+    def _debit(self, books: Books, request: UsageRequest, meter: MeterWeek,
                      plan: PlanConfig, units: int, now: datetime) -> int:
         """Debit the overflow from extras, count it on the meter and raise the balance alerts
         it triggers: the signup grant's threshold crossed (plans without quota) and a runaway
         week (once)."""
         org_id, week = request.org_id, meter.week
         before = books.account(org_id).balance
-        posted = await books.post(
+        posted = books.post(
             org_id, kind=EntryKind.DEBIT, amount=-units, now=now,
             key=f"usage:{request.run_id}:{request.step}", memo=f"usage overflow {week}",
             meta={"week": week, "run_id": request.run_id, "step": request.step})

@@ -274,7 +274,7 @@ class Meters:
         key = f"settle:{meter.week}"
         if settle <= 0 or await self.ledger.existing_in(books.session, account.org_id, key):
             return 0
-        posted = await books.post(account.org_id, key=key, kind=EntryKind.SETTLEMENT,
+        posted = books.post(account.org_id, key=key, kind=EntryKind.SETTLEMENT,
                                   amount=settle, now=now, meta={"week": meter.week},
                                   memo=f"usage debt settled by the quota of {meter.week}")
         return posted.amount

@@ -22,6 +22,7 @@ from billing.models import Divergence, LedgerSums, ReconcileReport, Subscription
 from billing.reconcile import LedgerState, LotState, add_entries
 from billing.store.books import notify
 from billing.store.database import Database
+from billing.store.documents import open_lots
 from billing.store.transactions import run_in_transaction
 from billing.stripe.subscriptions import STATUS_NONE
 from billing.weeks import week_start
@@ -102,7 +103,8 @@ class ReconcileStore:
         async def work(session: AsyncClientSession) -> OrgReadings | None:
             db = self.db
             account = await db.accounts.find_one(
-                {"_id": org_id}, {"balance": 1, "usage_debt": 1, "other_debt": 1, "seq": 1},
+                {"_id": org_id},
+                {"balance": 1, "usage_debt": 1, "other_debt": 1, "seq": 1, "lots": 1},
                 session=session)
             if account is None:
                 return None
@@ -113,13 +115,13 @@ class ReconcileStore:
                                   _ENTRY_FIELDS, session=session)
             final = add_entries(sums, [doc async for doc in tail], through_seq=seq,
                                 week_start=start, week_end=end)
+            left = {lot.id: lot.remaining for lot in open_lots(account.get("lots", ()))}
             lots = [LotState(id=lot["_id"], units=int(lot["units"]),
-                             remaining=int(lot["remaining"]),
+                             remaining=left.get(lot["_id"], 0),
                              repaid_debt=int(lot.get("repaid_debt", 0)),
                              drawn=final.drawn.get(lot["_id"], 0))
                     async for lot in db.lots.find(
-                        {"org_id": org_id}, {"units": 1, "remaining": 1, "repaid_debt": 1},
-                        session=session)]
+                        {"org_id": org_id}, {"units": 1, "repaid_debt": 1}, session=session)]
             meter = await db.meters.find_one({"org_id": org_id, "week": week},
                                              {"overflow": 1, "overflow_counted": 1},
                                              session=session)

@@ -32,7 +32,7 @@ from pymongo.errors import DuplicateKeyError
 
 from billing.errors import BillingError
 from billing.holds import Hold, HoldRequest, Refusal, decide_hold
-from billing.metering import Gate, Metered, UsageRequest, meter_usage, units_from_costs
+from billing.metering import Gate, UsageRequest, meter_usage, units_from_costs
 from billing.store import holds
 from billing.store.books import Books, insert
 from billing.store.database import LEGACY_USAGE_KEY, Database, Doc
@@ -200,7 +200,6 @@ class _Group:
         self.records: list[Doc] = []  # the usage records to insert
         self.first: dict[str, UsageResult] = {}  # by key: a key repeated in the group answers it
         self.stored: dict[str, Doc] = {}  # with `replays`: records stored before, by key
-        self.metered: dict[int, tuple[str, Metered]] = {}  # by member: (plan id, its units)
         self.granted: dict[str, Hold] = {}  # by key: a key repeated in the group answers it
         self.stored_holds: dict[str, Hold] = {}
         self.hold_docs: list[Doc] = []
@@ -208,12 +207,12 @@ class _Group:
     async def apply(self) -> list[Outcome | BillingError]:
         await self._read()
         results: list[Outcome | BillingError] = []
-        for index, pending in enumerate(self.members):
+        for pending in self.members:
             try:
                 if isinstance(pending.request, HoldOrder):
                     results.append(self._decide_hold(pending.request, pending.now))
                 else:
-                    results.append(await self._record(index, pending.request, pending.now))
+                    results.append(self._record(pending.request, pending.now))
             except BillingError as exc:
                 results.append(exc)
         await self._flush()
@@ -236,7 +235,6 @@ class _Group:
         await self.books.load_statuses(
             {org for org, week in weeks if self.books.meter(org, week) is None}
             | {p.request.org_id for p in orders})
-        await self.books.load_lots(self._overflowing())
         if not self.replays:
             return
         keys = [usage_id(p.request) for p in self.members if isinstance(p.request, UsageRequest)]
@@ -246,36 +244,7 @@ class _Group:
             hold_key(p.request.org_id, p.request.request.hold_id) for p in orders
             if isinstance(p.request, HoldOrder)))
 
-    def _overflowing(self) -> set[str]:
-        """The organizations some record takes past its quota, as far as the meters read say:
-        their open lots are read together, before anything is decided."""
-        used: dict[tuple[str, str], int] = {}
-        found: set[str] = set()
-        for index, pending in enumerate(self.members):
-            request = pending.request
-            key = (request.org_id, iso_week(pending.now))
-            meter = self.books.meter(*key)
-            if not isinstance(request, UsageRequest) or meter is None:
-                continue
-            try:
-                units = self._metered(index, request, meter.plan_id).units
-            except BillingError:
-                continue  # refused when it is decided
-            used[key] = used.get(key, meter.used) + units
-            if used[key] > meter.quota:
-                found.add(request.org_id)
-        return found
-
-    def _metered(self, index: int, request: UsageRequest, plan_id: str) -> Metered:
-        """The units of record `index` on plan `plan_id`, worked out once per group."""
-        known = self.metered.get(index)
-        if known is None or known[0] != plan_id:
-            config = self.writes.config
-            known = (plan_id, meter_usage(request, config.plan(plan_id), config.meter))
-            self.metered[index] = known
-        return known[1]
-
-    async def _record(self, index: int, request: UsageRequest, now: datetime) -> UsageResult:
+    def _record(self, request: UsageRequest, now: datetime) -> UsageResult:
         key = usage_id(request)
         if key in self.stored:
             return stored_result(self.stored[key])
@@ -284,8 +253,9 @@ class _Group:
         week = iso_week(now)
         self.books.account(request.org_id)  # an unknown organization is refused here
         _, plan = self.writes.plan_of(self.books, request.org_id, week)
-        metered = self._metered(index, request, plan.id)  # may refuse: nothing planned yet
-        result, doc = await self.writes.record(self.books, request, metered, plan, now, week)
+        # may refuse: nothing planned yet
+        metered = meter_usage(request, plan, self.writes.config.meter)
+        result, doc = self.writes.record(self.books, request, metered, plan, now, week)
         self.records.append(doc)
         self.first[key] = result
         if request.hold_id is not None:  # settled only if it still counts: never twice
