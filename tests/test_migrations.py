@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from datetime import datetime, timedelta
 
+import pytest
 from bson import ObjectId
 from ledger_checks import assert_consistent
 from meter_helpers import usage
@@ -231,6 +232,8 @@ async def test_open_lots_move_onto_accounts_once(
         await ledger.write(org, key="usage:r:1", kind=EntryKind.DEBIT, amount=-1200, now=now)
     before = {org: await lots_as_an_older_release_kept_them(db, org) for org in orgs}
     assert all(len(left) == 2 for left in before.values())  # the first pack ran out
+    with pytest.raises(RuntimeError, match="no open lots field"):  # never read as none
+        await ledger.write(orgs[0], key="usage:r:early", kind=EntryKind.DEBIT, amount=-1, now=now)
 
     results = await asyncio.gather(migrate(db, Subscriptions(db), config),
                                    migrate(db, Subscriptions(db), config))

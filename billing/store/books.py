@@ -222,8 +222,8 @@ class Books:
     # ---- planning: the ledger -------------------------------------------------------------------
 
     def post(self, org_id: str, *, key: str, kind: EntryKind, amount: int, now: datetime,
-                   memo: str = "", terms: LotTerms | None = None, claw: Clawback | None = None,
-                   lot_id: str | None = None, meta: dict[str, Any] | None = None) -> LedgerResult:
+             memo: str = "", terms: LotTerms | None = None, claw: Clawback | None = None,
+             lot_id: str | None = None, meta: dict[str, Any] | None = None) -> LedgerResult:
         """Plan one entry: a positive one repays debt and opens a lot of the rest; a negative
         one draws as planned by `claw` (a refund or dispute), from its own lot `lot_id` (an
         expiry), or in debit order (a debit or an admin debit). A write that lowers a balance
@@ -265,7 +265,7 @@ class Books:
         account.other_debt -= repay.other
 
     def _draw(self, account: Account, entry: Entry, claw: Clawback | None,
-                    lot_id: str | None) -> None:
+              lot_id: str | None) -> None:
         wanted = -entry.amount
         if claw is not None:
             draws, added = claw.draws, Debt(usage=claw.usage_debt, other=claw.other_debt)
@@ -274,7 +274,7 @@ class Books:
             usage = planned.shortfall if entry.kind is EntryKind.DEBIT else 0
             draws, added = planned.draws, Debt(usage=usage, other=planned.shortfall - usage)
         if draws:
-            taken = dict(draws)
+            taken = dict(draws)  # one draw per lot (`billing.ledger`)
             account.lots = [replace(lot, remaining=lot.remaining - taken.get(lot.id, 0))
                             for lot in account.lots if lot.remaining > taken.get(lot.id, 0)]
             self._change(account.org_id).lots = True

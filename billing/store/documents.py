@@ -58,16 +58,12 @@ class Account:
 
     @classmethod
     def from_doc(cls, doc: Doc) -> Account:
-        if "lots" not in doc:  # the start-up migration gives every account its open lots
-            raise RuntimeError(f"account {doc['_id']!r} has no open lots field: a database of "
-                               "an earlier release that the start-up migration has not brought "
-                               "up yet (RUNBOOKS §12)")
         return cls(org_id=doc["_id"], balance=int(doc.get("balance", 0)),
                    seq=int(doc.get("seq", 0)), usage_debt=int(doc.get("usage_debt", 0)),
                    other_debt=int(doc.get("other_debt", 0)),
                    notification_seq=int(doc.get("notification_seq", 0)),
                    plan_id=doc.get("plan_id"), seats=int(doc.get("seats") or 1),
-                   auto_topup=doc.get("auto_topup"), lots=open_lots(doc["lots"]))
+                   auto_topup=doc.get("auto_topup"), lots=open_lots(doc))
 
     @property
     def debt(self) -> Debt:
@@ -81,10 +77,17 @@ def lots_doc(lots: Iterable[OpenLot]) -> list[Doc]:
              "seq": lot.seq} for lot in lots]
 
 
-def open_lots(docs: Iterable[Doc]) -> list[OpenLot]:
-    """An account's `lots` field as the draw rules of `billing.ledger` take it."""
+def open_lots(account: Doc) -> list[OpenLot]:
+    """An account's open lots (its `lots` field) as the draw rules of `billing.ledger` take
+    them. An account without the field is refused rather than read as having none: it is one
+    of an earlier release's database that the start-up migration has not moved yet."""
+    if "lots" not in account:
+        raise RuntimeError(f"account {account['_id']!r} has no open lots field: a database of "
+                           "an earlier release that the start-up migration has not brought up "
+                           "yet (RUNBOOKS §12)")
     return [OpenLot(id=doc["id"], remaining=int(doc["remaining"]),
-                    expires_at=doc.get("expires_at"), seq=int(doc["seq"])) for doc in docs]
+                    expires_at=doc.get("expires_at"), seq=int(doc["seq"]))
+            for doc in account["lots"]]
 
 
 @dataclass

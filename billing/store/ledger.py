@@ -312,8 +312,9 @@ class Ledger:
         async def read(session: AsyncClientSession) -> list[Doc]:
             account = await self.db.accounts.find_one({"_id": org_id}, {"lots": 1},
                                                        session=session)
-            left = {lot.id: lot.remaining
-                    for lot in open_lots((account or {}).get("lots", ()))}
+            if account is None:
+                return []
+            left = {lot.id: lot.remaining for lot in open_lots(account)}
             query: Doc = {"org_id": org_id}
             if open_only:
                 query = {"_id": {"$in": sorted(left)}}

@@ -115,7 +115,7 @@ class ReconcileStore:
                                   _ENTRY_FIELDS, session=session)
             final = add_entries(sums, [doc async for doc in tail], through_seq=seq,
                                 week_start=start, week_end=end)
-            left = {lot.id: lot.remaining for lot in open_lots(account.get("lots", ()))}
+            left = {lot.id: lot.remaining for lot in open_lots(account)}
             lots = [LotState(id=lot["_id"], units=int(lot["units"]),
                              remaining=left.get(lot["_id"], 0),
                              repaid_debt=int(lot.get("repaid_debt", 0)),
