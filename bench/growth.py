@@ -4,14 +4,16 @@
 
 Starts its own SecantusDB server (unless `MONGODB_URI` is set) and measures, in one run on one
 server, each hot path first on a small database (100 organizations), then again after adding
-`--orgs` organizations with `--weeks` closed weeks of meters, a pack, a debit and their lots each
+`--orgs` organizations with `--weeks` closed weeks of meters and of balance holds, a pack, a
+debit and their lots each
 (about a year of a mid-sized deployment). The ratio `grown / small` should stay near 1: every
 command of these paths is an index lookup (`tests/test_query_shapes.py` guards the shapes).
 
 - usage within quota and overflowing: `Meters.record`, the function behind `POST /v1/usage`;
 - registration: `Accounts.register`, behind `PUT /v1/orgs/{org}`;
 - a purchase: the ledger transaction a `payment_intent.succeeded` writes (the payment intent's
-  lots looked up, the lot, the entry and the account (opened if new) written).
+  lots looked up, the lot, the entry and the account (opened if new) written);
+- a run with a balance hold: `Meters.hold`, then the usage record that settles it.
 
 The results go to the `growth` section of BENCHMARKS.md.
 """
@@ -31,6 +33,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from billing.clock import utcnow
 from billing.config import EXAMPLE_CONFIG, Settings, load_config
+from billing.holds import Hold, HoldRequest
 from billing.ledger import EntryKind
 from billing.metering import UsageRequest
 from billing.runtime import Runtime
@@ -88,6 +91,10 @@ async def add_history(db: Database, count: int, weeks: int, tag: str) -> None:
              "charge": f"ch_{org}", "checkout_session": None, "pack_id": "pack_500k",
              "price_cents": 4900, "source_lot": None, "clawbacks": [], "clawback_cents": 0,
              "clawed_units": 0, "usage_returned": 0, "created_at": now} for org in orgs])
+        await db.holds.insert_many([
+            {"_id": f"{org}/h-{w}", "org_id": org, "hold_id": f"h-{w}", "units": 1000,
+             "expires_at": now - timedelta(weeks=w + 1), "remaining": 400000,
+             "created_at": now - timedelta(weeks=w + 1)} for org in orgs for w in range(weeks)])
         await db.ledger.insert_many([
             entry for org in orgs for entry in (
                 {"org_id": org, "seq": 1, "key": f"payment:pi_{org}", "kind": "topup",
@@ -120,6 +127,14 @@ async def measure_all(runtime: Runtime, meters: Meters, args: argparse.Namespace
             assert (await meters.record(request, utcnow())).applied
         return op
 
+    async def hold_run(i: int) -> None:
+        org, run = pro[i % len(pro)], f"{phase}-h-{i}"
+        granted = await meters.hold(org, HoldRequest(hold_id=run, units=1), utcnow())
+        assert isinstance(granted, Hold)
+        settled = await meters.record(
+            UsageRequest(org_id=org, run_id=run, units=1, hold_id=run), utcnow())
+        assert settled.applied
+
     async def register(i: int) -> None:
         assert (await runtime.accounts.register(f"{phase}-new-{i}", utcnow())).created
 
@@ -146,12 +161,13 @@ async def measure_all(runtime: Runtime, meters: Meters, args: argparse.Namespace
                                seconds=secs),
         "purchase": await rate(f"{phase}: purchase transaction", purchase, concurrency=c,
                                seconds=secs),
+        "hold": await rate(f"{phase}: run with a hold", hold_run, concurrency=c, seconds=secs),
     }
 
 
 async def counts(db: Database) -> dict[str, int]:
     return {name: await db[name].count_documents({})
-            for name in ("accounts", "meters", "lots", "ledger", "usage")}
+            for name in ("accounts", "meters", "lots", "ledger", "usage", "holds")}
 
 
 def report(small: dict[str, float], grown: dict[str, float], sizes: tuple[dict[str, int],
@@ -159,15 +175,16 @@ def report(small: dict[str, float], grown: dict[str, float], sizes: tuple[dict[s
     labels = {"within": "usage within quota (`Meters.record`)",
               "overflow": "usage overflowing (ledger debit in the same transaction)",
               "register": "registration (`PUT /v1/orgs/{org}`)",
-              "purchase": "purchase transaction (paid-for lookup, lot, entry, account)"}
+              "purchase": "purchase transaction (paid-for lookup, lot, entry, account)",
+              "hold": "run with a balance hold (`Meters.hold`, then the record settling it)"}
     before, after = sizes
     lines = [
         "## Growth (`bench/growth.py`; cost must not grow with data)",
         "",
         f"Each path runs {args.seconds:g} s with {args.concurrency} concurrent callers on a small",
         f"database ({SMALL} organizations), then again after {args.orgs:,} more organizations with",
-        f"{args.weeks} closed weeks of meters, a pack and a debit each. Load average at the",
-        f"start: {load_before}.",
+        f"{args.weeks} closed weeks of meters and of balance holds, a pack and a debit each.",
+        f"Load average at the start: {load_before}.",
         "",
         *machine_rows(temporal=False),
         "",
