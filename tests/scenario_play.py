@@ -220,6 +220,8 @@ class Play:
             assert response.status_code == 200, response.text
         elif "register" in step:
             assert (await self.call("PUT", f"/v1/orgs/{self.org}")).status_code in (200, 201)
+        elif "checkout" in step:
+            await self.checkout(index, step["checkout"], substitute(step.get("metadata"), self.ids))
         elif "expire" in step:
             when = datetime.fromtimestamp(self.t0, UTC) + timedelta(days=int(step["expire"]))
             ledger = Ledger(self.runtime.db)
@@ -228,6 +230,25 @@ class Play:
                     await ledger.expire(self.org, lot["_id"], when)
         else:
             raise AssertionError(f"unknown step {step}")
+
+    async def checkout(self, index: int, body: Obj, metadata: Obj | None) -> None:
+        """A purchase the engine starts (`POST /v1/orgs/$org/checkout`, asked again with the same
+        `Idempotency-Key` when a fault interrupted it), paid on Checkout: the session it made is
+        served as `$cs`, the payment intent paying it as `$pi`, both with `metadata` instead of
+        the engine's when given (an integration that replaced it)."""
+        response = await self.call("POST", f"/v1/orgs/{self.org}/checkout", json=body,
+                                   headers={"Idempotency-Key": f"{self.org}-step-{index}"})
+        assert response.status_code == 200, response.text
+        checkout_id = response.json()["checkout_id"]
+        [session] = [s for s in self.fake.created.get("checkout.session", [])
+                     if s["client_reference_id"] == checkout_id]
+        paid = self.fake.complete_checkout(session["id"])
+        intent = self.fake.objects[paid["payment_intent"]]
+        for symbol, obj in (("cs", paid), ("pi", intent)):
+            if metadata is not None:
+                obj["metadata"] = dict(metadata)
+            self.ids[symbol] = obj["id"]
+            self.served[obj["id"]] = Built(obj["object"], obj)
 
     # ---- reading the state back ----------------------------------------------------------------
 
