@@ -228,27 +228,31 @@ class Subscriptions:
         """Give every account the copy of its standing that `refresh_in` writes, where it is
         missing (a release without it) or differs (written meanwhile by a process of such a
         release). Idempotent, and run at every start, so it reads each collection once and
-        compares; each account to fix is written in a transaction of its own that reads the
-        standing again, so a standing `refresh_in` writes meanwhile is never overwritten by an
-        older one (the two write the account: one restarts). Returns the accounts changed."""
+        compares; the accounts to fix are written by page, each in a transaction that reads
+        their standings again, so a standing `refresh_in` writes meanwhile is never overwritten
+        by an older one (the two write the account: one restarts). Returns the accounts
+        changed."""
         wanted = {doc["_id"]: _copied(doc) async for doc in self.db.subscriptions.find(
             {}, {"status": 1, "past_due_since": 1}, batch_size=MIGRATION_PAGE)}
         differing = [doc["_id"] async for doc in self.db.accounts.find(
             {}, {STANDING: 1}, batch_size=MIGRATION_PAGE)
             if doc.get(STANDING) != wanted.get(doc["_id"])]
         changed = 0
-        for org_id in differing:
+        for start in range(0, len(differing), MIGRATION_PAGE):
+            page = differing[start:start + MIGRATION_PAGE]
             changed += await run_in_transaction(self.db.client,
-                                                partial(self._copy_standing, org_id))
+                                                partial(self._copy_standings, page))
         return changed
 
-    async def _copy_standing(self, org_id: str, session: AsyncClientSession) -> int:
-        found = await self.db.subscriptions.find_one(
-            {"_id": org_id}, {"status": 1, "past_due_since": 1}, session=session)
-        copy = _copied(found or {})
-        written = await self.db.accounts.update_one(
-            {"_id": org_id, STANDING: {"$ne": copy}},
-            {"$set": {STANDING: copy}} if copy else {"$unset": {STANDING: ""}}, session=session)
+    async def _copy_standings(self, orgs: list[str], session: AsyncClientSession) -> int:
+        cursor = self.db.subscriptions.find({"_id": {"$in": orgs}},
+                                            {"status": 1, "past_due_since": 1}, session=session)
+        found = {doc["_id"]: _copied(doc) async for doc in cursor}
+        written = await self.db.accounts.bulk_write([  # one already right is not modified
+            UpdateOne({"_id": org}, {"$set": {STANDING: copy}} if copy else
+                      {"$unset": {STANDING: ""}})
+            for org, copy in ((org, found.get(org)) for org in orgs)],
+            ordered=False, session=session)
         return written.modified_count
 
     async def _keep_one_by_one(self, missing: list[Doc]) -> int:
