@@ -27,7 +27,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from billing.config import BillingConfig
-from billing.store.accounts import new_account
+from billing.errors import OrgNotFound
 from billing.store.database import DUPLICATE_KEY, Database, Doc
 from billing.store.documents import STANDING, standing_doc
 from billing.store.transactions import run_in_transaction
@@ -150,16 +150,20 @@ class Subscriptions:
         link: dict[str, Any] | None = None,
     ) -> Standing:
         """Derive the organization's standing from all its subscriptions and write it (with the
-        customer `link` fields, when given), and its copy on the account, opened on the default
-        plan if the organization has none yet, whatever the order of its events and its
-        registration. Returns it; the caller moves the plan."""
+        customer `link` fields, when given), and its copy on the account. Returns it; the caller
+        moves the plan.
+
+        The account must exist: a Stripe event opens it first (`Accounts.ensure_in`), so an
+        organization that registers after its subscription's events finds their standing on
+        it. Without one this raises `OrgNotFound` rather than keep a standing the gate and the
+        holds would not see."""
         subs = [view(doc) for doc in await self.of_org(org_id, session)]
         found = standing(config, subs, current_plan=current_plan)
-        await self.db.accounts.update_one(
-            {"_id": org_id},
-            {"$set": {STANDING: standing_doc(found.status, found.past_due_since)},
-             "$setOnInsert": new_account(org_id, config.default_plan.id, now)},
-            upsert=True, session=session)
+        copied = await self.db.accounts.update_one(
+            {"_id": org_id}, {"$set": {STANDING: standing_doc(found.status, found.past_due_since)}},
+            session=session)
+        if copied.matched_count == 0:
+            raise OrgNotFound(org_id)
         await self.db.subscriptions.update_one(
             {"_id": org_id},
             {
