@@ -14,9 +14,11 @@ import httpx
 import pytest
 from faults import app_client, serving, worker_env
 from http_helpers import error_of
+from meter_helpers import subscribed
 from temporalio.client import Client
 
 from billing.clock import utcnow
+from billing.config import BillingConfig
 from billing.runtime import Runtime
 from billing.store.database import Database
 
@@ -124,7 +126,8 @@ async def test_release_expiry_and_costs(client: httpx.AsyncClient, org: str) -> 
                                         "held": 0}
 
 
-async def test_refusals(client: httpx.AsyncClient, org: str, db: Database) -> None:
+async def test_refusals(client: httpx.AsyncClient, org: str, db: Database,
+                        config: BillingConfig) -> None:
     unknown = await client.post(f"/v1/orgs/{org}/holds", json={"hold_id": "a", "units": 1})
     assert (unknown.status_code, error_of(unknown)["code"]) == (404, "ORG_NOT_FOUND")
     for path in (f"/v1/orgs/{org}/holds", f"/v1/orgs/{org}/holds/a"):
@@ -156,8 +159,7 @@ async def test_refusals(client: httpx.AsyncClient, org: str, db: Database) -> No
     assert (await client.get("/v1/orgs/bad org/holds")).status_code == 422
 
     await client.delete(f"/v1/orgs/{org}/holds/a")
-    await db.subscriptions.insert_one(
-        {"_id": org, "status": "past_due", "past_due_since": utcnow() - timedelta(days=8)})
+    await subscribed(db, config, org, "past_due", utcnow() - timedelta(days=8), utcnow())
     past_due = await client.post(f"/v1/orgs/{org}/holds", json={"hold_id": "e", "units": 1})
     assert past_due.status_code == 409
     assert (past_due.json()["error"]["code"], past_due.json()["error"]["remaining"]) == (

@@ -6,8 +6,10 @@ from datetime import timedelta
 
 from http_helpers import error_of
 from httpx import AsyncClient
+from meter_helpers import subscribed
 
 from billing.clock import utcnow
+from billing.config import BillingConfig
 from billing.store.database import Database
 from billing.weeks import iso_week
 
@@ -55,7 +57,8 @@ async def test_usage_errors(api: AsyncClient, org: str) -> None:
     assert unauthorized.status_code == 401
 
 
-async def test_meter_quota_and_notifications(api: AsyncClient, org: str, db: Database) -> None:
+async def test_meter_quota_and_notifications(api: AsyncClient, org: str, db: Database,
+                                             config: BillingConfig) -> None:
     assert (await api.get(f"/v1/orgs/{org}/meter")).status_code == 404
     assert (await api.get(f"/v1/orgs/{org}/quota")).status_code == 404
     assert (await api.get(f"/v1/orgs/{org}/notifications")).status_code == 404
@@ -74,8 +77,7 @@ async def test_meter_quota_and_notifications(api: AsyncClient, org: str, db: Dat
         ("extras.balance_threshold_crossed", 0)]
     assert set(notes[0]) == {"id", "seq", "type", "key", "payload", "created_at"}
     assert notes[0]["seq"] == 1
-    await db.subscriptions.insert_one(
-        {"_id": org, "status": "past_due", "past_due_since": utcnow() - timedelta(days=8)})
+    await subscribed(db, config, org, "past_due", utcnow() - timedelta(days=8), utcnow())
     gate = (await api.get(f"/v1/orgs/{org}/quota")).json()
     assert (gate["allowed"], gate["reason"]) == (False, "PAYMENT_PAST_DUE")
 

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 import pytest
 from bson import ObjectId
-from meter_helpers import put_on_plan, unregistered, usage
+from meter_helpers import put_on_plan, subscribed, unregistered, usage
 
 from billing.config import BillingConfig
 from billing.metering import METER_EXHAUSTED, PAYMENT_PAST_DUE
@@ -162,7 +162,7 @@ async def test_week_and_records_carry_the_plan_version(meters, accounts, db, org
 
 async def test_paused_subscription_meters_on_the_default_plan(meters, accounts, db, org, now):
     await unregistered(accounts, org, now)
-    await db.subscriptions.insert_one({"_id": org, "status": "paused"})
+    await subscribed(db, meters.config, org, "paused", None, now)
     await put_on_plan(meters, org, "pro", now)
     result = await meters.record(usage(org, "r1", costs={"llm": 0.0123, "search": 0.002}), now)
     # free plan: ratio 1, quota 0 -> 12 + 2 units, all overflow
@@ -213,13 +213,11 @@ async def test_quota_gate(meters, accounts, db, org, now):
     await meters.record(usage(org, "r1", units=100), now)
     gate = await meters.gate(org, now)
     assert (gate.allowed, gate.remaining, gate.reason) == (False, 0, METER_EXHAUSTED)
-    await db.subscriptions.insert_one(
-        {"_id": org, "status": "past_due", "past_due_since": now - timedelta(days=8)})
+    await subscribed(db, meters.config, org, "past_due", now - timedelta(days=8), now)
     await run_in_transaction(db.client, lambda s: meters.reset_week_usage_in(s, org, now))
     gate = await meters.gate(org, now)
     assert (gate.allowed, gate.remaining, gate.reason) == (False, 100, PAYMENT_PAST_DUE)
-    await db.subscriptions.update_one(
-        {"_id": org}, {"$set": {"past_due_since": now - timedelta(days=6)}})
+    await subscribed(db, meters.config, org, "past_due", now - timedelta(days=6), now)
     assert (await meters.gate(org, now)).allowed
 
 

@@ -15,8 +15,10 @@ from pymongo import ASCENDING, IndexModel
 
 from billing.clock import utcnow
 from billing.config import BillingConfig
+from billing.holds import Hold, HoldRequest, Refusal
 from billing.ledger import EntryKind
-from billing.store.accounts import Accounts
+from billing.metering import PAYMENT_PAST_DUE
+from billing.store.accounts import Accounts, new_account
 from billing.store.database import (
     LEGACY_LOTS_REMAINING,
     LOTS_PAYMENT_INDEXES,
@@ -32,21 +34,24 @@ from billing.store.migrations import migrate
 from billing.store.subscriptions import MIGRATION_PAGE, Subscriptions
 
 SUBSCRIPTIONS = "subscriptions kept one by one"
+STANDINGS = "standings copied onto accounts"
 NOTIFICATIONS = "notifications numbered"
 LOT_PAYMENTS = "purchased lots indexed in lot_payments"
 HOLDS = "active holds moved to meters"
 LOTS = "accounts given their open lots"
 
 
-def changed(subscriptions: int = 0, notifications: int = 0) -> dict[str, int]:
-    """What `migrate` answers when only subscriptions and notifications had to change."""
-    return {SUBSCRIPTIONS: subscriptions, NOTIFICATIONS: notifications, LOT_PAYMENTS: 0,
-            HOLDS: 0, LOTS: 0}
+def changed(subscriptions: int = 0, notifications: int = 0, standings: int = 0
+            ) -> dict[str, int]:
+    """What `migrate` answers when only subscriptions, notifications and standings had to
+    change."""
+    return {SUBSCRIPTIONS: subscriptions, STANDINGS: standings, NOTIFICATIONS: notifications,
+            LOT_PAYMENTS: 0, HOLDS: 0, LOTS: 0}
 
 
 async def older_release_data(db: Database, config: BillingConfig, now: datetime) -> str:
     """An organization as an older release left it: a standing naming a subscription that has
-    no state of its own, and a notification without `seq`."""
+    no state of its own and not copied onto the account, and a notification without `seq`."""
     org = f"org-mig-{uuid.uuid4().hex[:8]}"
     await Accounts(db, config).register(org, now)
     await db.accounts.update_one({"_id": org}, {"$set": {"plan_id": "pro"}})
@@ -67,7 +72,7 @@ async def test_older_data_is_migrated_once(
     org = await older_release_data(db, config, now)
     subscriptions = Subscriptions(db)
 
-    assert await migrate(db, subscriptions, config) == changed(1, 1)
+    assert await migrate(db, subscriptions, config) == changed(1, 1, 1)
     kept = await db.stripe_subscriptions.find_one({"_id": f"sub_{org}"})
     assert kept is not None
     assert (kept["org_id"], kept["customer"], kept["status"], kept["plan_id"]) == (
@@ -78,7 +83,7 @@ async def test_older_data_is_migrated_once(
 
     # Written by an older process still running during a rolling upgrade: the next start takes it.
     late = await older_release_data(db, config, now)
-    assert await migrate(db, subscriptions, config) == changed(1, 1)
+    assert await migrate(db, subscriptions, config) == changed(1, 1, 1)
     assert await db.stripe_subscriptions.count_documents({"_id": f"sub_{late}"}) == 1
 
 
@@ -104,6 +109,43 @@ async def test_workers_starting_together_keep_each_subscription_once(
     moved = await db.stripe_subscriptions.find_one({"_id": f"sub_{orgs[-2]}"})
     assert moved is not None and (moved["org_id"], moved["status"]) == (orgs[-2], "active")
     assert await migrate(db, subscriptions, config) == changed()
+
+
+async def test_standings_are_copied_onto_accounts_once(
+    fresh_db: Database, config: BillingConfig, now: datetime
+) -> None:
+    """Accounts of a release that kept the subscription standing on `subscriptions` alone get
+    its copy, each once however many workers start together, and holds are refused or granted
+    by it; a standing an older process changes afterwards is copied by the next start."""
+    db = fresh_db
+    orgs = [f"org-std-{i:04d}" for i in range(MIGRATION_PAGE + 30)]
+    await db.accounts.insert_many([new_account(org, "pro", now) for org in orgs])
+    past_due = {"status": "past_due", "past_due_since": now - timedelta(days=8)}
+    standings = {org: past_due if i % 3 == 0 else {"status": "active", "past_due_since": None}
+                 for i, org in enumerate(orgs[:-20])}
+    linked_only = orgs[-20:-10]  # a customer linked, no subscription yet: no standing
+    await db.subscriptions.insert_many(
+        [{"_id": org, **standing} for org, standing in standings.items()]
+        + [{"_id": org, "stripe_customer_id": f"cus_{org}"} for org in linked_only]
+        + [{"_id": "org-std-no-account", **past_due}])
+
+    results = await asyncio.gather(migrate(db, Subscriptions(db), config),
+                                   migrate(db, Subscriptions(db), config))
+    assert sum(r[STANDINGS] for r in results) == len(standings)
+    copies = {doc["_id"]: doc.get("standing") async for doc in db.accounts.find()}
+    assert copies == {org: standings.get(org) for org in orgs}
+    assert await db.accounts.count_documents({"_id": "org-std-no-account"}) == 0
+    meters, first = Meters(db, config), orgs[0]
+    refused = await meters.hold(first, HoldRequest(hold_id="h1", units=10), now)
+    assert refused == Refusal(PAYMENT_PAST_DUE, 500_000)
+    assert isinstance(await meters.hold(orgs[1], HoldRequest(hold_id="h1", units=10), now), Hold)
+    assert await migrate(db, Subscriptions(db), config) == changed()
+
+    # Paid, as written by a process of the older release still running: the next start copies it.
+    await db.subscriptions.update_one({"_id": first}, {"$set": {"status": "active",
+                                                                "past_due_since": None}})
+    assert await migrate(db, Subscriptions(db), config) == changed(standings=1)
+    assert isinstance(await meters.hold(first, HoldRequest(hold_id="h2", units=10), now), Hold)
 
 
 async def test_purchased_lots_move_their_indexes_to_lot_payments(

@@ -536,6 +536,42 @@ async def test_the_end_of_a_replaced_subscription_keeps_the_new_plan(
     assert (await api.get(f"/v1/orgs/{org}/meter")).json()["used"] == 70
 
 
+@pytest.mark.parametrize("registered_first", [True, False])
+async def test_a_past_due_subscription_refuses_holds_and_the_gate_until_paid(
+    api, stripe_worker, stripe_fake: StripeFake, temporal_client, org, registered_first
+):
+    """A failed invoice leaves the subscription past due beyond its grace: holds are refused
+    `PAYMENT_PAST_DUE`, as the gate refuses runs, until the invoice is paid; the same when the
+    organization registers only after its subscription's events (their standing is kept)."""
+    sub, cus = new_id("sub"), new_id("cus")
+    since = int(time.time()) - 8 * 86_400  # the grace is 7 days
+
+    async def hold(hold_id: str) -> httpx.Response:
+        return await api.post(f"/v1/orgs/{org}/holds", json={"hold_id": hold_id, "units": 10})
+
+    if registered_first:
+        assert (await api.put(f"/v1/orgs/{org}")).status_code == 201
+    created = event("customer.subscription.created",
+                    subscription(sub=sub, customer=cus, price="price_pro_monthly",
+                                 meta=metadata(org)), created=since - 60)
+    assert (await send(api, temporal_client, created)).outcome == "applied"
+    assert (await hold("before")).status_code == 201
+    failed = event("invoice.payment_failed", invoice(customer=cus, sub=sub), created=since)
+    assert (await send(api, temporal_client, failed)).outcome == "applied"
+    if not registered_first:
+        assert (await api.put(f"/v1/orgs/{org}")).status_code == 200
+    refused = await hold("past-due")
+    assert (refused.status_code, refused.json()["error"]["code"]) == (409, "PAYMENT_PAST_DUE")
+    gate = (await api.get(f"/v1/orgs/{org}/quota")).json()
+    assert (gate["allowed"], gate["reason"], gate["held"]) == (False, "PAYMENT_PAST_DUE", 10)
+
+    stripe_fake.add(subscription(sub=sub, customer=cus, price="price_pro_monthly"))
+    paid = event("invoice.paid", invoice(customer=cus, sub=sub), created=since + 60)
+    assert (await send(api, temporal_client, paid)).outcome == "applied"
+    assert (await hold("paid")).status_code == 201
+    assert (await api.get(f"/v1/orgs/{org}/quota")).json()["allowed"] is True
+
+
 async def test_dunning_moves_long_past_due_to_unpaid_and_spares_recovered(
     api, stripe_worker, temporal_client, stripe_runtime: Runtime, org, db
 ):

@@ -114,7 +114,6 @@ class Books:
         self.db = db
         self.session = session
         self.accounts: dict[str, Account] = {}
-        self.statuses: dict[str, Doc] = {}
         self.meters: dict[tuple[str, str], MeterWeek] = {}
         self._changed: dict[str, _Changed] = {}
         self._meter_changes: dict[tuple[str, str], _MeterChange] = {}
@@ -149,18 +148,6 @@ class Books:
                 if (doc["org_id"], doc["week"]) in wanted:
                     self.meters[(doc["org_id"], doc["week"])] = MeterWeek.from_doc(doc)
 
-    async def load_statuses(self, orgs: Iterable[str]) -> None:
-        """Read the subscription status (`status`, `past_due_since`) of `orgs` not read yet."""
-        new = sorted(set(orgs) - self.statuses.keys())
-        if not new:
-            return
-        self.statuses.update({org: {} for org in new})
-        cursor = self.db.subscriptions.find({"_id": {"$in": new}},
-                                            {"status": 1, "past_due_since": 1},
-                                            session=self.session)
-        async for doc in cursor:
-            self.statuses[doc["_id"]] = doc
-
     def account(self, org_id: str) -> Account:
         """The account as the changes planned so far leave it."""
         account = self.accounts.get(org_id)
@@ -170,10 +157,6 @@ class Books:
 
     def meter(self, org_id: str, week: str) -> MeterWeek | None:
         return self.meters.get((org_id, week))
-
-    def status(self, org_id: str) -> Doc:
-        """The subscription status read by `load_statuses` (empty: no subscription)."""
-        return self.statuses[org_id]
 
     def lots(self, org_id: str) -> list[OpenLot]:
         """The organization's open lots as the changes planned so far leave them."""

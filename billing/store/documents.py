@@ -35,6 +35,15 @@ class LotTerms:
     source_lot: str | None = None
 
 
+#: The account's field keeping its copy of the subscription standing.
+STANDING = "standing"
+
+
+def standing_doc(status: str | None, past_due_since: datetime | None) -> Doc:
+    """An account's copy of its organization's subscription standing (its `STANDING` field)."""
+    return {"status": status, "past_due_since": past_due_since}
+
+
 @dataclass
 class Account:
     """The money fields of an account (`accounts`), as read and then as planned changes leave
@@ -43,7 +52,11 @@ class Account:
     `lots` are the organization's open lots (units left), kept on the account because every
     change of a lot's units is a change of the balance, which writes the account anyway: a
     debit writes one document where it wrote two, and reads none more. A lot that runs out
-    leaves the list; its record in `lots` (what it was bought with, its clawbacks) stays."""
+    leaves the list; its record in `lots` (what it was bought with, its clawbacks) stays.
+
+    `status` and `past_due_since` are read only: the copy of the organization's subscription
+    standing that `billing.store.subscriptions` writes with it (`standing_doc`), so the gate,
+    a hold and a week's opening plan read one document, not two (None: no subscription)."""
 
     org_id: str
     balance: int
@@ -55,15 +68,19 @@ class Account:
     seats: int
     auto_topup: Doc | None
     lots: list[OpenLot]
+    status: str | None = None
+    past_due_since: datetime | None = None
 
     @classmethod
     def from_doc(cls, doc: Doc) -> Account:
+        standing = doc.get(STANDING) or {}
         return cls(org_id=doc["_id"], balance=int(doc.get("balance", 0)),
                    seq=int(doc.get("seq", 0)), usage_debt=int(doc.get("usage_debt", 0)),
                    other_debt=int(doc.get("other_debt", 0)),
                    notification_seq=int(doc.get("notification_seq", 0)),
                    plan_id=doc.get("plan_id"), seats=int(doc.get("seats") or 1),
-                   auto_topup=doc.get("auto_topup"), lots=open_lots(doc))
+                   auto_topup=doc.get("auto_topup"), lots=open_lots(doc),
+                   status=standing.get("status"), past_due_since=standing.get("past_due_since"))
 
     @property
     def debt(self) -> Debt:

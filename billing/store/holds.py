@@ -153,7 +153,6 @@ async def _move(db: Database, writes: MeterWrites, org_id: str, reservations: li
         return 0
     books, week = Books(db, session), iso_week(now)
     await books.load([org_id], [(org_id, week)])
-    await books.load_statuses([org_id])
     for reservation in reservations:
         if reservation.hold_id in still:
             writes.reserve(books, org_id, reservation, week)

@@ -62,10 +62,10 @@ class MeterWrites:
     def __init__(self, config: BillingConfig) -> None:
         self.config = config
 
-    def opening_plan(self, account: Account, subscription: Doc) -> PlanConfig:
-        """The plan a week opens on: the account's, unless the subscription's status overrides
-        it."""
-        return effective_plan(self.config, account.plan_id, subscription.get("status"))
+    def opening_plan(self, account: Account) -> PlanConfig:
+        """The plan a week opens on: the account's, unless its subscription's status (the
+        standing the account keeps a copy of) overrides it."""
+        return effective_plan(self.config, account.plan_id, account.status)
 
     def opened(self, account: Account, plan: PlanConfig, week: str) -> MeterWeek:
         """A new week's meter, with the snapshot of `plan`."""
@@ -76,15 +76,15 @@ class MeterWrites:
     def plan_of(self, books: Books, org_id: str, week: str) -> tuple[MeterWeek | None,
                                                                        PlanConfig]:
         """The week's meter (None: not open yet) and the plan a record is priced on: the
-        meter's, or the one the week would open with (statuses loaded)."""
+        meter's, or the one the week would open with."""
         meter = books.meter(org_id, week)
         if meter is not None:
             return meter, self.config.plan(meter.plan_id)
-        return None, self.opening_plan(books.account(org_id), books.status(org_id))
+        return None, self.opening_plan(books.account(org_id))
 
     def week_of(self, books: Books, org_id: str, week: str) -> MeterWeek:
         """The week's meter, opened with the plan it opens on when it is not stored yet (its
-        account and, for a week not open, its status loaded)."""
+        account and the week loaded)."""
         meter, plan = self.plan_of(books, org_id, week)
         return meter or books.open_meter(self.opened(books.account(org_id), plan, week))
 

@@ -35,7 +35,7 @@ from billing.models import ResetOrgResult
 from billing.store import holds
 from billing.store.accounts import Accounts, check_org_id
 from billing.store.books import Books
-from billing.store.database import Database, Doc
+from billing.store.database import Database
 from billing.store.documents import Account, MeterWeek
 from billing.store.ledger import Ledger
 from billing.store.meter_writes import MeterWrites, UsageResult
@@ -110,33 +110,29 @@ class Meters:
         if account is None:
             raise OrgNotFound(org_id)
         meters = await holds.read_meters(self.db, org_id, now)  # this week's and the holds'
-        subscription = await self.db.subscriptions.find_one(
-            {"_id": org_id}, {"status": 1, "past_due_since": 1})
         active = [h for meter in meters.values() for h in meter.holds]
-        return self._gate(Account.from_doc(account), meters.get(iso_week(now)),
-                          subscription or {}, active, now)
+        return self._gate(Account.from_doc(account), meters.get(iso_week(now)), active, now)
 
     def _gate_of(self, books: Books, org_id: str, now: datetime) -> tuple[Gate, str]:
         """The gate of an organization a group commit read, and the plan its units are priced
         on (a hold's costs, like a record's)."""
         gate, view = self._gate(books.account(org_id), books.meter(org_id, iso_week(now)),
-                                books.status(org_id), holds.active(books, org_id, now), now)
+                                holds.active(books, org_id, now), now)
         return gate, view.plan_id
 
-    def _gate(self, account: Account, meter: MeterWeek | None, subscription: Doc,
-              active: list[Reservation], now: datetime) -> tuple[Gate, MeterView]:
-        """The gate and the meter view of an organization from what was read of it: its account,
-        this week's meter (None: not opened yet, shown with the plan it would open with), its
-        subscription and its holds (those expired at `now` count for nothing)."""
+    def _gate(self, account: Account, meter: MeterWeek | None, active: list[Reservation],
+              now: datetime) -> tuple[Gate, MeterView]:
+        """The gate and the meter view of an organization from what was read of it: its account
+        (with its subscription standing), this week's meter (None: not opened yet, shown with
+        the plan it would open with) and its holds (those expired at `now` count for nothing)."""
         week = iso_week(now)
         reserved = held(active, now)
         if meter is None:
-            meter = self.writes.opened(account, self.writes.opening_plan(account, subscription),
-                                       week)
+            meter = self.writes.opened(account, self.writes.opening_plan(account), week)
         view = MeterView(account.org_id, week, meter.used, meter.quota, meter.plan_id, reserved)
         gate = quota_gate(
-            quota=view.quota, used=view.used, balance=account.balance,
-            status=subscription.get("status"), past_due_since=subscription.get("past_due_since"),
+            quota=view.quota, used=view.used, balance=account.balance, status=account.status,
+            past_due_since=account.past_due_since,
             grace_days=self.config.subscriptions.grace_days, now=now, held=reserved,
         )
         return gate, view
@@ -179,7 +175,6 @@ class Meters:
         week = iso_week(now)
         books = Books(self.db, session)
         await books.load([org_id], [(org_id, week)])
-        await books.load_statuses([org_id])
         account = books.account(org_id)
         meter = self.writes.week_of(books, org_id, week)
         previous, previous_quota = meter.plan_id, meter.quota
@@ -187,7 +182,7 @@ class Meters:
             {"_id": org_id}, {"$set": {"plan_id": plan_id, "seats": max(seats, 1),
                                        "updated_at": now}}, session=session)
         account.plan_id, account.seats = plan_id, max(seats, 1)
-        plan = self.writes.opening_plan(account, books.status(org_id))
+        plan = self.writes.opening_plan(account)
         books.set_meter(meter, plan_id=plan.id, quota=plan_quota(plan, account.seats),
                         ratio_version=self.config.meter.ratio_version)
         changed = (previous, previous_quota) != (plan.id, meter.quota)
@@ -244,7 +239,6 @@ class Meters:
         async def work(session: AsyncClientSession) -> ResetOrgResult:
             books = Books(self.db, session)
             await books.load([org_id], [(org_id, week)])
-            await books.load_statuses([org_id])
             account = books.account(org_id)
             meter = self.writes.week_of(books, org_id, week)
             if meter.reset_at is not None:

@@ -26,6 +26,7 @@ async def migrate(db: Database, subscriptions: Subscriptions,
     """Run every step; returns how many documents each one changed."""
     return {
         "subscriptions kept one by one": await subscriptions.migrate(),
+        "standings copied onto accounts": await subscriptions.copy_standings(),
         "notifications numbered": await assign_missing_seqs(db),
         "purchased lots indexed in lot_payments": await index_lot_payments(db),
         "active holds moved to meters": await move_to_meters(db, MeterWrites(config), utcnow()),

@@ -10,12 +10,16 @@
   `past_due_since`, `current_period_start`, `stripe_subscription_id` (the subscription giving the
   plan) and `stripe_customer_id` (the customer link of SPEC §5.5). The plan itself is the
   account's `plan_id`, changed through `billing.store.meters.apply_plan_change_in`.
+- the account keeps a copy of `status` and `past_due_since` (`standing`), written in the same
+  transaction as `subscriptions` by `refresh_in`, the one writer of the standing: the quota gate,
+  a balance hold and a week's opening plan read it with the account they read anyway.
 """
 
 from __future__ import annotations
 
 import contextlib
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from pymongo import UpdateOne
@@ -23,7 +27,10 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from billing.config import BillingConfig
+from billing.errors import OrgNotFound
 from billing.store.database import DUPLICATE_KEY, Database, Doc
+from billing.store.documents import STANDING, standing_doc
+from billing.store.transactions import run_in_transaction
 from billing.stripe.events import Marker
 from billing.stripe.subscriptions import Standing, SubscriptionView, standing
 
@@ -143,9 +150,20 @@ class Subscriptions:
         link: dict[str, Any] | None = None,
     ) -> Standing:
         """Derive the organization's standing from all its subscriptions and write it (with the
-        customer `link` fields, when given). Returns it; the caller moves the plan."""
+        customer `link` fields, when given), and its copy on the account. Returns it; the caller
+        moves the plan.
+
+        The account must exist: a Stripe event opens it first (`Accounts.ensure_in`), so an
+        organization that registers after its subscription's events finds their standing on
+        it. Without one this raises `OrgNotFound` rather than keep a standing the gate and the
+        holds would not see."""
         subs = [view(doc) for doc in await self.of_org(org_id, session)]
         found = standing(config, subs, current_plan=current_plan)
+        copied = await self.db.accounts.update_one(
+            {"_id": org_id}, {"$set": {STANDING: standing_doc(found.status, found.past_due_since)}},
+            session=session)
+        if copied.matched_count == 0:
+            raise OrgNotFound(org_id)
         await self.db.subscriptions.update_one(
             {"_id": org_id},
             {
@@ -210,6 +228,37 @@ class Subscriptions:
                 page = []
         return moved + (await self._keep_one_by_one(page) if page else 0)
 
+    async def copy_standings(self) -> int:
+        """Give every account the copy of its standing that `refresh_in` writes, where it is
+        missing (a release without it) or differs (written meanwhile by a process of such a
+        release). Idempotent, and run at every start, so it reads each collection once and
+        compares; the accounts to fix are written by page, each in a transaction that reads
+        their standings again, so a standing `refresh_in` writes meanwhile is never overwritten
+        by an older one (the two write the account: one restarts). Returns the accounts
+        changed."""
+        wanted = {doc["_id"]: _copied(doc) async for doc in self.db.subscriptions.find(
+            {}, {"status": 1, "past_due_since": 1}, batch_size=MIGRATION_PAGE)}
+        differing = [doc["_id"] async for doc in self.db.accounts.find(
+            {}, {STANDING: 1}, batch_size=MIGRATION_PAGE)
+            if doc.get(STANDING) != wanted.get(doc["_id"])]
+        changed = 0
+        for start in range(0, len(differing), MIGRATION_PAGE):
+            page = differing[start:start + MIGRATION_PAGE]
+            changed += await run_in_transaction(self.db.client,
+                                                partial(self._copy_standings, page))
+        return changed
+
+    async def _copy_standings(self, orgs: list[str], session: AsyncClientSession) -> int:
+        cursor = self.db.subscriptions.find({"_id": {"$in": orgs}},
+                                            {"status": 1, "past_due_since": 1}, session=session)
+        found = {doc["_id"]: _copied(doc) async for doc in cursor}
+        written = await self.db.accounts.bulk_write([  # one already right is not modified
+            UpdateOne({"_id": org}, {"$set": {STANDING: copy}} if copy else
+                      {"$unset": {STANDING: ""}})
+            for org, copy in ((org, found.get(org)) for org in orgs)],
+            ordered=False, session=session)
+        return written.modified_count
+
     async def _keep_one_by_one(self, missing: list[Doc]) -> int:
         plans = {doc["_id"]: doc.get("plan_id") async for doc in self.db.accounts.find(
             {"_id": {"$in": [doc["_id"] for doc in missing]}}, {"plan_id": 1})}
@@ -229,3 +278,11 @@ class Subscriptions:
                 raise
             return int(exc.details["nUpserted"])
         return result.upserted_count
+
+
+def _copied(standing: Doc) -> Doc | None:
+    """The account's copy of a `subscriptions` document's standing; None without a status (a
+    customer linked before any subscription: no standing)."""
+    if standing.get("status") is None:
+        return None
+    return standing_doc(standing["status"], standing.get("past_due_since"))

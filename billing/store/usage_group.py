@@ -177,11 +177,11 @@ class GroupCommit:
 class _Group:
     """One group's unit of work: read once, decide in arrival order, write in bulk.
 
-    Balance holds are decided on the same accounts and meters (this week's and those that may
-    keep active holds, `billing.store.holds.keeping`) plus their organizations' subscriptions,
-    in arrival order with the records (a record that settles a hold takes it off its meter and
-    so frees it for the holds after it); the holds granted go on their meters and their records
-    are inserted in bulk.
+    Balance holds are decided on the same accounts (which keep their subscription standing, so a
+    past-due organization is refused with no read of `subscriptions`) and meters (this week's and
+    those that may keep active holds, `billing.store.holds.keeping`), in arrival order with the
+    records (a record that settles a hold takes it off its meter and so frees it for the holds
+    after it); the holds granted go on their meters and their records are inserted in bulk.
 
     A record repeating the key of an earlier one in the group answers that one's result; with
     `replays`, records and holds already stored are read first and answer their stored result.
@@ -231,17 +231,13 @@ class _Group:
         holding = {key for p in self.members if _holds(p.request)
                    for key in holds.keeping(p.request.org_id, p.now)}
         await self.books.load({org for org, _ in weeks}, weeks | holding)
-        orders = [p for p in self.members if isinstance(p.request, HoldOrder)]
-        await self.books.load_statuses(
-            {org for org, week in weeks if self.books.meter(org, week) is None}
-            | {p.request.org_id for p in orders})
         if not self.replays:
             return
         keys = [usage_id(p.request) for p in self.members if isinstance(p.request, UsageRequest)]
         cursor = self.db.usage.find({"_id": {"$in": keys}}, session=self.session)
         self.stored = {doc["_id"]: doc async for doc in cursor}
         self.stored_holds = await holds.stored_in(self.db, self.session, (
-            hold_key(p.request.org_id, p.request.request.hold_id) for p in orders
+            hold_key(p.request.org_id, p.request.request.hold_id) for p in self.members
             if isinstance(p.request, HoldOrder)))
 
     def _record(self, request: UsageRequest, now: datetime) -> UsageResult:
