@@ -94,6 +94,11 @@ def lots_doc(lots: Iterable[OpenLot]) -> list[Doc]:
              "seq": lot.seq} for lot in lots]
 
 
+def units_left(lots: Iterable[OpenLot]) -> dict[str, int]:
+    """What each open lot has left, by lot id (a lot not there has run out)."""
+    return {lot.id: lot.remaining for lot in lots}
+
+
 def open_lots(account: Doc) -> list[OpenLot]:
     """An account's open lots (its `lots` field) as the draw rules of `billing.ledger` take
     them. An account without the field is refused rather than read as having none: it is one
@@ -304,8 +309,8 @@ class PurchasedLot:
     def open_in(self, lots: Iterable[OpenLot]) -> OpenLot:
         """The lot with the units it has left among the account's open `lots` (none when it
         is not there: run out)."""
-        left = next((lot.remaining for lot in lots if lot.id == self.id), 0)
-        return OpenLot(id=self.id, remaining=left, expires_at=self.expires_at, seq=self.seq)
+        return OpenLot(id=self.id, remaining=units_left(lots).get(self.id, 0),
+                       expires_at=self.expires_at, seq=self.seq)
 
     def clawed(self, key: str) -> Clawed | None:
         return next((c for c in self.clawbacks if c.key == key), None)

@@ -35,6 +35,7 @@ from billing.store.documents import (
     PurchasedLot,
     clawback_recorded,
     open_lots,
+    units_left,
 )
 from billing.store.transactions import run_in_transaction
 
@@ -270,7 +271,7 @@ class Ledger:
             result = LedgerResult(False, None, books.account(org_id).balance)
             if expires_at is None or expires_at > now:
                 return result
-            left = next((open.remaining for open in books.lots(org_id) if open.id == lot_id), 0)
+            left = units_left(books.lots(org_id)).get(lot_id, 0)
             if left > 0:
                 result = books.post(org_id, key=key, kind=EntryKind.EXPIRATION, amount=-left,
                                     now=now, memo="credit lot expired", lot_id=lot_id)
@@ -314,7 +315,7 @@ class Ledger:
                                                        session=session)
             if account is None:
                 return []
-            left = {lot.id: lot.remaining for lot in open_lots(account)}
+            left = units_left(open_lots(account))
             query: Doc = {"org_id": org_id}
             if open_only:
                 query = {"_id": {"$in": sorted(left)}}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from functools import partial
 
+from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import OperationFailure
 
@@ -84,10 +85,10 @@ async def _lots_onto_account(db: Database, org_id: str, session: AsyncClientSess
                    async for doc in cursor], key=lambda lot: lot.seq)
     await db.accounts.update_one({"_id": org_id}, {"$set": {"lots": lots_doc(lots)}},
                                  session=session)
-    for lot in lots:
-        if lot.expires_at is not None:
-            await db.lots.update_one({"_id": lot.id}, {"$set": {SWEEP_AT: lot.expires_at}},
-                                     session=session)
+    expiring = [UpdateOne({"_id": lot.id}, {"$set": {SWEEP_AT: lot.expires_at}})
+                for lot in lots if lot.expires_at is not None]
+    if expiring:
+        await db.lots.bulk_write(expiring, ordered=False, session=session)
     await db.lots.update_many({"org_id": org_id}, {"$unset": {"remaining": ""}},
                               session=session)
     return 1

@@ -22,7 +22,7 @@ from billing.models import Divergence, LedgerSums, ReconcileReport, Subscription
 from billing.reconcile import LedgerState, LotState, add_entries
 from billing.store.books import notify
 from billing.store.database import Database
-from billing.store.documents import open_lots
+from billing.store.documents import open_lots, units_left
 from billing.store.transactions import run_in_transaction
 from billing.stripe.subscriptions import STATUS_NONE
 from billing.weeks import week_start
@@ -115,7 +115,7 @@ class ReconcileStore:
                                   _ENTRY_FIELDS, session=session)
             final = add_entries(sums, [doc async for doc in tail], through_seq=seq,
                                 week_start=start, week_end=end)
-            left = {lot.id: lot.remaining for lot in open_lots(account)}
+            left = units_left(open_lots(account))
             lots = [LotState(id=lot["_id"], units=int(lot["units"]),
                              remaining=left.get(lot["_id"], 0),
                              repaid_debt=int(lot.get("repaid_debt", 0)),
