@@ -37,7 +37,7 @@ router = v1_router(
 )
 
 
-def meters(state: StateDep) -> Meters:
+async def meters(state: StateDep) -> Meters:
     """The process's one `Meters` (it queues each organization's records in this process)."""
     return state.runtime.meters
 
